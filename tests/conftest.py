@@ -1,0 +1,70 @@
+"""Shared fixtures: one moto S3 server over real HTTP on 127.0.0.1, and one Ray instance per session."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+# Keep CPU math single-threaded and deterministic across the suite; DeepSpeed runs on its CPU accelerator.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint (moto's server) on 127.0.0.1, with throwaway credentials in the environment.
+
+    Yields the endpoint URL. AWS_ENDPOINT_URL is set so that boto3 and pyarrow pick it up the standard way.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in
+             ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update({
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    })
+    try:
+        yield url
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, request):
+    """A fresh, empty bucket on the moto server; yields its name."""
+    import boto3
+
+    name = "mmray-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40]
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.create_bucket(Bucket=name)
+    yield name
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole session (2 real cores; 4 logical CPUs so data tasks and workers fit)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
