@@ -1,0 +1,205 @@
+"""URI-aware storage helpers: one small API for local paths and ``s3://bucket/prefix``.
+
+Everything that reads or writes data sets, tokenizers or reports goes through here, so that an S3 path works
+wherever a local path does. S3 is reached through pyarrow's ``S3FileSystem`` (the same client Ray Data uses);
+the endpoint follows boto3's conventions (``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL``) unless the caller
+passes one from the config, and credentials come only from the standard AWS chain: this module never accepts,
+stores or logs a key. Every function takes an optional keyword ``endpoint_url`` (from the config); without it the
+environment decides.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+S3_SCHEME = "s3://"
+_S3_MAX_ATTEMPTS = 10
+_DEFAULT_REGION = "us-east-1"
+
+
+class StorageError(ValueError):
+    """A path that cannot be used: missing file, directory or bucket. The message names the path.
+
+    A ValueError so that callers (the CLI) can treat it as bad input rather than an internal failure.
+    """
+
+
+def is_s3(path: str) -> bool:
+    """True for ``s3://`` URIs."""
+    return path.startswith(S3_SCHEME)
+
+
+def endpoint_from_env() -> str | None:
+    """The S3 endpoint boto3 would use: ``AWS_ENDPOINT_URL_S3`` wins over ``AWS_ENDPOINT_URL``; None means AWS."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _region_from_env() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or _DEFAULT_REGION
+
+
+@functools.lru_cache(maxsize=None)
+def _s3_filesystem(endpoint_url: str | None, region: str) -> pafs.S3FileSystem:
+    """Build one S3FileSystem per (endpoint, region); building one per call would redo the SDK setup each time.
+
+    No credentials are passed: pyarrow's AWS SDK then walks the standard chain (environment, profile, instance role).
+    """
+    kwargs: dict = {
+        "region": region,
+        # Lets a small write be one PutObject at close instead of a three-request multipart upload.
+        "allow_delayed_open": True,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=_S3_MAX_ATTEMPTS),
+    }
+    if endpoint_url:
+        parsed = urlparse(endpoint_url if "://" in endpoint_url else f"https://{endpoint_url}")
+        kwargs["scheme"] = parsed.scheme
+        kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
+    return pafs.S3FileSystem(**kwargs)
+
+
+_LOCAL_FS = pafs.LocalFileSystem()
+
+
+def resolve(path: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """Map a path or URI to (pyarrow filesystem, path inside it).
+
+    ``s3://bucket/key`` gives an S3FileSystem and ``bucket/key``; anything else is a local path, made absolute
+    (with ``~`` expanded) so that Ray workers running elsewhere in the tree see the same file.
+    """
+    if is_s3(path):
+        key = path[len(S3_SCHEME):].strip("/")
+        if not key:
+            raise StorageError(f"S3 URI has no bucket: {path!r}")
+        return _s3_filesystem(endpoint_url or endpoint_from_env(), _region_from_env()), key
+    return _LOCAL_FS, os.path.abspath(os.path.expanduser(path))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts; ``s3://`` URIs always use ``/``, local paths use the OS convention."""
+    if is_s3(base):
+        return S3_SCHEME + posixpath.join(base[len(S3_SCHEME):].rstrip("/"), *(p.strip("/") for p in parts))
+    return os.path.join(base, *parts)
+
+
+def _bucket_missing(fs: pafs.FileSystem, inner: str) -> bool:
+    """For S3: whether the bucket of ``inner`` (``bucket/key``) does not exist, so errors can say so plainly."""
+    if not isinstance(fs, pafs.S3FileSystem):
+        return False
+    bucket = inner.split("/", 1)[0]
+    try:
+        return fs.get_file_info(bucket).type == pafs.FileType.NotFound
+    except OSError:
+        return False
+
+
+def _missing(path: str, fs: pafs.FileSystem, inner: str, what: str) -> StorageError | None:
+    """A StorageError naming ``path`` if it is missing because its S3 bucket is, else None."""
+    if _bucket_missing(fs, inner):
+        return StorageError(f"S3 bucket {inner.split('/', 1)[0]!r} does not exist (while accessing {what} {path})")
+    return None
+
+
+@contextlib.contextmanager
+def _named_errors(path: str, fs: pafs.FileSystem, inner: str, what: str) -> Iterator[None]:
+    """Turn "not found" failures into a StorageError that names the path; leave other I/O errors as they are."""
+    try:
+        yield
+    except OSError as err:
+        missing = _missing(path, fs, inner, what)
+        if missing is not None:
+            raise missing from err
+        if isinstance(err, FileNotFoundError):
+            raise StorageError(f"{what} does not exist: {path}") from err
+        raise
+
+
+def exists(path: str, *, endpoint_url: str | None = None) -> bool:
+    """True if a file or directory (or, on S3, a non-empty prefix) exists at ``path``."""
+    fs, inner = resolve(path, endpoint_url)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def read_bytes(path: str, *, endpoint_url: str | None = None) -> bytes:
+    """Read a whole file. Raises StorageError naming the path if it (or its bucket) is missing."""
+    fs, inner = resolve(path, endpoint_url)
+    with _named_errors(path, fs, inner, "file"):
+        with fs.open_input_stream(inner) as f:
+            return f.read()
+
+
+def read_text(path: str, *, endpoint_url: str | None = None) -> str:
+    """Read a whole UTF-8 text file."""
+    return read_bytes(path, endpoint_url=endpoint_url).decode("utf-8")
+
+
+def write_bytes(path: str, data: bytes, *, endpoint_url: str | None = None) -> None:
+    """Write a whole file so that readers never see a partial one.
+
+    Local: write a temporary file in the same directory, then ``os.replace`` it (atomic on POSIX), creating parent
+    directories as needed. S3: one object upload, which S3 makes visible only when complete.
+    """
+    if is_s3(path):
+        _write_s3(path, data, endpoint_url)
+    else:
+        _write_local(resolve(path)[1], data)
+
+
+def _write_local(path: str, data: bytes) -> None:
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _write_s3(path: str, data: bytes, endpoint_url: str | None) -> None:
+    fs, inner = resolve(path, endpoint_url)
+    if "/" not in inner:
+        raise StorageError(f"S3 URI names a bucket but no object key: {path}")
+    with _named_errors(path, fs, inner, "file"):
+        with fs.open_output_stream(inner) as f:
+            f.write(data)
+
+
+def write_text(path: str, text: str, *, endpoint_url: str | None = None) -> None:
+    """Write a whole UTF-8 text file (atomically, see ``write_bytes``)."""
+    write_bytes(path, text.encode("utf-8"), endpoint_url=endpoint_url)
+
+
+def delete(path: str, *, endpoint_url: str | None = None) -> None:
+    """Delete one file if it exists; a missing file is not an error (deleting is idempotent)."""
+    fs, inner = resolve(path, endpoint_url)
+    try:
+        fs.delete_file(inner)
+    except FileNotFoundError:
+        pass
+
+
+def list_files(prefix: str, suffix: str | None = None, *, endpoint_url: str | None = None) -> list[str]:
+    """Files directly under the directory ``prefix`` (not recursive), as full paths/URIs, sorted by name.
+
+    ``suffix`` keeps only names ending with it (e.g. ``".tar"``). A missing directory, prefix or bucket raises
+    StorageError naming it.
+    """
+    fs, inner = resolve(prefix, endpoint_url)
+    with _named_errors(prefix, fs, inner, "directory"):
+        infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False))
+    names = sorted(
+        info.base_name for info in infos
+        if info.type == pafs.FileType.File and (suffix is None or info.base_name.endswith(suffix))
+    )
+    base = prefix if is_s3(prefix) else inner
+    return [join(base, name) for name in names]
