@@ -1,0 +1,312 @@
+"""One typed config tree for every mmray entrypoint.
+
+A config is built from three layers, each overriding the one before: the dataclass defaults, a YAML file,
+and dotted overrides from the command line (``train.lr=3e-4 model.preset=tiny``). The `model` section is
+special: ``model.preset`` names a preset from :mod:`mmray.models.presets`, whose values become the defaults
+of the section, so a YAML file only states what differs from the preset.
+
+Everything is validated here, before Ray starts: an unknown key names the nearest known key and the allowed
+keys, and a bad value names the key and what it accepts. Errors are :class:`ConfigError`, which the CLI turns
+into exit code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key and what it accepts."""
+
+
+def _f(default: Any, help: str, *, choices: tuple | None = None, min: float | None = None,
+       max: float | None = None) -> Any:
+    """A config field with its documentation and its constraints, kept next to its default."""
+    return field(default=default, metadata={"help": help, "choices": choices, "min": min, "max": max})
+
+
+@dataclass
+class DataConfig:
+    """Where the image-text pairs come from and how they are turned into tensors."""
+
+    source: str = _f("synthetic:shapes",
+                     "Data set: 'synthetic:shapes' (generated into data.cache_dir when missing) or the local path / "
+                     "s3:// prefix of a prepared data set (train/ and val/ WebDataset shards, tokenizer.json).")
+    synthetic_samples: int = _f(12000, "Samples generated for 'synthetic:shapes' (train + held-out val).", min=16)
+    synthetic_val_samples: int = _f(512, "Held-out validation samples for 'synthetic:shapes'.", min=8)
+    synthetic_seed: int = _f(0, "Seed of the generated 'synthetic:shapes' set.")
+    cache_dir: str = _f("~/.cache/mmray/data", "Where generated synthetic data sets are cached (local or s3://).")
+    tokenizer: str = _f("", "Path to a tokenizer.json; empty means SOURCE/tokenizer.json.")
+    image_size: int = _f(64, "Side in pixels that images are resized to before the model.", min=8)
+    max_text_len: int = _f(32, "Token sequence length; captions are truncated or padded to it.", min=4)
+    shuffle_buffer: int = _f(2048, "Rows in each worker's local shuffle buffer (0 disables shuffling).", min=0)
+    endpoint_url: str = _f("", "S3 endpoint override; empty means AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL or AWS.")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. ``preset`` supplies the defaults of every other key in this section."""
+
+    preset: str = _f("tiny", "Named architecture preset (see `mmray model list`).")
+    fusion: str = _f("late", "How image and text are fused (see `mmray model list`).")
+    embed_dim: int = _f(128, "Width of the shared image-text embedding space.", min=1)
+    patch_size: int = _f(8, "ViT patch side in pixels; data.image_size must be a multiple of it.", min=1)
+    image_width: int = _f(128, "ViT hidden width.", min=1)
+    image_depth: int = _f(3, "ViT blocks.", min=1)
+    image_heads: int = _f(4, "ViT attention heads; must divide image_width.", min=1)
+    text_width: int = _f(128, "Text Transformer hidden width.", min=1)
+    text_depth: int = _f(2, "Text Transformer blocks.", min=1)
+    text_heads: int = _f(4, "Text attention heads; must divide text_width.", min=1)
+    mlp_ratio: float = _f(4.0, "FFN hidden size as a multiple of the width.", min=0.25)
+    dropout: float = _f(0.0, "Dropout in attention outputs and FFNs.", min=0.0, max=0.9)
+    temperature_init: float = _f(0.07, "Initial contrastive softmax temperature (learned).", min=1e-4, max=1.0)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and the DeepSpeed / Ray Train set-up. One source for the batch-size arithmetic."""
+
+    num_workers: int = _f(2, "Ray Train workers (data-parallel ranks).", min=1)
+    use_gpu: str = _f("auto", "Train on GPUs: 'auto' uses them when the cluster has any.",
+                      choices=("auto", "true", "false"))
+    cpus_per_worker: float = _f(1.0, "CPUs reserved by each Ray Train worker.", min=0.0)
+    micro_batch_size: int = _f(64, "Samples per worker per forward/backward.", min=1)
+    grad_accum: int = _f(1, "Micro-batches accumulated per optimizer step.", min=1)
+    max_steps: int = _f(500, "Optimizer steps in the whole run (the stopping condition).", min=1)
+    lr: float = _f(2e-3, "Peak learning rate (AdamW).", min=0.0)
+    weight_decay: float = _f(0.1, "AdamW weight decay (not applied to biases, norms, embeddings, temperature).",
+                             min=0.0)
+    warmup_steps: int = _f(50, "Linear warm-up steps before cosine decay.", min=0)
+    min_lr_ratio: float = _f(0.02, "Learning rate at the end of the cosine decay, as a ratio of lr.",
+                             min=0.0, max=1.0)
+    grad_clip: float = _f(1.0, "Global gradient-norm clip (0 disables).", min=0.0)
+    zero_stage: int = _f(1, "DeepSpeed ZeRO stage.", choices=(0, 1, 2, 3))
+    precision: str = _f("auto", "Numerics: 'auto' is bf16 on GPU and fp32 on CPU.",
+                        choices=("auto", "fp32", "bf16", "fp16"))
+    seed: int = _f(0, "Seed for parameters and data order.")
+    checkpoint_every: int = _f(100, "Report a checkpoint every N steps (and always at the end).", min=1)
+    log_every: int = _f(25, "Report training metrics every N steps.", min=1)
+    max_failures: int = _f(2, "Worker failures Ray Train recovers from (restarting from the last checkpoint).",
+                           min=0)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation at the end of training."""
+
+    max_samples: int = _f(512, "Held-out pairs used for retrieval metrics (0 means all).", min=0)
+    batch_size: int = _f(256, "Batch size for embedding the held-out set.", min=1)
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives. Running the same config again resumes the run from its latest checkpoint."""
+
+    name: str = _f("", "Run name; empty derives one from the config, so the same config resumes the same run.")
+    storage_path: str = _f("~/mmray-runs", "Local path or s3:// prefix for checkpoints and results.")
+
+
+@dataclass
+class Config:
+    """The whole tree. Section and key names are what the CLI overrides and Tune search spaces address."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that changes what is trained (not where it is stored or logged)."""
+        d = self.to_dict()
+        d.pop("run")
+        for k in ("log_every", "checkpoint_every", "max_failures"):
+            d["train"].pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+
+    @property
+    def run_name(self) -> str:
+        return self.run.name or f"{self.model.preset}-{self.model.fusion}-{self.fingerprint()}"
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig, "run": RunConfig}
+
+
+def all_keys() -> list[str]:
+    """Every dotted key of the tree, in declaration order."""
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _nearest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def _coerce(key: str, value: Any, fld: dataclasses.Field) -> Any:
+    """Turn a YAML / command-line value into the field's type, or raise a ConfigError naming the key."""
+    typ = _TYPES[fld.type] if isinstance(fld.type, str) else fld.type
+    meta = fld.metadata
+    try:
+        if typ is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                value = value.lower() in ("true", "1", "yes")
+            elif not isinstance(value, bool):
+                raise TypeError
+        elif typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            value = int(value)
+        elif typ is float:
+            if isinstance(value, bool):
+                raise TypeError
+            value = float(value)
+        elif typ is str:
+            if isinstance(value, bool):  # YAML reads `true` as a bool; our str choices spell it as a word
+                value = "true" if value else "false"
+            if not isinstance(value, (str, int, float)):
+                raise TypeError
+            value = str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}. {meta['help']}") from None
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        allowed = ", ".join(repr(c) for c in meta["choices"])
+        raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: {allowed}.")
+    if meta.get("min") is not None and value < meta["min"]:
+        raise ConfigError(f"{key}: {value!r} is below the minimum {meta['min']}. {meta['help']}")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise ConfigError(f"{key}: {value!r} is above the maximum {meta['max']}. {meta['help']}")
+    return value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
+    """``['train.lr=3e-4', 'model.preset=tiny']`` -> ``{'train': {'lr': 0.0003}, 'model': {...}}``.
+
+    Values are parsed as YAML scalars, so numbers, booleans and strings read naturally.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=3e-4).")
+        key, raw = item.split("=", 1)
+        if key.count(".") != 1:
+            raise ConfigError(f"override key {key!r} must be section.key, one of: {', '.join(all_keys())}."
+                              + _nearest(key, all_keys()))
+        section, name = key.split(".")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def _merge(base: dict, extra: Mapping) -> dict:
+    for section, values in extra.items():
+        if isinstance(values, Mapping) and isinstance(base.get(section), dict):
+            base[section].update(values)
+        else:
+            base[section] = values
+    return base
+
+
+def from_dict(raw: Mapping[str, Any]) -> Config:
+    """Build and validate a Config from a nested mapping (YAML shaped)."""
+    from mmray.models.presets import PRESETS
+
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"a config must be a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}.")
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown section {section!r}; allowed sections: {', '.join(SECTIONS)}."
+                              + _nearest(str(section), list(SECTIONS)))
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"section {section!r} must be a mapping of keys, got {values!r}.")
+    sections = {}
+    for section, cls in SECTIONS.items():
+        given = dict(raw.get(section) or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name in given:
+            if name not in fields:
+                raise ConfigError(f"unknown key {section}.{name}; allowed keys in {section}: {', '.join(fields)}."
+                                  + _nearest(f"{section}.{name}", [f"{section}.{k}" for k in fields]))
+        values = {}
+        if section == "model":
+            preset = _coerce("model.preset", given.get("preset", cls.preset), fields["preset"])
+            if preset not in PRESETS:
+                raise ConfigError(f"model.preset: {preset!r} is not a preset; allowed values: "
+                                  f"{', '.join(PRESETS)}." + _nearest(preset, list(PRESETS)))
+            values = dataclasses.asdict(PRESETS[preset])
+        values.update(given)
+        sections[section] = cls(**{k: _coerce(f"{section}.{k}", v, fields[k]) for k, v in values.items()})
+    cfg = Config(**sections)
+    _check_consistency(cfg)
+    return cfg
+
+
+def _check_consistency(cfg: Config) -> None:
+    """Cross-key rules that no single field can check on its own."""
+    from mmray.models.fusion import FUSIONS
+
+    m, d = cfg.model, cfg.data
+    if m.fusion not in FUSIONS:
+        raise ConfigError(f"model.fusion: {m.fusion!r} is not a fusion strategy; allowed values: "
+                          f"{', '.join(FUSIONS)}." + _nearest(m.fusion, list(FUSIONS)))
+    if d.image_size % m.patch_size:
+        raise ConfigError(f"data.image_size ({d.image_size}) must be a multiple of model.patch_size ({m.patch_size}).")
+    for width, heads in (("image_width", "image_heads"), ("text_width", "text_heads")):
+        if getattr(m, width) % getattr(m, heads):
+            raise ConfigError(f"model.{width} ({getattr(m, width)}) must be divisible by model.{heads} "
+                              f"({getattr(m, heads)}).")
+    if cfg.train.warmup_steps >= cfg.train.max_steps:
+        raise ConfigError(f"train.warmup_steps ({cfg.train.warmup_steps}) must be below train.max_steps "
+                          f"({cfg.train.max_steps}).")
+    if d.source.startswith("synthetic:") and d.synthetic_val_samples * 2 > d.synthetic_samples:
+        raise ConfigError(f"data.synthetic_val_samples ({d.synthetic_val_samples}) must be at most half of "
+                          f"data.synthetic_samples ({d.synthetic_samples}).")
+
+
+def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file (optional) <- dotted overrides. Raises ConfigError on anything wrong."""
+    raw: dict = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                raw = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}.")
+    raw = _merge({k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()},
+                 parse_overrides(overrides or []))
+    return from_dict(raw)
+
+
+def describe() -> str:
+    """Every key with its default and documentation, as commented YAML (what `mmray config` prints)."""
+    lines = []
+    defaults = Config()
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:  # {cls.__doc__.strip().splitlines()[0]}")
+        for f in dataclasses.fields(cls):
+            value = getattr(getattr(defaults, section), f.name)
+            extra = f" Allowed: {', '.join(map(str, f.metadata['choices']))}." if f.metadata["choices"] else ""
+            lines.append(f"  {f.name}: {json.dumps(value)}  # {f.metadata['help']}{extra}")
+    return "\n".join(lines) + "\n"
