@@ -1,0 +1,169 @@
+"""The per-worker training loop that Ray Train runs on every rank: DeepSpeed engine, streaming batches, checkpoints.
+
+Small named steps, after Ray's DeepSpeed example: build the engine, restore, train, evaluate, report.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmray import config as config_lib
+from mmray.eval.retrieval import retrieval_metrics
+from mmray.losses import compute_losses
+from mmray.models.model import MultimodalModel
+
+DS_TAG = "ds"  # DeepSpeed's tag (sub-directory) inside every reported checkpoint
+STATE_FILE = "state.json"
+
+
+def _log(rank: int, msg: str) -> None:
+    if rank == 0:
+        print(f"[mmray] {msg}", file=sys.stderr, flush=True)
+
+
+def _to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device)
+    ids = torch.from_numpy(np.ascontiguousarray(batch["text_ids"])).to(device)
+    return images, ids
+
+
+def _mean_across_ranks(value: float) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return float(t.item())
+
+
+def restore(engine) -> dict:
+    """Load the latest checkpoint that Ray Train hands us (a rerun of the same run, or a restart after a failure)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return {"step": 0, "samples_seen": 0, "epoch": 0}
+    with checkpoint.as_directory() as d:
+        load_path, _ = engine.load_checkpoint(d, tag=DS_TAG)
+        if load_path is None:
+            raise RuntimeError(f"checkpoint {checkpoint.path} holds no DeepSpeed state under '{DS_TAG}/'")
+        return json.loads((Path(d) / STATE_FILE).read_text())
+
+
+def save_and_report(engine, state: dict, metrics: dict, extra_files: dict[str, str], rank: int) -> None:
+    """Every rank writes its DeepSpeed shards; rank 0 adds the loop state and metadata; Ray Train merges and persists."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="mmray-ckpt-") as d:
+        engine.save_checkpoint(d, tag=DS_TAG)
+        if rank == 0:
+            (Path(d) / STATE_FILE).write_text(json.dumps(state))
+            for name, text in extra_files.items():
+                (Path(d) / name).write_text(text)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"checkpoint_{state['step']:08d}")
+
+
+def evaluate(engine, cfg: config_lib.Config, device: torch.device) -> dict[str, float]:
+    """Retrieval on the held-out split. Every rank sees the whole split and runs the same forwards (ZeRO-3 needs all
+    ranks in each forward), so every rank computes identical metrics."""
+    import ray.train
+
+    images, texts, captions = [], [], []
+    engine.eval()
+    with torch.no_grad():
+        for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=cfg.eval.batch_size,
+                                                                      batch_format="numpy"):
+            out = engine(*_to_tensors(batch, device))
+            images.append(out["image_embeds"].float().cpu())
+            texts.append(out["text_embeds"].float().cpu())
+            captions.extend(str(c) for c in batch["caption"])
+    engine.train()
+    if not captions:
+        raise ValueError("the validation split is empty; nothing to evaluate")
+    return {f"val_{k}": v for k, v in retrieval_metrics(torch.cat(images), torch.cat(texts), captions).items()}
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Entry point of every Ray Train worker. ``loop_config`` holds the resolved config and tokenizer facts."""
+    import ray.train
+
+    cfg = config_lib.from_dict(loop_config["config"])
+    on_gpu = bool(loop_config["use_gpu"]) and torch.cuda.is_available()
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks its accelerator
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    from mmray.train.engine import build_engine
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.train.seed)
+    model = MultimodalModel(cfg.model, loop_config["vocab_size"], loop_config["pad_id"], cfg.data.image_size,
+                            cfg.data.max_text_len)
+    engine = build_engine(model, cfg, world, on_gpu)
+    device = engine.device
+    state = restore(engine)
+    if state["step"]:
+        _log(rank, f"resumed at step {state['step']} ({state['samples_seen']} samples seen)")
+    extra = {"config.yaml": cfg.to_yaml(), "tokenizer.json": loop_config["tokenizer_json"]}
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world
+    t = cfg.train
+    trained_here = False
+
+    shard = ray.train.get_dataset_shard("train")
+    window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+    while state["step"] < t.max_steps:
+        batches_this_epoch = 0
+        for batch in shard.iter_batches(batch_size=t.micro_batch_size, drop_last=True, batch_format="numpy",
+                                        local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+                                        local_shuffle_seed=t.seed + 1000 * state["epoch"] + rank):
+            batches_this_epoch += 1
+            outputs = engine(*_to_tensors(batch, device))
+            losses = compute_losses(outputs)
+            engine.backward(losses["loss"])
+            engine.step()
+            window_loss += float(losses["loss"].detach())
+            window_n += 1
+            if engine.global_steps == state["step"]:
+                continue  # still accumulating micro-batches
+            trained_here = True
+            state["step"] = engine.global_steps
+            state["samples_seen"] += global_batch
+            done = state["step"] >= t.max_steps
+            if state["step"] % t.log_every == 0 or done:
+                elapsed = time.perf_counter() - window_t0
+                metrics = {"step": state["step"], "epoch": state["epoch"], "samples_seen": state["samples_seen"],
+                           "loss": _mean_across_ranks(window_loss / window_n),
+                           "lr": engine.get_lr()[0], "temperature": 1.0 / float(outputs["logit_scale"].detach()),
+                           "samples_per_s": window_n * t.micro_batch_size * world / max(elapsed, 1e-9)}
+                _log(rank, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                    for k, v in metrics.items()))
+                window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
+                if state["step"] % t.checkpoint_every and not done:
+                    ray.train.report(metrics)
+                else:
+                    save_and_report(engine, state, metrics, extra, rank)
+            elif state["step"] % t.checkpoint_every == 0:
+                save_and_report(engine, state, {"step": state["step"], "samples_seen": state["samples_seen"]},
+                                extra, rank)
+            if done:
+                break
+        else:
+            if batches_this_epoch == 0:
+                raise ValueError(f"the training split yields no full batch of {t.micro_batch_size} per worker "
+                                 f"({world} workers); use more data or a smaller train.micro_batch_size")
+            state["epoch"] += 1
+
+    _log(rank, "evaluating on the held-out split")
+    metrics = {"step": state["step"], "samples_seen": state["samples_seen"], "trained_steps_this_run": trained_here,
+               **evaluate(engine, cfg, device)}
+    _log(rank, " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("val_")))
+    ray.train.report(metrics)

@@ -1,0 +1,111 @@
+"""Driver side of a training run: resolve the data, start or join Ray, assemble and fit the TorchTrainer."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from mmray import storage
+from mmray.config import Config
+from mmray.data.tokenizer import TextTokenizer
+
+log = logging.getLogger("mmray")
+
+
+def synthetic_dir(cfg: Config) -> str:
+    """Where the embedded synthetic set for this config is cached; its name encodes everything that shapes it."""
+    d = cfg.data
+    name = f"shapes-n{d.synthetic_samples}-val{d.synthetic_val_samples}-seed{d.synthetic_seed}"
+    return storage.join(d.cache_dir, name)
+
+
+def ensure_dataset(cfg: Config) -> str:
+    """The root of a prepared data set for ``cfg``: generated into the cache when the source is synthetic."""
+    from mmray.data.prepare import is_prepared, parse_source, prepare_synthetic
+
+    if not cfg.data.source.startswith("synthetic:"):
+        return cfg.data.source
+    parse_source(cfg.data.source)
+    root = synthetic_dir(cfg)
+    if not is_prepared(root):
+        log.info("generating %s (%d samples) into %s", cfg.data.source, cfg.data.synthetic_samples, root)
+        prepare_synthetic(root, samples=cfg.data.synthetic_samples, seed=cfg.data.synthetic_seed,
+                          val_samples=cfg.data.synthetic_val_samples, progress=log.info)
+    return root
+
+
+def init_ray(cfg: Config) -> None:
+    """Join the cluster named by RAY_ADDRESS (e.g. under `ray job submit`), or start a local Ray.
+
+    Locally, Ray gets enough logical CPUs for every training worker plus the data pipeline's tasks, so that the
+    pipeline never starves behind workers that reserve all the cores.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    need = cfg.train.num_workers * cfg.train.cpus_per_worker + 2
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False)
+
+
+def _use_gpu(cfg: Config) -> bool:
+    import ray
+
+    if cfg.train.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return cfg.train.use_gpu == "true"
+
+
+def build_trainer(cfg: Config, data_root: str):
+    """A TorchTrainer whose workers each drive a DeepSpeed engine over their share of the streamed shards."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    tokenizer_path = cfg.data.tokenizer or storage.join(data_root, "tokenizer.json")
+    tokenizer = TextTokenizer.from_file(tokenizer_path)
+    from mmray.data.pipeline import read_split
+    from mmray.train.loop import train_loop_per_worker
+
+    val = read_split(data_root, "val", cfg, tokenizer)
+    if cfg.eval.max_samples:
+        val = val.limit(cfg.eval.max_samples)
+    datasets = {"train": read_split(data_root, "train", cfg, tokenizer, shuffle_seed=cfg.train.seed), "val": val}
+    use_gpu = _use_gpu(cfg)
+    fs, path = storage.resolve(cfg.run.storage_path, cfg.data.endpoint_url or None)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "use_gpu": use_gpu, "vocab_size": tokenizer.vocab_size,
+                           "pad_id": tokenizer.pad_id, "tokenizer_json": tokenizer.to_str()},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name, storage_path=path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) training for ``cfg`` and return the machine-readable summary."""
+    t0 = time.perf_counter()
+    data_root = ensure_dataset(cfg)
+    init_ray(cfg)
+    result = build_trainer(cfg, data_root).fit()
+    metrics = dict(result.metrics or {})
+    run_dir = storage.join(cfg.run.storage_path, cfg.run_name)
+    return {
+        "run_dir": run_dir,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "steps": metrics.pop("step", 0),
+        "samples_seen": metrics.pop("samples_seen", 0),
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "data": data_root,
+        "metrics": metrics,
+    }
