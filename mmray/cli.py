@@ -1,0 +1,147 @@
+"""`mmray` command line. Parsing and printing only; the work lives in the library.
+
+Every command logs for humans on stderr and prints ONE JSON object as the last line of stdout.
+Exit codes: 0 success, 2 bad input (config, paths, data), 1 anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from typing import Callable
+
+from mmray import config as config_lib
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT = 0, 1, 2
+
+TRAIN_HELP = """\
+Train a model. With no arguments: start a local Ray, generate the synthetic shapes data set into
+~/.cache/mmray/data if missing, train the tiny preset with 2 Ray Train workers driving DeepSpeed,
+evaluate retrieval on held-out pairs, and print the summary. Running the same command again resumes the
+run from its latest checkpoint. Under `ray job submit` (RAY_ADDRESS set) it joins the cluster instead.
+"""
+
+
+def _emit(summary: dict) -> None:
+    print(json.dumps(summary, default=str), flush=True)
+
+
+def _bad_input_types() -> tuple[type[BaseException], ...]:
+    from mmray.storage import StorageError
+    from mmray.data.pipeline import BadSampleError
+
+    return (config_lib.ConfigError, StorageError, BadSampleError, FileNotFoundError)
+
+
+def _load_config(args: argparse.Namespace) -> config_lib.Config:
+    return config_lib.load(args.config, args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> dict:
+    cfg = _load_config(args)  # validated before Ray starts
+    from mmray.train.trainer import train
+
+    logging.getLogger("mmray").info("run %s -> %s", cfg.run_name, cfg.run.storage_path)
+    return train(cfg)
+
+
+def cmd_config(args: argparse.Namespace) -> dict:
+    if args.config or args.overrides:
+        cfg = _load_config(args)
+        print(cfg.to_yaml(), file=sys.stderr)
+        return {"valid": True, "run_name": cfg.run_name, "config": cfg.to_dict()}
+    print(config_lib.describe(), file=sys.stderr)
+    return {"keys": config_lib.all_keys()}
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> dict:
+    from mmray.data.prepare import parse_source, prepare_synthetic
+
+    parse_source(args.src)
+    log = logging.getLogger("mmray")
+    return prepare_synthetic(args.dest, samples=args.samples, seed=args.seed, val_samples=args.val_samples,
+                             samples_per_shard=args.shard_size, image_size=args.image_size, progress=log.info)
+
+
+def cmd_model_list(args: argparse.Namespace) -> dict:
+    from mmray.models.fusion import FUSIONS
+    from mmray.models.presets import PRESETS
+
+    for name, p in PRESETS.items():
+        print(f"{name:8s} embed={p.embed_dim} vit={p.image_depth}x{p.image_width}/p{p.patch_size} "
+              f"text={p.text_depth}x{p.text_width}", file=sys.stderr)
+    return {"presets": list(PRESETS), "fusions": list(FUSIONS)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmray", description="Multimodal training on Ray Train + DeepSpeed. "
+                                "Logs go to stderr; the last stdout line is a JSON summary. "
+                                "Exit codes: 0 ok, 2 bad input, 1 other errors.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", "-c", help="YAML config file (see jobs/configs/ and `mmray config`)")
+        sp.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="dotted overrides applied after the file, e.g. train.lr=3e-4 train.num_workers=1")
+
+    train = sub.add_parser("train", help="train (or resume) a model", description=TRAIN_HELP)
+    with_config(train)
+    train.set_defaults(fn=cmd_train)
+
+    cfg = sub.add_parser("config", help="print every config key with its default and meaning, "
+                                        "or validate and resolve a config",
+                         description="Without arguments, print every key with default and documentation. With "
+                                     "--config and/or overrides, validate them and print the resolved tree.")
+    with_config(cfg)
+    cfg.set_defaults(fn=cmd_config)
+
+    data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_command", required=True)
+    prep = data.add_parser("prepare", help="write a data set as WebDataset shards with its tokenizer",
+                           description="Generate SRC into DEST (a local directory or s3://bucket/prefix) as "
+                                       "img2dataset-style WebDataset shards (train/ and val/), plus tokenizer.json "
+                                       "trained on the training captions and dataset.json.")
+    prep.add_argument("src", help="the source; supported: synthetic:shapes")
+    prep.add_argument("dest", help="local directory or s3://bucket/prefix")
+    prep.add_argument("--samples", type=int, default=10000, help="total samples, train + val (default 10000)")
+    prep.add_argument("--val-samples", type=int, default=None,
+                      help="held-out validation samples (default max(256, samples/10))")
+    prep.add_argument("--seed", type=int, default=0, help="generator seed; output is deterministic for a seed")
+    prep.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    prep.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+    prep.set_defaults(fn=cmd_data_prepare)
+
+    model = sub.add_parser("model", help="model presets and fusion strategies").add_subparsers(
+        dest="model_command", required=True)
+    model.add_parser("list", help="list presets and fusion strategies").set_defaults(fn=cmd_model_list)
+    return p
+
+
+def run(fn: Callable[[argparse.Namespace], dict], args: argparse.Namespace) -> int:
+    try:
+        _emit(fn(args))
+        return EXIT_OK
+    except _bad_input_types() as e:
+        logging.getLogger("mmray").error("%s", e)
+        _emit({"error": str(e), "kind": "bad_input"})
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        _emit({"error": "interrupted", "kind": "interrupted"})
+        return EXIT_ERROR
+    except Exception as e:  # the summary line must always come, even for bugs
+        logging.getLogger("mmray").error("%s", traceback.format_exc())
+        _emit({"error": f"{type(e).__name__}: {e}", "kind": "error"})
+        return EXIT_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args.fn, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
