@@ -1,0 +1,96 @@
+"""Config loading, overrides and the errors a user sees."""
+from pathlib import Path
+
+import pytest
+
+from mmray import config
+from mmray.config import ConfigError
+
+CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("jobs", "configs").glob("*.yaml"))
+
+
+def test_defaults_and_overrides_layer_in_order(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 0.01\n  max_steps: 300\nmodel:\n  preset: small\n  image_depth: 2\n")
+    cfg = config.load(f, ["train.lr=3e-4", "train.zero_stage=3", "model.fusion=late"])
+    assert cfg.train.lr == pytest.approx(3e-4)          # override beats file
+    assert cfg.train.max_steps == 300                     # file beats default
+    assert cfg.model.image_width == 256                   # from the 'small' preset
+    assert cfg.model.image_depth == 2                     # file beats preset
+    assert cfg.train.zero_stage == 3 and isinstance(cfg.train.zero_stage, int)
+
+
+def test_round_trips_through_yaml(tmp_path):
+    cfg = config.load(None, ["train.lr=0.005", "model.preset=small"])
+    f = tmp_path / "resolved.yaml"
+    f.write_text(cfg.to_yaml())
+    assert config.load(f) == cfg
+    assert config.load(f).run_name == cfg.run_name
+
+
+def test_run_name_depends_on_what_is_trained_not_where():
+    a = config.load(None, [])
+    assert config.load(None, ["run.storage_path=/elsewhere", "train.log_every=5"]).run_name == a.run_name
+    assert config.load(None, ["train.lr=0.1"]).run_name != a.run_name
+    assert config.load(None, ["run.name=mine"]).run_name == "mine"
+
+
+@pytest.mark.parametrize("overrides, needles", [
+    (["train.lrr=1"], ["unknown key train.lrr", "Did you mean 'train.lr'", "micro_batch_size"]),
+    (["trian.lr=1"], ["unknown section 'trian'", "Did you mean 'train'"]),
+    (["train.zero_stage=4"], ["train.zero_stage", "allowed values: 0, 1, 2, 3"]),
+    (["model.preset=tinny"], ["model.preset", "'tinny'", "Did you mean 'tiny'"]),
+    (["model.fusion=nope"], ["model.fusion", "allowed values: late"]),
+    (["train.lr=fast"], ["train.lr", "expected float", "'fast'"]),
+    (["train.num_workers=0"], ["train.num_workers", "minimum 1"]),
+    (["train.num_workers=1.5"], ["train.num_workers", "expected int"]),
+    (["train.use_gpu=maybe"], ["train.use_gpu", "'auto', 'true', 'false'"]),
+    (["data.image_size=60"], ["data.image_size (60)", "multiple of model.patch_size (8)"]),
+    (["model.image_heads=5"], ["model.image_width (128)", "divisible by model.image_heads (5)"]),
+    (["train.warmup_steps=1000", "train.max_steps=10"], ["train.warmup_steps"]),
+    (["lr=1"], ["must be section.key"]),
+    (["train.lr"], ["must look like section.key=value"]),
+])
+def test_bad_input_names_the_key(overrides, needles):
+    with pytest.raises(ConfigError) as e:
+        config.load(None, overrides)
+    for needle in needles:
+        assert needle in str(e.value)
+
+
+def test_use_gpu_accepts_yaml_booleans():
+    assert config.load(None, ["train.use_gpu=true"]).train.use_gpu == "true"
+    assert config.load(None, ["train.use_gpu=false"]).train.use_gpu == "false"
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        config.load(bad)
+    bad.write_text("train: 3\n")
+    with pytest.raises(ConfigError, match="section 'train' must be a mapping"):
+        config.load(bad)
+
+
+def test_describe_documents_every_key():
+    text = config.describe()
+    for key in config.all_keys():
+        section, name = key.split(".")
+        assert f"  {name}: " in text
+    assert "#" in text
+
+
+def test_shipped_configs_exist():
+    assert CONFIGS, "jobs/configs/ ships at least one example config"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    cfg = config.load(path)
+    assert cfg.run_name

@@ -1,0 +1,83 @@
+"""Model shapes, causal masking and single-device purity."""
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmray import config
+from mmray.models.fusion import FUSIONS
+from mmray.models.layers import MultiHeadAttention
+from mmray.models.model import MultimodalModel
+from mmray.models.presets import PRESETS
+
+MODELS_DIR = Path(__file__).resolve().parents[2] / "mmray" / "models"
+
+
+def _model(preset="tiny", fusion="late", vocab=100, pad_id=0):
+    cfg = config.load(None, [f"model.preset={preset}", f"model.fusion={fusion}"])
+    return MultimodalModel(cfg.model, vocab, pad_id, cfg.data.image_size, cfg.data.max_text_len), cfg
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+def test_output_shapes_and_norms(preset, fusion):
+    torch.manual_seed(0)
+    model, cfg = _model(preset, fusion)
+    images = torch.randn(3, 3, cfg.data.image_size, cfg.data.image_size)
+    ids = torch.randint(1, 100, (3, 10))
+    out = model(images, ids)
+    assert out["image_embeds"].shape == (3, cfg.model.embed_dim)
+    assert out["text_embeds"].shape == (3, cfg.model.embed_dim)
+    assert torch.allclose(out["image_embeds"].norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert out["logit_scale"].item() == pytest.approx(1 / cfg.model.temperature_init, rel=1e-4)
+
+
+def test_text_encoder_is_causal():
+    torch.manual_seed(0)
+    model, _ = _model()
+    enc = model.text_encoder.eval()
+    ids = torch.randint(1, 100, (2, 12))
+    changed = ids.clone()
+    changed[:, 7] = (changed[:, 7] % 98) + 1
+    a, b = enc(ids)["tokens"], enc(changed)["tokens"]
+    assert torch.allclose(a[:, :7], b[:, :7], atol=1e-6), "positions before 7 must not see token 7"
+    assert not torch.allclose(a[:, 7:], b[:, 7:], atol=1e-4), "positions from 7 on must see it"
+
+
+def test_padding_does_not_change_the_text_embedding():
+    torch.manual_seed(0)
+    model, _ = _model()
+    enc = model.text_encoder.eval()
+    ids = torch.tensor([[5, 6, 7, 8, 0, 0, 0, 0]])
+    longer = torch.tensor([[5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0, 0]])
+    assert torch.allclose(enc(ids)["pooled"], enc(longer)["pooled"], atol=1e-6)
+    assert torch.allclose(enc(ids)["pooled"], enc(ids[:, :4])["pooled"], atol=1e-6)
+
+
+def test_attention_matches_explicit_softmax():
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(16, 4)
+    x = torch.randn(2, 5, 16)
+    q, k, v = attn.qkv(x).split(16, dim=-1)
+    q, k, v = (t.view(2, 5, 4, 4).transpose(1, 2) for t in (q, k, v))
+    mask = torch.ones(5, 5).tril().bool()
+    w = (q @ k.transpose(-1, -2) / 2.0).masked_fill(~mask, float("-inf")).softmax(-1)
+    expected = attn.out((w @ v).transpose(1, 2).reshape(2, 5, 16))
+    assert torch.allclose(attn(x, causal=True), expected, atol=1e-5)
+
+
+def test_image_size_must_match_patches():
+    model, cfg = _model()
+    out = model(torch.randn(1, 3, 64, 64), torch.ones(1, 4, dtype=torch.long))
+    assert out["image_embeds"].shape == (1, cfg.model.embed_dim)
+
+
+def test_model_code_is_single_device():
+    """Model code imports neither Ray, DeepSpeed nor torch.distributed (collectives live in losses and train)."""
+    for path in MODELS_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith(("ray", "deepspeed", "torch.distributed")), f"{path.name} imports {name}"
