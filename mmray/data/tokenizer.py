@@ -1,0 +1,112 @@
+"""Text tokenization: train a small subword tokenizer on captions, or load any Hugging Face ``tokenizer.json``.
+
+The model only ever sees fixed-length int64 id arrays, so ``TextTokenizer.encode_batch`` is the one contract the
+rest of the code relies on: right padding with ``pad_id``, truncation to ``max_len``. The tokenizer file travels
+with the data set (``DEST/tokenizer.json``) so that training and evaluation always agree on the ids.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from mmray import storage
+
+PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
+SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)  # in id order: [PAD] is 0
+# Pad token names used by common tokenizer families, in the order pad_id looks for them.
+PAD_CANDIDATES = ("[PAD]", "<pad>", "<|pad|>", "<|endoftext|>")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Tokenizer:
+    """Train a lowercase WordPiece tokenizer that wraps every text as ``[BOS] ... [EOS]``.
+
+    WordPiece (rather than BPE) with its own decoder makes decode(encode(text)) give back the lowercased text,
+    punctuation spacing included, which keeps captioning metrics honest. ``vocab_size`` is an upper bound: a
+    small caption vocabulary stops growing once every word is a single token.
+    """
+    tokenizer = Tokenizer(models.WordPiece(unk_token=UNK))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}",
+        pair=f"{BOS} $A {EOS} $B {EOS}",
+        special_tokens=[(BOS, tokenizer.token_to_id(BOS)), (EOS, tokenizer.token_to_id(EOS))],
+    )
+    return tokenizer
+
+
+class TextTokenizer:
+    """A ``tokenizers.Tokenizer`` with the fixed-length batch encoding the model needs.
+
+    Any tokenizer.json works (WordPiece, BPE, byte-level BPE, Unigram). Its own padding and truncation settings are
+    kept in the file but ignored when encoding: ``encode_batch`` always pads and truncates to the ``max_len`` asked.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._encoder = Tokenizer.from_str(tokenizer.to_str())  # a copy whose padding/truncation we may switch off
+        self._encoder.no_padding()
+        self._encoder.no_truncation()
+        self.pad_id = _detect_pad_id(tokenizer)
+
+    @classmethod
+    def from_str(cls, json_str: str) -> TextTokenizer:
+        return cls(Tokenizer.from_str(json_str))
+
+    @classmethod
+    def from_file(cls, path: str) -> TextTokenizer:
+        """Load a tokenizer.json from a local path or an ``s3://`` URI."""
+        return cls.from_str(storage.read_text(path))
+
+    def to_str(self) -> str:
+        return self._tokenizer.to_str()
+
+    def save(self, path: str) -> None:
+        """Write tokenizer.json to a local path or an ``s3://`` URI."""
+        storage.write_text(path, self.to_str())
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included: the size an embedding table needs."""
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode_batch(self, texts: Sequence[str], max_len: int) -> np.ndarray:
+        """Ids of shape (len(texts), max_len), int64, right-padded with ``pad_id``.
+
+        Longer texts are cut to their first ``max_len`` ids, so a truncated text loses its final special token
+        (e.g. [EOS]): the model is not taught that a sentence ends where it was merely cut.
+        """
+        if max_len < 1:
+            raise ValueError(f"max_len must be at least 1, got {max_len}")
+        out = np.full((len(texts), max_len), self.pad_id, dtype=np.int64)
+        for row, encoding in enumerate(self._encoder.encode_batch(list(texts))):
+            ids = encoding.ids[:max_len]
+            out[row, :len(ids)] = ids
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text for one id sequence, without trailing padding and without special tokens."""
+        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+        while ids and ids[-1] == self.pad_id:
+            ids.pop()
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _detect_pad_id(tokenizer: Tokenizer) -> int:
+    """The padding config's pad id if there is one, else the first known pad token present, else 0."""
+    if tokenizer.padding is not None:
+        return int(tokenizer.padding["pad_id"])
+    for token in PAD_CANDIDATES:
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return token_id
+    return 0
