@@ -6,6 +6,7 @@ with the data set (``DEST/tokenizer.json``) so that training and evaluation alwa
 """
 from __future__ import annotations
 
+import string
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -15,22 +16,30 @@ from mmray import storage
 
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)  # in id order: [PAD] is 0
+BASE_ALPHABET = string.ascii_lowercase + string.digits + string.punctuation
+MIN_VOCAB_SIZE = 128  # the base alphabet, the special tokens and room for merges
 # Pad token names used by common tokenizer families, in the order pad_id looks for them.
 PAD_CANDIDATES = ("[PAD]", "<pad>", "<|pad|>", "<|endoftext|>")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Tokenizer:
-    """Train a lowercase WordPiece tokenizer that wraps every text as ``[BOS] ... [EOS]``.
+    """Train a lowercase BPE tokenizer that wraps every text as ``[BOS] ... [EOS]``.
 
-    WordPiece (rather than BPE) with its own decoder makes decode(encode(text)) give back the lowercased text,
-    punctuation spacing included, which keeps captioning metrics honest. ``vocab_size`` is an upper bound: a
-    small caption vocabulary stops growing once every word is a single token.
+    Why this recipe: Hugging Face's BPE trainer is deterministic (its WordPiece and Unigram trainers are not, and
+    neither is BPE with a continuing-subword prefix), so the same captions always give the same tokenizer.json.
+    The Metaspace pre-tokenizer keeps word boundaries in the tokens (``▁red``), so decode(encode(text)) gives back
+    the normalized text exactly, punctuation spacing included; punctuation is split off so ``circle?`` reuses
+    ``▁circle``. Lowercase ASCII letters, digits and punctuation are always in the alphabet, so English text never
+    meets [UNK]. ``vocab_size`` is an upper bound: a small vocabulary stops growing once every word is one token.
     """
-    tokenizer = Tokenizer(models.WordPiece(unk_token=UNK))
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE}, got {vocab_size}")
+    tokenizer = Tokenizer(models.BPE(unk_token=UNK))
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()])
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=list(BASE_ALPHABET), show_progress=False)
     tokenizer.train_from_iterator(texts, trainer=trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}",

@@ -31,6 +31,20 @@ def test_encode_decode_round_trip(tok):
     assert [tok.decode(row) for row in ids] == texts
 
 
+def test_training_is_deterministic():
+    texts = CAPTIONS + QUESTIONS
+    assert len({train_tokenizer(texts, vocab_size=200).to_str() for _ in range(4)}) == 1
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_tokenizer(texts, vocab_size=64)
+
+
+def test_unseen_english_text_needs_no_unk(tok):
+    text = "the quick brown zebra jumps over 12 lazy dogs; why? (because!)"
+    ids = tok.encode_batch([text], max_len=80)[0]
+    assert tok.tokenizer.token_to_id("[UNK]") not in ids
+    assert tok.decode(ids) == text
+
+
 def test_encode_wraps_in_bos_eos_and_pads_right(tok):
     ids = tok.encode_batch(["a large red circle", "A LARGE RED CIRCLE"], max_len=10)
     assert ids.shape == (2, 10) and ids.dtype == np.int64
