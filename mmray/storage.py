@@ -182,10 +182,11 @@ def write_text(path: str, text: str, *, endpoint_url: str | None = None) -> None
 def delete(path: str, *, endpoint_url: str | None = None) -> None:
     """Delete one file if it exists; a missing file is not an error (deleting is idempotent)."""
     fs, inner = resolve(path, endpoint_url)
-    try:
-        fs.delete_file(inner)
-    except FileNotFoundError:
-        pass
+    with _named_errors(path, fs, inner, "file"):
+        try:
+            fs.delete_file(inner)
+        except FileNotFoundError:
+            pass
 
 
 def list_files(prefix: str, suffix: str | None = None, *, endpoint_url: str | None = None) -> list[str]:
