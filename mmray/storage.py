@@ -88,22 +88,20 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
-def _bucket_missing(fs: pafs.FileSystem, inner: str) -> bool:
-    """For S3: whether the bucket of ``inner`` (``bucket/key``) does not exist, so errors can say so plainly."""
+def _bucket_missing(fs: pafs.FileSystem, inner: str, err: OSError) -> bool:
+    """Whether an S3 "not found" failure is really a missing bucket, so the error can say so plainly.
+
+    Only asked for not-found errors: a network failure has already used up its retries, and asking S3 again
+    would double the wait before the user sees it.
+    """
     if not isinstance(fs, pafs.S3FileSystem):
         return False
-    bucket = inner.split("/", 1)[0]
+    if "NO_SUCH_BUCKET" in str(err):
+        return True
     try:
-        return fs.get_file_info(bucket).type == pafs.FileType.NotFound
+        return fs.get_file_info(inner.split("/", 1)[0]).type == pafs.FileType.NotFound
     except OSError:
         return False
-
-
-def _missing(path: str, fs: pafs.FileSystem, inner: str, what: str) -> StorageError | None:
-    """A StorageError naming ``path`` if it is missing because its S3 bucket is, else None."""
-    if _bucket_missing(fs, inner):
-        return StorageError(f"S3 bucket {inner.split('/', 1)[0]!r} does not exist (while accessing {what} {path})")
-    return None
 
 
 @contextlib.contextmanager
@@ -112,12 +110,12 @@ def _named_errors(path: str, fs: pafs.FileSystem, inner: str, what: str) -> Iter
     try:
         yield
     except OSError as err:
-        missing = _missing(path, fs, inner, what)
-        if missing is not None:
-            raise missing from err
-        if isinstance(err, FileNotFoundError):
-            raise StorageError(f"{what} does not exist: {path}") from err
-        raise
+        if not isinstance(err, FileNotFoundError) and "NO_SUCH_BUCKET" not in str(err):
+            raise
+        if _bucket_missing(fs, inner, err):
+            bucket = inner.split("/", 1)[0]
+            raise StorageError(f"S3 bucket {bucket!r} does not exist (while accessing {what} {path})") from err
+        raise StorageError(f"{what} does not exist: {path}") from err
 
 
 def exists(path: str, *, endpoint_url: str | None = None) -> bool:

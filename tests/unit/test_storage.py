@@ -1,0 +1,69 @@
+"""Storage helpers on local disk, and the S3 parts that need no server (see integration/test_prepare_s3.py)."""
+from __future__ import annotations
+
+import os
+
+import pyarrow.fs as pafs
+import pytest
+
+from mmray import storage
+from mmray.storage import StorageError
+
+
+def test_join_and_is_s3():
+    assert storage.join("s3://bucket/prefix/", "train", "00000.tar") == "s3://bucket/prefix/train/00000.tar"
+    assert storage.join("s3://bucket", "a") == "s3://bucket/a"
+    assert storage.join("/data", "train", "x.tar") == "/data/train/x.tar"
+    assert storage.is_s3("s3://b/k") and not storage.is_s3("/s3/b") and not storage.is_s3("data/s3://x")
+
+
+def test_resolve_local_is_absolute_with_home_expanded(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    fs, path = storage.resolve("~/data/x.tar")
+    assert isinstance(fs, pafs.LocalFileSystem) and path == str(tmp_path / "data" / "x.tar")
+    monkeypatch.chdir(tmp_path)
+    assert storage.resolve("rel/y")[1] == str(tmp_path / "rel" / "y")
+
+
+def test_resolve_s3_reuses_one_filesystem_per_endpoint(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    fs_a, key = storage.resolve("s3://bucket-a/some/key")
+    fs_b, _ = storage.resolve("s3://bucket-b/other")
+    assert isinstance(fs_a, pafs.S3FileSystem) and key == "bucket-a/some/key"
+    assert fs_a is fs_b
+    assert storage.resolve("s3://bucket-a/k", endpoint_url="http://127.0.0.1:2")[0] is not fs_a
+    with pytest.raises(StorageError, match="no bucket"):
+        storage.resolve("s3://")
+    with pytest.raises(StorageError, match="no object key"):
+        storage.write_bytes("s3://only-a-bucket", b"x")
+
+
+def test_write_read_round_trip_creates_parents_atomically(tmp_path):
+    path = str(tmp_path / "a" / "b" / "file.bin")
+    storage.write_bytes(path, b"first")
+    storage.write_bytes(path, b"second")
+    assert storage.read_bytes(path) == b"second"
+    storage.write_text(str(tmp_path / "t.txt"), "héllo")
+    assert storage.read_text(str(tmp_path / "t.txt")) == "héllo"
+    assert os.listdir(tmp_path / "a" / "b") == ["file.bin"]  # no temporary file left behind
+
+
+def test_exists_list_and_delete(tmp_path):
+    for name in ("b.tar", "a.tar", "a_stats.json"):
+        storage.write_bytes(str(tmp_path / name), b"x")
+    storage.write_bytes(str(tmp_path / "sub" / "c.tar"), b"x")
+    assert storage.list_files(str(tmp_path)) == [str(tmp_path / n) for n in ("a.tar", "a_stats.json", "b.tar")]
+    assert storage.list_files(str(tmp_path), suffix=".tar") == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+    assert storage.exists(str(tmp_path / "sub")) and storage.exists(str(tmp_path / "a.tar"))
+    storage.delete(str(tmp_path / "a.tar"))
+    storage.delete(str(tmp_path / "a.tar"))  # idempotent
+    assert not storage.exists(str(tmp_path / "a.tar"))
+
+
+def test_missing_paths_raise_storage_error_naming_them(tmp_path):
+    missing = str(tmp_path / "nothing" / "here.json")
+    with pytest.raises(StorageError, match="here.json"):
+        storage.read_bytes(missing)
+    with pytest.raises(StorageError, match="nothing"):
+        storage.list_files(str(tmp_path / "nothing"))
+    assert issubclass(StorageError, ValueError)
