@@ -120,20 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(fn: Callable[[argparse.Namespace], dict], args: argparse.Namespace) -> int:
+    # Everything printed while the command works (including worker output that Ray forwards to the driver's
+    # stdout) goes to stderr, so that stdout carries only the JSON summary line.
+    stdout, sys.stdout = sys.stdout, sys.stderr
     try:
-        _emit(fn(args))
-        return EXIT_OK
+        summary, code = fn(args), EXIT_OK
     except _bad_input_types() as e:
         logging.getLogger("mmray").error("%s", e)
-        _emit({"error": str(e), "kind": "bad_input"})
-        return EXIT_BAD_INPUT
+        summary, code = {"error": str(e), "kind": "bad_input"}, EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        _emit({"error": "interrupted", "kind": "interrupted"})
-        return EXIT_ERROR
+        summary, code = {"error": "interrupted", "kind": "interrupted"}, EXIT_ERROR
     except Exception as e:  # the summary line must always come, even for bugs
         logging.getLogger("mmray").error("%s", traceback.format_exc())
-        _emit({"error": f"{type(e).__name__}: {e}", "kind": "error"})
-        return EXIT_ERROR
+        summary, code = {"error": f"{type(e).__name__}: {e}", "kind": "error"}, EXIT_ERROR
+    finally:
+        sys.stdout = stdout
+    _emit(summary)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -85,7 +85,7 @@ def read_split(root: str, split: str, cfg: Config, tokenizer: TextTokenizer, shu
     ds = ray.data.read_webdataset(
         [storage.resolve(p, cfg.data.endpoint_url or None)[1] for p in paths],
         filesystem=fs,
-        decoder=False,
+        decoder=None,  # raw member bytes; Preprocess decodes (and names the sample when it cannot)
         shuffle=FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None,
     )
     return ds.map_batches(Preprocess(tokenizer.to_str(), cfg.data.image_size, cfg.data.max_text_len),

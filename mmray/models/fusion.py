@@ -35,11 +35,12 @@ class LateFusion(nn.Module):
         super().__init__()
         self.image_proj = nn.Linear(image_width, embed_dim, bias=False)
         self.text_proj = nn.Linear(text_width, embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature_init)))
+        # Shape (1,), not a 0-dim scalar: DeepSpeed's parameter broadcast views every parameter as bytes.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / temperature_init)))
 
     def forward(self, image: dict[str, torch.Tensor], text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {
             "image_embeds": F.normalize(self.image_proj(image["pooled"]), dim=-1),   # (B, E)
             "text_embeds": F.normalize(self.text_proj(text["pooled"]), dim=-1),      # (B, E)
-            "logit_scale": self.logit_scale.clamp(max=math.log(100.0)).exp(),        # ()
+            "logit_scale": self.logit_scale.clamp(max=math.log(100.0)).exp().squeeze(0),  # ()
         }

@@ -29,7 +29,7 @@ def _log(rank: int, msg: str) -> None:
 
 
 def _to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(device)
+    images = torch.from_numpy(np.array(batch["image"], copy=True)).to(device)  # Ray hands read-only arrays
     ids = torch.from_numpy(np.ascontiguousarray(batch["text_ids"])).to(device)
     return images, ids
 
@@ -58,7 +58,17 @@ def restore(engine) -> dict:
         return json.loads((Path(d) / STATE_FILE).read_text())
 
 
-def save_and_report(engine, state: dict, metrics: dict, extra_files: dict[str, str], rank: int) -> None:
+def _rerun_name(step: int) -> str:
+    """A checkpoint name for re-reporting a finished run, the same on every rank: one more than the last rerun."""
+    import ray.train
+
+    last = Path(ray.train.get_checkpoint().path).name
+    n = int(last.rsplit("_eval", 1)[1]) + 1 if "_eval" in last else 1
+    return f"checkpoint_{step:08d}_eval{n}"
+
+
+def save_and_report(engine, state: dict, metrics: dict, extra_files: dict[str, str], rank: int,
+                    name: str | None = None) -> None:
     """Every rank writes its DeepSpeed shards; rank 0 adds the loop state and metadata; Ray Train merges and persists."""
     import ray.train
 
@@ -66,10 +76,10 @@ def save_and_report(engine, state: dict, metrics: dict, extra_files: dict[str, s
         engine.save_checkpoint(d, tag=DS_TAG)
         if rank == 0:
             (Path(d) / STATE_FILE).write_text(json.dumps(state))
-            for name, text in extra_files.items():
-                (Path(d) / name).write_text(text)
+            for filename, text in extra_files.items():
+                (Path(d) / filename).write_text(text)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"checkpoint_{state['step']:08d}")
+                         checkpoint_dir_name=name or f"checkpoint_{state['step']:08d}")
 
 
 def evaluate(engine, cfg: config_lib.Config, device: torch.device) -> dict[str, float]:
@@ -147,15 +157,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 _log(rank, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                     for k, v in metrics.items()))
                 window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
-                if state["step"] % t.checkpoint_every and not done:
-                    ray.train.report(metrics)
-                else:
-                    save_and_report(engine, state, metrics, extra, rank)
-            elif state["step"] % t.checkpoint_every == 0:
-                save_and_report(engine, state, {"step": state["step"], "samples_seen": state["samples_seen"]},
-                                extra, rank)
             if done:
-                break
+                break  # the final checkpoint is reported below, with the evaluation
+            if state["step"] % t.checkpoint_every == 0:
+                save_and_report(engine, state, metrics if state["step"] % t.log_every == 0 else
+                                {"step": state["step"], "samples_seen": state["samples_seen"]}, extra, rank)
+            elif state["step"] % t.log_every == 0:
+                ray.train.report(metrics)
         else:
             if batches_this_epoch == 0:
                 raise ValueError(f"the training split yields no full batch of {t.micro_batch_size} per worker "
@@ -163,7 +171,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state["epoch"] += 1
 
     _log(rank, "evaluating on the held-out split")
-    metrics = {"step": state["step"], "samples_seen": state["samples_seen"], "trained_steps_this_run": trained_here,
-               **evaluate(engine, cfg, device)}
+    metrics = {"step": state["step"], "samples_seen": state["samples_seen"], **evaluate(engine, cfg, device)}
     _log(rank, " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("val_")))
-    ray.train.report(metrics)
+    # The final checkpoint carries the evaluation, so the run's result (and any later rerun) reports it. A rerun of
+    # a finished run re-evaluates and reports under a fresh name, since checkpoint names must be unique.
+    save_and_report(engine, state, metrics, extra, rank,
+                    name=None if trained_here else _rerun_name(state["step"]))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 
 from mmray import storage
@@ -34,21 +35,37 @@ def ensure_dataset(cfg: Config) -> str:
     return root
 
 
-def init_ray(cfg: Config) -> None:
+def init_ray(cfg: Config) -> bool:
     """Join the cluster named by RAY_ADDRESS (e.g. under `ray job submit`), or start a local Ray.
 
     Locally, Ray gets enough logical CPUs for every training worker plus the data pipeline's tasks, so that the
-    pipeline never starves behind workers that reserve all the cores.
+    pipeline never starves behind workers that reserve all the cores. Returns whether this call connected.
     """
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        return
+        ray.init()
+        return True
     need = cfg.train.num_workers * cfg.train.cpus_per_worker + 2
     ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False)
+    return True
+
+
+def check_cluster_fits(cfg: Config) -> None:
+    """Fail fast, naming the keys to change, when training workers would leave Ray Data no CPU (the run would hang)."""
+    import ray
+
+    from mmray.config import ConfigError
+
+    total = ray.cluster_resources().get("CPU", 0)
+    reserved = cfg.train.num_workers * cfg.train.cpus_per_worker
+    if total - reserved < 1:
+        raise ConfigError(
+            f"the Ray cluster has {total:g} CPUs and the {cfg.train.num_workers} training workers reserve "
+            f"{reserved:g} (train.num_workers x train.cpus_per_worker); the data pipeline needs at least 1 more. "
+            "Lower train.cpus_per_worker or train.num_workers, or add nodes.")
 
 
 def _use_gpu(cfg: Config) -> bool:
@@ -61,6 +78,7 @@ def _use_gpu(cfg: Config) -> bool:
 
 def build_trainer(cfg: Config, data_root: str):
     """A TorchTrainer whose workers each drive a DeepSpeed engine over their share of the streamed shards."""
+    import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -69,6 +87,8 @@ def build_trainer(cfg: Config, data_root: str):
     from mmray.data.pipeline import read_split
     from mmray.train.loop import train_loop_per_worker
 
+    # Ray Data's progress bars are for terminals; in logs and CI they drown the training log.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
     val = read_split(data_root, "val", cfg, tokenizer)
     if cfg.eval.max_samples:
         val = val.limit(cfg.eval.max_samples)
@@ -96,8 +116,15 @@ def train(cfg: Config) -> dict:
     """Run (or resume) training for ``cfg`` and return the machine-readable summary."""
     t0 = time.perf_counter()
     data_root = ensure_dataset(cfg)
-    init_ray(cfg)
-    result = build_trainer(cfg, data_root).fit()
+    connected = init_ray(cfg)
+    try:
+        check_cluster_fits(cfg)
+        result = build_trainer(cfg, data_root).fit()
+    finally:
+        if connected:  # flushes forwarded worker logs before the caller prints its summary
+            import ray
+
+            ray.shutdown()
     metrics = dict(result.metrics or {})
     run_dir = storage.join(cfg.run.storage_path, cfg.run_name)
     return {
