@@ -60,11 +60,25 @@ def s3_bucket(s3_endpoint, request):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray instance for the whole session (2 real cores; 4 logical CPUs so data tasks and workers fit)."""
+def ray_session(s3_endpoint):
+    """One local Ray instance for the whole session (2 real cores; 4 logical CPUs so data tasks and workers fit).
+
+    It starts after the S3 endpoint so that Ray's workers inherit AWS_ENDPOINT_URL and the test credentials, as
+    they would inherit a node's environment on a cluster.
+    """
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A small prepared synthetic shapes set (local), shared by the training tests."""
+    from mmray.data.prepare import prepare_synthetic
+
+    root = str(tmp_path_factory.mktemp("data") / "shapes")
+    prepare_synthetic(root, samples=640, seed=3, val_samples=128, samples_per_shard=256)
+    return root

@@ -121,6 +121,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     engine = build_engine(model, cfg, world, on_gpu)
     device = engine.device
     state = restore(engine)
+    resumed_from = state["step"]
     if state["step"]:
         _log(rank, f"resumed at step {state['step']} ({state['samples_seen']} samples seen)")
     extra = {"config.yaml": cfg.to_yaml(), "tokenizer.json": loop_config["tokenizer_json"]}
@@ -171,7 +172,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state["epoch"] += 1
 
     _log(rank, "evaluating on the held-out split")
-    metrics = {"step": state["step"], "samples_seen": state["samples_seen"], **evaluate(engine, cfg, device)}
+    metrics = {"step": state["step"], "samples_seen": state["samples_seen"], "resumed_from_step": resumed_from,
+               **evaluate(engine, cfg, device)}
     _log(rank, " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("val_")))
     # The final checkpoint carries the evaluation, so the run's result (and any later rerun) reports it. A rerun of
     # a finished run re-evaluates and reports under a fresh name, since checkpoint names must be unique.

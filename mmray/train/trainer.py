@@ -35,22 +35,23 @@ def ensure_dataset(cfg: Config) -> str:
     return root
 
 
-def init_ray(cfg: Config) -> bool:
+def init_ray(cfg: Config) -> str:
     """Join the cluster named by RAY_ADDRESS (e.g. under `ray job submit`), or start a local Ray.
 
     Locally, Ray gets enough logical CPUs for every training worker plus the data pipeline's tasks, so that the
-    pipeline never starves behind workers that reserve all the cores. Returns whether this call connected.
+    pipeline never starves behind workers that reserve all the cores. Returns how Ray was reached: "joined" (the
+    cluster in RAY_ADDRESS), "local" (started here) or "in-process" (already initialised by the caller).
     """
     import ray
 
     if ray.is_initialized():
-        return False
+        return "in-process"
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
-        return True
+        return "joined"
     need = cfg.train.num_workers * cfg.train.cpus_per_worker + 2
     ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False)
-    return True
+    return "local"
 
 
 def check_cluster_fits(cfg: Config) -> None:
@@ -116,23 +117,26 @@ def train(cfg: Config) -> dict:
     """Run (or resume) training for ``cfg`` and return the machine-readable summary."""
     t0 = time.perf_counter()
     data_root = ensure_dataset(cfg)
-    connected = init_ray(cfg)
+    ray_mode = init_ray(cfg)
     try:
         check_cluster_fits(cfg)
         result = build_trainer(cfg, data_root).fit()
     finally:
-        if connected:  # flushes forwarded worker logs before the caller prints its summary
+        if ray_mode != "in-process":  # flushes forwarded worker logs before the caller prints its summary
             import ray
 
             ray.shutdown()
     metrics = dict(result.metrics or {})
-    run_dir = storage.join(cfg.run.storage_path, cfg.run_name)
+    storage_root = cfg.run.storage_path if storage.is_s3(cfg.run.storage_path) else \
+        storage.resolve(cfg.run.storage_path)[1]
+    run_dir = storage.join(storage_root, cfg.run_name)
     return {
         "run_dir": run_dir,
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "checkpoint": storage.join(run_dir, os.path.basename(result.checkpoint.path)) if result.checkpoint else None,
         "steps": metrics.pop("step", 0),
         "samples_seen": metrics.pop("samples_seen", 0),
         "wall_s": round(time.perf_counter() - t0, 2),
         "data": data_root,
+        "ray": ray_mode,
         "metrics": metrics,
     }

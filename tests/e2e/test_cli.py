@@ -1,0 +1,66 @@
+"""The `mmray` command as a user runs it: exit codes, the JSON summary line, and the messages a user sees."""
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from mmray import config
+
+from .conftest import REPO
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["train", "train.lrr=1"], ["unknown key train.lrr", "Did you mean 'train.lr'"]),
+    (["train", "model.fusion=earley"], ["model.fusion", "allowed values: late"]),
+    (["train", "--config", "missing.yaml"], ["config file not found: missing.yaml"]),
+    (["train", "data.source=/nonexistent/shapes", "train.max_steps=2", "train.warmup_steps=1"],
+     ["/nonexistent/shapes"]),
+])
+def test_bad_input_exits_2_before_ray_starts(mmray, args, needles):
+    t0 = time.perf_counter()
+    r = mmray(*args, timeout=120)
+    assert r.code == 2, r.stderr
+    assert r.summary["kind"] == "bad_input"
+    for needle in needles:
+        assert needle in r.summary["error"] and needle in r.stderr
+    assert "Started a local Ray instance" not in r.stderr
+    assert time.perf_counter() - t0 < 60
+
+
+def test_config_command_documents_and_validates(mmray):
+    r = mmray("config")
+    assert r.code == 0
+    assert r.summary["keys"] == config.all_keys()
+    assert "train.lr" in r.summary["keys"] and "Peak learning rate" in r.stderr
+    r = mmray("config", "--config", str(REPO / "jobs/configs/quickstart.yaml"), "train.lr=0.01")
+    assert r.code == 0 and r.summary["valid"] and r.summary["config"]["train"]["lr"] == 0.01
+
+
+def test_model_list(mmray):
+    r = mmray("model", "list")
+    assert r.code == 0 and "tiny" in r.summary["presets"] and r.summary["fusions"] == ["late"]
+
+
+def test_data_prepare_synthetic(mmray, tmp_path):
+    dest = tmp_path / "shapes"
+    r = mmray("data", "prepare", "synthetic:shapes", str(dest), "--samples", "600", "--seed", "7",
+              "--shard-size", "200")
+    assert r.code == 0, r.stderr
+    assert r.summary["train_samples"] + r.summary["val_samples"] == 600
+    assert sorted(p.name for p in (dest / "train").glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
+    assert (dest / "tokenizer.json").exists()
+    assert json.loads((dest / "dataset.json").read_text())["seed"] == 7
+    assert "shard" in r.stderr  # progress is reported
+
+
+def test_data_prepare_rejects_unknown_source(mmray, tmp_path):
+    r = mmray("data", "prepare", "synthetic:cats", str(tmp_path / "x"), "--samples", "10")
+    assert r.code == 2 and "synthetic:shapes" in r.summary["error"]
+
+
+def test_help_documents_every_command(mmray):
+    for args in (["--help"], ["train", "--help"], ["data", "prepare", "--help"], ["config", "--help"]):
+        r = mmray(*args)
+        assert r.code == 0 and "usage: mmray" in r.stdout
+    assert "resumes" in mmray("train", "--help").stdout
