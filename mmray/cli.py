@@ -59,10 +59,13 @@ def cmd_config(args: argparse.Namespace) -> dict:
 def cmd_data_prepare(args: argparse.Namespace) -> dict:
     from mmray.data.prepare import parse_source, prepare_synthetic
 
-    parse_source(args.src)
     log = logging.getLogger("mmray")
-    return prepare_synthetic(args.dest, samples=args.samples, seed=args.seed, val_samples=args.val_samples,
-                             samples_per_shard=args.shard_size, image_size=args.image_size, progress=log.info)
+    try:
+        parse_source(args.src)
+        return prepare_synthetic(args.dest, samples=args.samples, seed=args.seed, val_samples=args.val_samples,
+                                 samples_per_shard=args.shard_size, image_size=args.image_size, progress=log.info)
+    except ValueError as e:  # bad source, counts or destination: the message names which
+        raise config_lib.ConfigError(str(e)) from None
 
 
 def cmd_model_list(args: argparse.Namespace) -> dict:

@@ -47,7 +47,6 @@ class DataConfig:
     image_size: int = _f(64, "Side in pixels that images are resized to before the model.", min=8)
     max_text_len: int = _f(32, "Token sequence length; captions are truncated or padded to it.", min=4)
     shuffle_buffer: int = _f(2048, "Rows in each worker's local shuffle buffer (0 disables shuffling).", min=0)
-    endpoint_url: str = _f("", "S3 endpoint override; empty means AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL or AWS.")
 
 
 @dataclass

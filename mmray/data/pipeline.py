@@ -75,15 +75,14 @@ def shard_paths(root: str, split: str) -> list[str]:
     return paths
 
 
-def read_split(root: str, split: str, cfg: Config, tokenizer: TextTokenizer, shuffle_seed: int | None = None):
-    """A lazily-evaluated, streaming Ray Dataset of one split, preprocessed into the batch schema."""
+def read_split(paths: list[str], cfg: Config, tokenizer: TextTokenizer, shuffle_seed: int | None = None):
+    """A lazily-evaluated, streaming Ray Dataset over the given shards, preprocessed into the batch schema."""
     import ray.data
     from ray.data import FileShuffleConfig
 
-    paths = shard_paths(root, split)
-    fs, _ = storage.resolve(paths[0], cfg.data.endpoint_url or None)
+    fs, _ = storage.resolve(paths[0])
     ds = ray.data.read_webdataset(
-        [storage.resolve(p, cfg.data.endpoint_url or None)[1] for p in paths],
+        [storage.resolve(p)[1] for p in paths],
         filesystem=fs,
         decoder=None,  # raw member bytes; Preprocess decodes (and names the sample when it cannot)
         shuffle=FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None,

@@ -69,8 +69,12 @@ class TextTokenizer:
 
     @classmethod
     def from_file(cls, path: str) -> TextTokenizer:
-        """Load a tokenizer.json from a local path or an ``s3://`` URI."""
-        return cls.from_str(storage.read_text(path))
+        """Load a tokenizer.json from a local path or an ``s3://`` URI; a file that is not one names its path."""
+        text = storage.read_text(path)
+        try:
+            return cls.from_str(text)
+        except Exception as e:  # tokenizers raises a bare Exception for malformed JSON or unknown models
+            raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from None
 
     def to_str(self) -> str:
         return self._tokenizer.to_str()

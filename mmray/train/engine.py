@@ -52,12 +52,28 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class _WeightsOnlyCheckpointEngine:
-    """Wraps DeepSpeed's checkpoint engine so that every checkpoint file is loaded with ``weights_only=True``.
+def _deepspeed_safe_globals() -> list:
+    """The few plain-data DeepSpeed classes that its checkpoints pickle (found with
+    ``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO 0-3 checkpoints). Allowing these rebuilds
+    their instances; it never allows calling arbitrary functions."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    DeepSpeed's default ``torch.load(..., weights_only=False)`` would execute arbitrary pickled code from a
-    tampered checkpoint; weights-only loading accepts tensors and plain containers only.
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_checkpoint_file(path: str, map_location=None):
+    """``torch.load`` with ``weights_only=True``: tensors, containers and the allow-listed DeepSpeed classes only.
+
+    DeepSpeed's own loader uses ``weights_only=False``, which would execute arbitrary code from a tampered file.
     """
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class _WeightsOnlyCheckpointEngine:
+    """Wraps DeepSpeed's checkpoint engine so that every checkpoint file is loaded by :func:`load_checkpoint_file`."""
 
     def __init__(self, inner):
         self._inner = inner
@@ -66,7 +82,7 @@ class _WeightsOnlyCheckpointEngine:
         return getattr(self._inner, name)
 
     def load(self, path: str, map_location=None):
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return load_checkpoint_file(path, map_location)
 
 
 def build_engine(model: nn.Module, cfg: Config, world_size: int, on_gpu: bool):

@@ -5,9 +5,10 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 from mmray import storage
-from mmray.config import Config
+from mmray.config import Config, ConfigError
 from mmray.data.tokenizer import TextTokenizer
 
 log = logging.getLogger("mmray")
@@ -20,19 +21,45 @@ def synthetic_dir(cfg: Config) -> str:
     return storage.join(d.cache_dir, name)
 
 
+@dataclass
+class DataSet:
+    """A prepared data set, checked before Ray starts: its tokenizer and the shard paths of each split."""
+
+    root: str
+    tokenizer: TextTokenizer
+    train: list[str]
+    val: list[str]
+
+
 def ensure_dataset(cfg: Config) -> str:
     """The root of a prepared data set for ``cfg``: generated into the cache when the source is synthetic."""
     from mmray.data.prepare import is_prepared, parse_source, prepare_synthetic
 
     if not cfg.data.source.startswith("synthetic:"):
         return cfg.data.source
-    parse_source(cfg.data.source)
+    try:
+        parse_source(cfg.data.source)
+    except ValueError as e:
+        raise ConfigError(f"data.source: {e}") from None
     root = synthetic_dir(cfg)
     if not is_prepared(root):
         log.info("generating %s (%d samples) into %s", cfg.data.source, cfg.data.synthetic_samples, root)
         prepare_synthetic(root, samples=cfg.data.synthetic_samples, seed=cfg.data.synthetic_seed,
                           val_samples=cfg.data.synthetic_val_samples, progress=log.info)
     return root
+
+
+def resolve_data(cfg: Config) -> DataSet:
+    """Find (or generate) the data set and check that it is usable; every problem names the path at fault."""
+    from mmray.data.pipeline import shard_paths
+
+    root = ensure_dataset(cfg)
+    tokenizer_path = cfg.data.tokenizer or storage.join(root, "tokenizer.json")
+    try:
+        tokenizer = TextTokenizer.from_file(tokenizer_path)
+    except ValueError as e:
+        raise ConfigError(f"data.tokenizer: {e}") from None
+    return DataSet(root, tokenizer, shard_paths(root, "train"), shard_paths(root, "val"))
 
 
 def init_ray(cfg: Config) -> str:
@@ -77,25 +104,24 @@ def _use_gpu(cfg: Config) -> bool:
     return cfg.train.use_gpu == "true"
 
 
-def build_trainer(cfg: Config, data_root: str):
+def build_trainer(cfg: Config, data: DataSet):
     """A TorchTrainer whose workers each drive a DeepSpeed engine over their share of the streamed shards."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    tokenizer_path = cfg.data.tokenizer or storage.join(data_root, "tokenizer.json")
-    tokenizer = TextTokenizer.from_file(tokenizer_path)
     from mmray.data.pipeline import read_split
     from mmray.train.loop import train_loop_per_worker
 
+    tokenizer = data.tokenizer
     # Ray Data's progress bars are for terminals; in logs and CI they drown the training log.
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
-    val = read_split(data_root, "val", cfg, tokenizer)
+    val = read_split(data.val, cfg, tokenizer)
     if cfg.eval.max_samples:
         val = val.limit(cfg.eval.max_samples)
-    datasets = {"train": read_split(data_root, "train", cfg, tokenizer, shuffle_seed=cfg.train.seed), "val": val}
+    datasets = {"train": read_split(data.train, cfg, tokenizer, shuffle_seed=cfg.train.seed), "val": val}
     use_gpu = _use_gpu(cfg)
-    fs, path = storage.resolve(cfg.run.storage_path, cfg.data.endpoint_url or None)
+    fs, path = storage.resolve(cfg.run.storage_path)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "use_gpu": use_gpu, "vocab_size": tokenizer.vocab_size,
@@ -116,11 +142,11 @@ def build_trainer(cfg: Config, data_root: str):
 def train(cfg: Config) -> dict:
     """Run (or resume) training for ``cfg`` and return the machine-readable summary."""
     t0 = time.perf_counter()
-    data_root = ensure_dataset(cfg)
+    data = resolve_data(cfg)  # bad data fails here, before any Ray resource exists
     ray_mode = init_ray(cfg)
     try:
         check_cluster_fits(cfg)
-        result = build_trainer(cfg, data_root).fit()
+        result = build_trainer(cfg, data).fit()
     finally:
         if ray_mode != "in-process":  # flushes forwarded worker logs before the caller prints its summary
             import ray
@@ -136,7 +162,7 @@ def train(cfg: Config) -> dict:
         "steps": metrics.pop("step", 0),
         "samples_seen": metrics.pop("samples_seen", 0),
         "wall_s": round(time.perf_counter() - t0, 2),
-        "data": data_root,
+        "data": data.root,
         "ray": ray_mode,
         "metrics": metrics,
     }

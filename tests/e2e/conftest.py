@@ -16,7 +16,10 @@ class Run:
         self.stdout = proc.stdout
         self.stderr = proc.stderr
         lines = [line for line in proc.stdout.splitlines() if line.strip()]
-        self.summary = json.loads(lines[-1]) if lines else None
+        try:
+            self.summary = json.loads(lines[-1]) if lines else None
+        except json.JSONDecodeError:  # --help and argparse errors print text, not a summary
+            self.summary = None
 
 
 @pytest.fixture

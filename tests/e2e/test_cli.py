@@ -7,7 +7,7 @@ import pytest
 
 from mmray import config
 
-from .conftest import REPO
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("args, needles", [
@@ -44,10 +44,10 @@ def test_model_list(mmray):
 
 def test_data_prepare_synthetic(mmray, tmp_path):
     dest = tmp_path / "shapes"
-    r = mmray("data", "prepare", "synthetic:shapes", str(dest), "--samples", "600", "--seed", "7",
-              "--shard-size", "200")
+    r = mmray("data", "prepare", "synthetic:shapes", str(dest), "--samples", "700", "--seed", "7",
+              "--val-samples", "100", "--shard-size", "200")
     assert r.code == 0, r.stderr
-    assert r.summary["train_samples"] + r.summary["val_samples"] == 600
+    assert (r.summary["train_samples"], r.summary["val_samples"]) == (600, 100)
     assert sorted(p.name for p in (dest / "train").glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
     assert (dest / "tokenizer.json").exists()
     assert json.loads((dest / "dataset.json").read_text())["seed"] == 7

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+REPO = Path(__file__).resolve().parents[2]
 
 RAY = str(Path(sys.executable).with_name("ray"))
 

@@ -1,0 +1,35 @@
+"""Checkpoint files are loaded weights-only: a malicious pickle never runs code."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from mmray.train.engine import load_checkpoint_file
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "evil": _Exploit(marker)}, path)
+    with pytest.raises(pickle.UnpicklingError, match="os.system|posix.system|Unsupported global"):
+        load_checkpoint_file(str(path))
+    assert not marker.exists()
+
+
+def test_plain_tensors_and_deepspeed_scaler_load(tmp_path):
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    path = tmp_path / "ok.pt"
+    torch.save({"w": torch.arange(3.0), "scaler": LossScaler(scale=1.0), "step": 3}, path)
+    loaded = load_checkpoint_file(str(path))
+    assert torch.equal(loaded["w"], torch.arange(3.0)) and loaded["step"] == 3
+    assert loaded["scaler"].loss_scale == 1.0
