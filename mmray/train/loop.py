@@ -44,6 +44,21 @@ def _mean_across_ranks(value: float) -> float:
     return float(t.item())
 
 
+def data_quality(quality, max_bad_fraction: float, rank: int) -> dict:
+    """Rank 0 reads the pipeline's good/bad sample counts and shares them, so that every rank takes the same decision:
+    all ranks raise together when the bad fraction exceeds the limit (no rank is left waiting in a collective)."""
+    import ray
+    import torch.distributed as dist
+
+    from mmray.data.pipeline import check_quality
+
+    snapshot = [ray.get(quality.snapshot.remote()) if rank == 0 else None]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(snapshot, src=0)
+    check_quality(snapshot[0], max_bad_fraction)
+    return snapshot[0]
+
+
 def restore(engine) -> dict:
     """Load the latest checkpoint that Ray Train hands us (a rerun of the same run, or a restart after a failure)."""
     import ray.train
@@ -155,6 +170,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                            "loss": _mean_across_ranks(window_loss / window_n),
                            "lr": engine.get_lr()[0], "temperature": 1.0 / float(outputs["logit_scale"].detach()),
                            "samples_per_s": window_n * t.micro_batch_size * world / max(elapsed, 1e-9)}
+                if loop_config.get("quality") is not None:
+                    quality = data_quality(loop_config["quality"], cfg.data.max_bad_fraction, rank)
+                    metrics["bad_samples"] = sum(quality["bad"].values())
                 _log(rank, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                     for k, v in metrics.items()))
                 window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
