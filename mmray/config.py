@@ -66,6 +66,20 @@ class ModelConfig:
     mlp_ratio: float = _f(4.0, "FFN hidden size as a multiple of the width.", min=0.25)
     dropout: float = _f(0.0, "Dropout in attention outputs and FFNs.", min=0.0, max=0.9)
     temperature_init: float = _f(0.07, "Initial contrastive softmax temperature (learned).", min=1e-4, max=1.0)
+    fusion_layers: str = _f("", "hierarchical: comma-separated block indices after which the two towers exchange "
+                            "information by cross-attention, e.g. '0,2'; each below min(image_depth, text_depth). "
+                            "Empty means after every block of the shallower tower.")
+    fusion_depth: int = _f(2, "attention: cross-attention fusion layers on top of the towers.", min=1)
+    cross_attention_both_ways: bool = _f(False, "attention: image tokens also attend to the text (not only text "
+                                         "to image).")
+    decoder_depth: int = _f(0, "Transformer decoder blocks (width text_width) for captioning; 0 means no decoder.",
+                            min=0)
+    contrastive_weight: float = _f(-1.0, "Weight of the image-text contrastive loss; -1 (auto) means 1 where "
+                                   "model.fusion provides it (late, attention), else 0.", min=-1.0)
+    itm_weight: float = _f(-1.0, "Weight of the image-text matching loss with hard negatives; -1 (auto) means 1 "
+                           "where model.fusion fuses (early, hierarchical, attention), else 0.", min=-1.0)
+    caption_weight: float = _f(-1.0, "Weight of the captioning (next-token) loss; -1 (auto) means 1 when "
+                               "model.decoder_depth > 0, else 0.", min=-1.0)
 
 
 @dataclass
@@ -261,11 +275,14 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
 def _check_consistency(cfg: Config) -> None:
     """Cross-key rules that no single field can check on its own."""
     from mmray.models.fusion import FUSIONS
+    from mmray.models.objectives import objective_weights
 
     m, d = cfg.model, cfg.data
     if m.fusion not in FUSIONS:
         raise ConfigError(f"model.fusion: {m.fusion!r} is not a fusion strategy; allowed values: "
                           f"{', '.join(FUSIONS)}." + _nearest(m.fusion, list(FUSIONS)))
+    FUSIONS[m.fusion].validate(m)  # the strategy's own keys (e.g. model.fusion_layers)
+    objective_weights(m)  # every objective asked for can be provided by model.fusion (and the decoder)
     if d.image_size % m.patch_size:
         raise ConfigError(f"data.image_size ({d.image_size}) must be a multiple of model.patch_size ({m.patch_size}).")
     for width, heads in (("image_width", "image_heads"), ("text_width", "text_heads")):

@@ -1,29 +1,72 @@
-"""The assembled multimodal model: image tower + text tower + a fusion strategy from the registry."""
+"""The assembled multimodal model: a fusion strategy from the registry (which owns the towers) and, when the
+captioning objective is trained, a Transformer decoder over the strategy's memory."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from mmray.config import ModelConfig
-from mmray.models.encoders import TextTransformer, VisionTransformer
+from mmray.models.decoder import TextDecoder
 from mmray.models.fusion import FUSIONS
+from mmray.models.objectives import objective_weights
+
+IGNORE_INDEX = -100  # caption targets at padding; F.cross_entropy's default ignore_index
 
 
 class MultimodalModel(nn.Module):
-    """``forward(images (B,3,S,S) float, text_ids (B,T) long) -> dict`` of the fusion's named outputs."""
+    """``forward(images (B,3,S,S) float, text_ids (B,T) long) -> dict`` of named outputs, one group per objective.
+
+    ``late`` returns ``image_embeds``, ``text_embeds`` and ``logit_scale`` (CLIP); fusing strategies return
+    ``itm_logits`` (3B, 2) and ``itm_labels`` (3B,); with a decoder, ``caption_logits`` (B, T-1, V) and
+    ``caption_targets`` (B, T-1), padding marked IGNORE_INDEX. Outputs of objectives with weight 0 are not computed.
+    """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int, image_size: int, max_text_len: int):
         super().__init__()
-        self.cfg = cfg
-        self.image_encoder = VisionTransformer(image_size, cfg.patch_size, cfg.image_width, cfg.image_depth,
-                                               cfg.image_heads, cfg.mlp_ratio, cfg.dropout)
-        self.text_encoder = TextTransformer(vocab_size, max_text_len, cfg.text_width, cfg.text_depth, cfg.text_heads,
-                                            pad_id, cfg.mlp_ratio, cfg.dropout)
-        self.fusion = FUSIONS[cfg.fusion](cfg.image_width, cfg.text_width, cfg.embed_dim, cfg.temperature_init)
+        self.cfg, self.pad_id = cfg, pad_id
+        self.fusion = FUSIONS[cfg.fusion](cfg, vocab_size, pad_id, image_size, max_text_len)
+        self.decoder = None
+        if "caption" in objective_weights(cfg):
+            self.decoder = TextDecoder(vocab_size, max_text_len, cfg.text_width, cfg.decoder_depth, cfg.text_heads,
+                                       pad_id, self.fusion.memory_widths, cfg.mlp_ratio, cfg.dropout)
         self.apply(_init_weights)
 
+    @property
+    def image_encoder(self) -> nn.Module:
+        return self.fusion.image_encoder
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        return self.fusion.text_encoder
+
     def forward(self, images: torch.Tensor, text_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.fusion(self.image_encoder(images), self.text_encoder(text_ids))
+        image, text = self.fusion.encode_image(images), self.fusion.encode_text(text_ids)
+        out = self.fusion(image, text, text_ids)
+        if self.decoder is not None:
+            out.update(self._caption(image, text_ids))
+        return out
+
+    def _caption(self, image: dict[str, torch.Tensor], text_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Teacher forcing: input ids[:, :-1], targets ids[:, 1:]. The memory is fused with the [BOS] prompt only,
+        never with the caption itself, which the decoder could otherwise copy."""
+        memory, memory_mask = self.memory(image, text_ids[:, :1])
+        targets = text_ids[:, 1:]
+        return {"caption_logits": self.decoder(text_ids[:, :-1], memory, memory_mask),     # (B, T-1, V)
+                "caption_targets": targets.masked_fill(targets == self.pad_id, IGNORE_INDEX)}  # (B, T-1)
+
+    def memory(self, image: dict[str, torch.Tensor], prompt_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder memory (B, S, D) and its mask (B, S) for encoded images fused with a prompt (B, P)."""
+        return self.decoder.adapt(self.fusion.memory(image, self.fusion.encode_text(prompt_ids)))
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, bos_id: int, eos_id: int, max_new_tokens: int | None = None,
+                 beam_width: int = 1, use_cache: bool = True) -> torch.Tensor:
+        """Captions (B, L) for images: greedy (``beam_width`` 1) or beam search; see TextDecoder.generate."""
+        if self.decoder is None:
+            raise ValueError("this model has no decoder: train it with model.decoder_depth > 0")
+        prompt = torch.full((images.shape[0], 1), bos_id, dtype=torch.long, device=images.device)
+        memory, memory_mask = self.memory(self.fusion.encode_image(images), prompt)
+        return self.decoder.generate(memory, memory_mask, bos_id, eos_id, max_new_tokens, beam_width, use_cache)
 
 
 def _init_weights(module: nn.Module) -> None:
