@@ -75,7 +75,23 @@ def cmd_model_list(args: argparse.Namespace) -> dict:
     for name, p in PRESETS.items():
         print(f"{name:8s} embed={p.embed_dim} vit={p.image_depth}x{p.image_width}/p{p.patch_size} "
               f"text={p.text_depth}x{p.text_width}", file=sys.stderr)
+    for name, cls in FUSIONS.items():
+        print(f"fusion {name:12s} provides: {', '.join(cls.provides)}", file=sys.stderr)
     return {"presets": list(PRESETS), "fusions": list(FUSIONS)}
+
+
+def cmd_model_info(args: argparse.Namespace) -> dict:
+    from mmray.models.info import model_info
+    from mmray.models.presets import REFERENCE_INPUTS, Inputs
+
+    reference = REFERENCE_INPUTS.get(args.preset, REFERENCE_INPUTS["tiny"])
+    inputs = Inputs(image_size=args.image_size or reference.image_size,
+                    context_length=args.context_length or reference.context_length,
+                    vocab_size=args.vocab_size or reference.vocab_size)
+    cfg = config_lib.from_dict({  # validated like a training config: bad preset, fusion or sizes exit 2
+        "model": {"preset": args.preset, "fusion": args.fusion, "decoder_depth": args.decoder_depth},
+        "data": {"image_size": inputs.image_size, "max_text_len": inputs.context_length}})
+    return model_info(cfg.model, inputs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="model presets and fusion strategies").add_subparsers(
         dest="model_command", required=True)
     model.add_parser("list", help="list presets and fusion strategies").set_defaults(fn=cmd_model_list)
+    info = model.add_parser("info", help="parameter counts per part and training FLOPs per sample of a preset",
+                            description="Build PRESET on the meta device (no weights, no memory) and print its "
+                                        "parameter counts (image encoder, text encoder, fusion, decoder, total) and "
+                                        "the estimated training FLOPs per sample (see flops_method in the output). "
+                                        "Inputs default to the preset's reference ones (224 px, 77 tokens, 49408 "
+                                        "vocabulary for the CLIP presets).")
+    info.add_argument("preset", metavar="PRESET", help="a preset name (see `mmray model list`)")
+    info.add_argument("--fusion", default="late", help="fusion strategy (default late, the dual encoder)")
+    info.add_argument("--decoder-depth", type=int, default=0, help="decoder blocks (default 0: none)")
+    info.add_argument("--image-size", type=int, default=None, help="image side in pixels")
+    info.add_argument("--context-length", type=int, default=None, help="text tokens")
+    info.add_argument("--vocab-size", type=int, default=None, help="vocabulary size")
+    info.set_defaults(fn=cmd_model_info)
     return p
 
 
