@@ -109,12 +109,15 @@ class TextDecoder(nn.Module):
         if not 1 <= max_new <= self.max_len - 1:
             raise ValueError(f"max_new_tokens must be in 1..{self.max_len - 1} (the decoder's positions), got {max_new}")
         if beam_width == 1:
-            return self._greedy(_Stepper(self, memory, memory_mask, use_cache), memory.shape[0], bos_id, eos_id,
-                                max_new)
-        memory = memory.repeat_interleave(beam_width, dim=0)                            # (B*W, S, D)
-        memory_mask = None if memory_mask is None else memory_mask.repeat_interleave(beam_width, dim=0)
-        return self._beam(_Stepper(self, memory, memory_mask, use_cache), memory.shape[0] // beam_width, beam_width,
-                          bos_id, eos_id, max_new, length_penalty)
+            seqs = self._greedy(_Stepper(self, memory, memory_mask, use_cache, bos_id), memory.shape[0], bos_id,
+                                eos_id, max_new)
+        else:
+            memory = memory.repeat_interleave(beam_width, dim=0)                        # (B*W, S, D)
+            memory_mask = None if memory_mask is None else memory_mask.repeat_interleave(beam_width, dim=0)
+            seqs = self._beam(_Stepper(self, memory, memory_mask, use_cache, bos_id), memory.shape[0] // beam_width,
+                              beam_width, bos_id, eos_id, max_new, length_penalty)
+        real = (seqs != self.pad_id).any(dim=0).nonzero()                               # columns not all padding
+        return seqs[:, :int(real.max()) + 1] if len(real) else seqs[:, :1]
 
     def _greedy(self, step: "_Stepper", B: int, bos_id: int, eos_id: int, max_new: int) -> torch.Tensor:
         seqs = torch.full((B, 1), bos_id, dtype=torch.long, device=step.device)        # (B, 1)
@@ -154,16 +157,21 @@ class TextDecoder(nn.Module):
 class _Stepper:
     """Next-token logits for growing sequences, with or without the KV cache (the two must agree)."""
 
-    def __init__(self, decoder: TextDecoder, memory: torch.Tensor, memory_mask: torch.Tensor | None, use_cache: bool):
+    def __init__(self, decoder: TextDecoder, memory: torch.Tensor, memory_mask: torch.Tensor | None, use_cache: bool,
+                 bos_id: int):
         self.decoder, self.memory_mask, self.device = decoder, memory_mask, memory.device
+        self.never = [decoder.pad_id, bos_id]                            # tokens that generation must not produce
         self.memory_kv = decoder.memory_kv(memory)                      # once per generation, either way
         self.caches: list[Cache] | None = [{} for _ in decoder.blocks] if use_cache else None
 
     def __call__(self, seqs: torch.Tensor) -> torch.Tensor:
-        """Logits (B, V) of the token after ``seqs`` (B, t)."""
+        """Logits (B, V) of the token after ``seqs`` (B, t); [PAD] and [BOS] are ruled out."""
         if self.caches is None:
-            return self.decoder.run(seqs, 0, self.memory_kv, self.memory_mask)[:, -1]
-        return self.decoder.run(seqs[:, -1:], seqs.shape[1] - 1, self.memory_kv, self.memory_mask, self.caches)[:, -1]
+            logits = self.decoder.run(seqs, 0, self.memory_kv, self.memory_mask)[:, -1]
+        else:
+            logits = self.decoder.run(seqs[:, -1:], seqs.shape[1] - 1, self.memory_kv, self.memory_mask,
+                                      self.caches)[:, -1]
+        return logits.index_fill(-1, torch.tensor(self.never, device=logits.device), float("-inf"))
 
     def reorder(self, index: torch.Tensor) -> None:
         """Follow beam search's choice of source beams; the memory rows of one sample's beams are identical."""
