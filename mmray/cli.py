@@ -30,9 +30,9 @@ def _emit(summary: dict) -> None:
 
 def _bad_input_types() -> tuple[type[BaseException], ...]:
     from mmray.storage import StorageError
-    from mmray.data.pipeline import BadSampleError
+    from mmray.data.pipeline import BadDataError
 
-    return (config_lib.ConfigError, StorageError, BadSampleError, FileNotFoundError)
+    return (config_lib.ConfigError, StorageError, BadDataError, FileNotFoundError)
 
 
 def _load_config(args: argparse.Namespace) -> config_lib.Config:
@@ -68,6 +68,13 @@ def cmd_data_prepare(args: argparse.Namespace) -> dict:
         raise config_lib.ConfigError(str(e)) from None
 
 
+def cmd_data_inspect(args: argparse.Namespace) -> dict:
+    from mmray.data.inspect import inspect
+
+    log = logging.getLogger("mmray")
+    return inspect(args.src, image_size=args.image_size, progress=log.info)
+
+
 def cmd_model_list(args: argparse.Namespace) -> dict:
     from mmray.models.fusion import FUSIONS
     from mmray.models.presets import PRESETS
@@ -92,6 +99,12 @@ def cmd_model_info(args: argparse.Namespace) -> dict:
         "model": {"preset": args.preset, "fusion": args.fusion, "decoder_depth": args.decoder_depth},
         "data": {"image_size": inputs.image_size, "max_text_len": inputs.context_length}})
     return model_info(cfg.model, inputs)
+
+
+def cmd_export(args: argparse.Namespace) -> dict:
+    from mmray.export import export
+
+    return export(args.source, args.out, dtype=args.dtype)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     prep.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
     prep.set_defaults(fn=cmd_data_prepare)
+    insp = data.add_parser("inspect", help="decode every sample of a data set and count the usable and bad ones",
+                           description="Stream SRC (a prepared data set, or a directory / s3:// prefix of .tar or "
+                                       ".parquet shards) through the real read and decode path. The JSON summary "
+                                       "holds samples (usable), bad (count per reason), bad_examples, shards, "
+                                       "bytes and samples_per_s.")
+    insp.add_argument("src", help="local directory or s3://bucket/prefix")
+    insp.add_argument("--image-size", type=int, default=64, help="decode and resize to this side (default 64)")
+    insp.set_defaults(fn=cmd_data_inspect)
 
     model = sub.add_parser("model", help="model presets and fusion strategies").add_subparsers(
         dest="model_command", required=True)
@@ -148,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--context-length", type=int, default=None, help="text tokens")
     info.add_argument("--vocab-size", type=int, default=None, help="vocabulary size")
     info.set_defaults(fn=cmd_model_info)
+
+    exp = sub.add_parser("export", help="export a checkpoint as safetensors weights, config and tokenizer",
+                         description="Consolidate the ZeRO shards of CHECKPOINT_OR_RUN_DIR (a run directory means its "
+                                     "newest complete checkpoint) into OUT/model.safetensors, with config.yaml, "
+                                     "tokenizer.json and manifest.json (sha256 of each file). OUT may be s3://. "
+                                     "Load it with mmray.export.load(OUT).")
+    exp.add_argument("source", metavar="CHECKPOINT_OR_RUN_DIR", help="a checkpoint_* directory or a run directory")
+    exp.add_argument("out", metavar="OUT", help="output directory (local or s3://bucket/prefix)")
+    exp.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weight dtype (default fp32)")
+    exp.set_defaults(fn=cmd_export)
     return p
 
 

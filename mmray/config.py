@@ -47,6 +47,9 @@ class DataConfig:
     image_size: int = _f(64, "Side in pixels that images are resized to before the model.", min=8)
     max_text_len: int = _f(32, "Token sequence length; captions are truncated or padded to it.", min=4)
     shuffle_buffer: int = _f(2048, "Rows in each worker's local shuffle buffer (0 disables shuffling).", min=0)
+    max_bad_fraction: float = _f(0.01, "Stop the run when more than this fraction of samples is bad (corrupt "
+                                 "images, missing or non-UTF-8 captions, truncated shards); bad samples below it "
+                                 "are skipped and counted.", min=0.0, max=1.0)
 
 
 @dataclass
@@ -108,6 +111,8 @@ class TrainConfig:
     log_every: int = _f(25, "Report training metrics every N steps.", min=1)
     max_failures: int = _f(2, "Worker failures Ray Train recovers from (restarting from the last checkpoint).",
                            min=0)
+    max_preemption_failures: int = _f(-1, "Node preemptions (spot reclaims, drains) Ray Train recovers from, counted "
+                                      "apart from train.max_failures; -1 means no limit, 0 none.", min=-1)
 
 
 @dataclass
@@ -124,6 +129,8 @@ class RunConfig:
 
     name: str = _f("", "Run name; empty derives one from the config, so the same config resumes the same run.")
     storage_path: str = _f("~/mmray-runs", "Local path or s3:// prefix for checkpoints and results.")
+    keep_last: int = _f(2, "Checkpoints kept in the run directory (the newest ones); older ones are deleted.",
+                        min=1)
 
 
 @dataclass
@@ -146,7 +153,7 @@ class Config:
         """A short hash of everything that changes what is trained (not where it is stored or logged)."""
         d = self.to_dict()
         d.pop("run")
-        for k in ("log_every", "checkpoint_every", "max_failures"):
+        for k in ("log_every", "checkpoint_every", "max_failures", "max_preemption_failures"):
             d["train"].pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 

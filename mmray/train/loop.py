@@ -4,12 +4,9 @@ Small named steps, after Ray's DeepSpeed example: build the engine, restore, tra
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,9 +15,7 @@ from mmray import config as config_lib
 from mmray.eval.retrieval import retrieval_metrics
 from mmray.losses import compute_losses
 from mmray.models.model import MultimodalModel
-
-DS_TAG = "ds"  # DeepSpeed's tag (sub-directory) inside every reported checkpoint
-STATE_FILE = "state.json"
+from mmray.train.checkpoint import Checkpointer
 
 
 def _log(rank: int, msg: str) -> None:
@@ -47,54 +42,15 @@ def _mean_across_ranks(value: float) -> float:
 def data_quality(quality, max_bad_fraction: float, rank: int) -> dict:
     """Rank 0 reads the pipeline's good/bad sample counts and shares them, so that every rank takes the same decision:
     all ranks raise together when the bad fraction exceeds the limit (no rank is left waiting in a collective)."""
-    import ray
     import torch.distributed as dist
 
-    from mmray.data.pipeline import check_quality
+    from mmray.data.pipeline import check_quality, quality_snapshot
 
-    snapshot = [ray.get(quality.snapshot.remote()) if rank == 0 else None]
+    snapshot = [quality_snapshot(quality) if rank == 0 else None]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(snapshot, src=0)
     check_quality(snapshot[0], max_bad_fraction)
     return snapshot[0]
-
-
-def restore(engine) -> dict:
-    """Load the latest checkpoint that Ray Train hands us (a rerun of the same run, or a restart after a failure)."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return {"step": 0, "samples_seen": 0, "epoch": 0}
-    with checkpoint.as_directory() as d:
-        load_path, _ = engine.load_checkpoint(d, tag=DS_TAG)
-        if load_path is None:
-            raise RuntimeError(f"checkpoint {checkpoint.path} holds no DeepSpeed state under '{DS_TAG}/'")
-        return json.loads((Path(d) / STATE_FILE).read_text())
-
-
-def _rerun_name(step: int) -> str:
-    """A checkpoint name for re-reporting a finished run, the same on every rank: one more than the last rerun."""
-    import ray.train
-
-    last = Path(ray.train.get_checkpoint().path).name
-    n = int(last.rsplit("_eval", 1)[1]) + 1 if "_eval" in last else 1
-    return f"checkpoint_{step:08d}_eval{n}"
-
-
-def save_and_report(engine, state: dict, metrics: dict, extra_files: dict[str, str], rank: int,
-                    name: str | None = None) -> None:
-    """Every rank writes its DeepSpeed shards; rank 0 adds the loop state and metadata; Ray Train merges and persists."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory(prefix="mmray-ckpt-") as d:
-        engine.save_checkpoint(d, tag=DS_TAG)
-        if rank == 0:
-            (Path(d) / STATE_FILE).write_text(json.dumps(state))
-            for filename, text in extra_files.items():
-                (Path(d) / filename).write_text(text)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=name or f"checkpoint_{state['step']:08d}")
 
 
 def evaluate(engine, cfg: config_lib.Config, device: torch.device) -> dict[str, float]:
@@ -135,11 +91,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                             cfg.data.max_text_len)
     engine = build_engine(model, cfg, world, on_gpu)
     device = engine.device
-    state = restore(engine)
+    extra = {"config.yaml": cfg.to_yaml(), "tokenizer.json": loop_config["tokenizer_json"]}
+    checkpoints = Checkpointer(engine, rank, world, extra)
+    state = checkpoints.restore()
     resumed_from = state["step"]
     if state["step"]:
-        _log(rank, f"resumed at step {state['step']} ({state['samples_seen']} samples seen)")
-    extra = {"config.yaml": cfg.to_yaml(), "tokenizer.json": loop_config["tokenizer_json"]}
+        _log(rank, f"resumed at step {state['step']} from {checkpoints.restored_from} "
+                   f"({state['samples_seen']} samples seen)")
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world
     t = cfg.train
     trained_here = False
@@ -178,9 +136,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
             if done:
                 break  # the final checkpoint is reported below, with the evaluation
-            if state["step"] % t.checkpoint_every == 0:
-                save_and_report(engine, state, metrics if state["step"] % t.log_every == 0 else
-                                {"step": state["step"], "samples_seen": state["samples_seen"]}, extra, rank)
+            # A node drain (spot reclaim) is polled every log_every steps, on every rank alike (it is a barrier).
+            emergency = state["step"] % t.log_every == 0 and checkpoints.preemption_notice()
+            if emergency:
+                state["emergency_checkpoints"] += 1
+            if state["step"] % t.checkpoint_every == 0 or emergency:
+                checkpoints.save(state, metrics if state["step"] % t.log_every == 0 else
+                                 {"step": state["step"], "samples_seen": state["samples_seen"]})
             elif state["step"] % t.log_every == 0:
                 ray.train.report(metrics)
         else:
@@ -191,9 +153,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     _log(rank, "evaluating on the held-out split")
     metrics = {"step": state["step"], "samples_seen": state["samples_seen"], "resumed_from_step": resumed_from,
+               "emergency_checkpoints": state["emergency_checkpoints"], **checkpoints.summary(),
                **evaluate(engine, cfg, device)}
     _log(rank, " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("val_")))
     # The final checkpoint carries the evaluation, so the run's result (and any later rerun) reports it. A rerun of
     # a finished run re-evaluates and reports under a fresh name, since checkpoint names must be unique.
-    save_and_report(engine, state, metrics, extra, rank,
-                    name=None if trained_here else _rerun_name(state["step"]))
+    checkpoints.save(state, metrics, finished_rerun=not trained_here)

@@ -77,7 +77,7 @@ def init_ray(cfg: Config) -> str:
         ray.init()
         return "joined"
     need = cfg.train.num_workers * cfg.train.cpus_per_worker + 2
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False)
     return "local"
 
 
@@ -104,7 +104,7 @@ def _use_gpu(cfg: Config) -> bool:
     return cfg.train.use_gpu == "true"
 
 
-def build_trainer(cfg: Config, data: DataSet):
+def build_trainer(cfg: Config, data: DataSet, quality=None):
     """A TorchTrainer whose workers each drive a DeepSpeed engine over their share of the streamed shards."""
     import ray.data
     import ray.train
@@ -119,13 +119,14 @@ def build_trainer(cfg: Config, data: DataSet):
     val = read_split(data.val, cfg, tokenizer)
     if cfg.eval.max_samples:
         val = val.limit(cfg.eval.max_samples)
-    datasets = {"train": read_split(data.train, cfg, tokenizer, shuffle_seed=cfg.train.seed), "val": val}
+    datasets = {"train": read_split(data.train, cfg, tokenizer, shuffle_seed=cfg.train.seed, quality=quality),
+                "val": val}
     use_gpu = _use_gpu(cfg)
     fs, path = storage.resolve(cfg.run.storage_path)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "use_gpu": use_gpu, "vocab_size": tokenizer.vocab_size,
-                           "pad_id": tokenizer.pad_id, "tokenizer_json": tokenizer.to_str()},
+                           "pad_id": tokenizer.pad_id, "tokenizer_json": tokenizer.to_str(), "quality": quality},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -133,24 +134,54 @@ def build_trainer(cfg: Config, data: DataSet):
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(
             name=cfg.run_name, storage_path=path, storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures,
+                                                   max_preemption_failures=cfg.train.max_preemption_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_last),
         ),
     )
 
 
+def _user_error(error: BaseException) -> BaseException | None:
+    """The bad-input error (bad data, bad config) that made the workers fail, if that is what happened.
+
+    Ray wraps worker exceptions (and data-task exceptions inside them); unwrapping lets the CLI report bad input
+    with exit code 2 and the original message instead of a generic training failure.
+    """
+    from mmray.data.pipeline import BadDataError
+
+    pending = [error, *getattr(error, "worker_failures", {}).values()]
+    seen = set()
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (BadDataError, ConfigError)):
+            return e
+        pending.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
+    return None
+
+
 def train(cfg: Config) -> dict:
     """Run (or resume) training for ``cfg`` and return the machine-readable summary."""
+    import ray
+    import ray.train
+
+    from mmray.data.pipeline import DataQuality, quality_snapshot
+
     t0 = time.perf_counter()
     data = resolve_data(cfg)  # bad data fails here, before any Ray resource exists
     ray_mode = init_ray(cfg)
     try:
         check_cluster_fits(cfg)
-        result = build_trainer(cfg, data).fit()
+        quality = ray.remote(DataQuality).options(num_cpus=0).remote()
+        try:
+            result = build_trainer(cfg, data, quality).fit()
+        except ray.train.TrainingFailedError as e:
+            raise _user_error(e) or e
+        data_quality = quality_snapshot(quality)
     finally:
         if ray_mode != "in-process":  # flushes forwarded worker logs before the caller prints its summary
-            import ray
-
             ray.shutdown()
     metrics = dict(result.metrics or {})
     storage_root = cfg.run.storage_path if storage.is_s3(cfg.run.storage_path) else \
@@ -164,5 +195,6 @@ def train(cfg: Config) -> dict:
         "wall_s": round(time.perf_counter() - t0, 2),
         "data": data.root,
         "ray": ray_mode,
+        "data_quality": data_quality,
         "metrics": metrics,
     }

@@ -1,0 +1,131 @@
+"""mmray's shard reader and per-sample preprocessing: exact counts, and every bad sample counted by reason."""
+import io
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from mmray.data.pipeline import Preprocess, check_quality, decode_caption, decode_image, BadDataError
+from mmray.data.reader import RAW_SCHEMA, iter_parquet, iter_tar
+from mmray.data.tokenizer import train_tokenizer, TextTokenizer
+
+
+def _jpeg(colour=(200, 30, 30), size=(40, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _tar(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _rows(blocks) -> list[dict]:
+    return pa.concat_tables(list(blocks)).to_pylist()
+
+
+def test_tar_groups_members_into_blocks_of_rows():
+    members = []
+    for i in range(7):
+        members += [(f"{i:09d}.jpg", _jpeg()), (f"{i:09d}.txt", f"caption {i}".encode()), (f"{i:09d}.json", b"{}")]
+    blocks = list(iter_tar(io.BytesIO(_tar(members)), "s/00000.tar", rows_per_block=3))
+    assert [b.num_rows for b in blocks] == [3, 3, 1]
+    assert all(b.schema == RAW_SCHEMA for b in blocks)
+    rows = _rows(blocks)
+    assert [r["key"] for r in rows] == [f"{i:09d}" for i in range(7)]
+    assert rows[4]["caption"] == b"caption 4" and rows[4]["error"] == ""
+
+
+def test_tar_members_without_their_pair_are_flagged():
+    members = [("a.jpg", _jpeg()), ("a.txt", b"ok"), ("b.jpg", _jpeg()), ("c.txt", b"no image"), ("d.png", _jpeg())]
+    rows = _rows(iter_tar(io.BytesIO(_tar(members)), "x.tar", 100))
+    assert [(r["key"], r["error"]) for r in rows] == [
+        ("a", ""), ("b", "missing_caption"), ("c", "missing_image"), ("d", "missing_caption")]
+
+
+def test_truncated_tar_keeps_whole_samples_and_reports_the_break():
+    members = []
+    for i in range(5):
+        members += [(f"{i}.jpg", _jpeg()), (f"{i}.txt", b"cap")]
+    data = _tar(members)
+    rows = _rows(iter_tar(io.BytesIO(data[: len(data) // 2]), "t.tar", 100))
+    good = [r for r in rows if not r["error"]]
+    assert 1 <= len(good) < 5
+    assert rows[-1]["error"].startswith("truncated_shard") and rows[-1]["key"] == "t.tar#truncated"
+
+
+def test_parquet_rows_and_hf_style_image_structs(tmp_path):
+    table = pa.table({"key": ["k0", "k1"], "jpg": [_jpeg(), None], "txt": ["red", "blue"]})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    rows = _rows(iter_parquet(buf.getvalue(), "p.parquet", 10, "jpg", "txt", "key"))
+    assert [(r["key"], r["error"]) for r in rows] == [("k0", ""), ("k1", "missing_image")]
+
+    structs = pa.table({"image": [{"bytes": _jpeg(), "path": "a.jpg"}], "text": ["x"]})
+    buf = io.BytesIO()
+    pq.write_table(structs, buf)
+    rows = _rows(iter_parquet(buf.getvalue(), "q.parquet", 10, "image", "text", "key"))
+    assert rows[0]["key"] == "0" and rows[0]["image"][:2] == b"\xff\xd8"
+
+
+def test_parquet_without_the_columns_names_them():
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"a": [1]}), buf)
+    with pytest.raises(ValueError, match=r"no column\(s\) \['jpg', 'txt'\]"):
+        list(iter_parquet(buf.getvalue(), "p.parquet", 10, "jpg", "txt", "key"))
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty_image"),
+    (b"not an image at all", "corrupt_image"),
+    (_jpeg()[:100], "corrupt_image"),
+])
+def test_decode_image_reasons(data, reason):
+    with pytest.raises(ValueError, match=reason):
+        decode_image(data, 32)
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    buf = io.BytesIO()
+    Image.new("1", (10000, 10000)).save(buf, format="PNG")  # small file, 100 M pixels
+    with pytest.raises(ValueError, match="image_too_large"):
+        decode_image(buf.getvalue(), 32)
+
+
+def test_decode_image_resizes_and_normalises():
+    arr = decode_image(_jpeg((255, 0, 0), (100, 60)), 32)
+    assert arr.shape == (3, 32, 32) and arr.dtype == np.float32
+    assert arr[0].mean() > 0.9 and arr[1].mean() < -0.8
+
+
+@pytest.mark.parametrize("data, reason", [(None, "missing_caption"), (b"  ", "empty_caption"),
+                                          (b"\xff\xfe bad", "non_utf8_caption")])
+def test_decode_caption_reasons(data, reason):
+    with pytest.raises(ValueError, match=reason):
+        decode_caption(data)
+
+
+def test_preprocess_drops_bad_samples_per_sample_not_per_block():
+    tok = TextTokenizer(train_tokenizer(["a red circle", "a blue square"], vocab_size=128))
+    batch = {"key": np.array(["0", "1", "2", "3"], dtype=object), "shard": np.array(["s"] * 4, dtype=object),
+             "image": np.array([_jpeg(), b"junk", _jpeg(), None], dtype=object),
+             "caption": np.array([b"a red circle", b"x", b"\xff", b"y"], dtype=object),
+             "error": np.array(["", "", "", "missing_image"], dtype=object)}
+    out = Preprocess(tok.to_str(), 32, 8)(batch)
+    assert list(out["key"]) == ["0"] and out["image"].shape == (1, 3, 32, 32) and out["text_ids"].shape == (1, 8)
+    assert list(out["caption"]) == ["a red circle"]
+
+
+def test_quality_limit_names_reasons_and_examples():
+    check_quality({"good": 99, "bad": {"corrupt_image": 1}, "bad_examples": {}}, 0.01)
+    with pytest.raises(BadDataError, match=r"2 of 100 samples \(2.0%\).*corrupt_image.*s:7"):
+        check_quality({"good": 98, "bad": {"corrupt_image": 2}, "bad_examples": {"corrupt_image": ["s:7"]}}, 0.01)
