@@ -1,0 +1,185 @@
+"""Checkpoints under real Ray Train + DeepSpeed: partial or tampered ones are refused and the run falls back to the
+previous complete one; a malicious pickle never runs; export consolidates ZeRO-2/3 shards bit for bit."""
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmray import config
+from mmray.export import build_model, export, load
+from mmray.train.engine import load_checkpoint_file
+from mmray.train.trainer import train
+
+WORKERS, MICRO = 2, 16
+GLOBAL = WORKERS * MICRO
+RUN = "ckpt"
+
+
+def _cfg(data, storage, *overrides):
+    return config.load(None, [
+        f"data.source={data}", "data.image_size=32", "data.max_text_len=24", "data.shuffle_buffer=64",
+        "model.image_depth=1", "model.text_depth=1", "model.image_width=64", "model.text_width=64",
+        "model.embed_dim=32",
+        f"train.num_workers={WORKERS}", f"train.micro_batch_size={MICRO}", "train.max_steps=4",
+        "train.warmup_steps=1", "train.log_every=2", "train.checkpoint_every=2", "train.lr=1e-3",
+        "eval.max_samples=64", f"run.storage_path={storage}", f"run.name={RUN}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def zero2_run(ray_session, tiny_dataset, tmp_path_factory):
+    """One finished ZeRO-2 run with checkpoints at steps 2 and 4; tests copy it before changing anything."""
+    storage = tmp_path_factory.mktemp("zero2")
+    summary = train(_cfg(tiny_dataset, storage, "train.zero_stage=2"))
+    assert summary["checkpoint"].endswith("checkpoint_00000004")
+    return storage
+
+
+def _copy_run(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest / RUN / "checkpoint_00000004"
+
+
+def _truncate(ckpt):
+    p = ckpt / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _flip_byte(ckpt):
+    p = ckpt / "ds" / "mp_rank_00_model_states.pt"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    p.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("tamper, reason", [
+    (_truncate, "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt has"),
+    (lambda c: (c / "manifest.rank1.json").unlink(), "manifest.rank1.json is missing"),
+    (_flip_byte, "ds/mp_rank_00_model_states.pt does not match its sha256"),
+], ids=["truncated-shard", "deleted-rank-manifest", "flipped-byte"])
+def test_tampered_latest_checkpoint_falls_back_to_previous(zero2_run, tiny_dataset, tmp_path, tamper, reason):
+    latest = _copy_run(zero2_run, tmp_path / "runs")
+    tamper(latest)
+
+    summary = train(_cfg(tiny_dataset, tmp_path / "runs", "train.zero_stage=2"))
+
+    m = summary["metrics"]
+    assert m["resumed_from_step"] == 2 and m["restored_from"] == "checkpoint_00000002"
+    assert len(m["rejected_checkpoints"]) == 1
+    assert m["rejected_checkpoints"][0].startswith("checkpoint_00000004: ") and reason in m["rejected_checkpoints"][0]
+    assert summary["steps"] == 4 and summary["samples_seen"] == 4 * GLOBAL
+    # The refused directory is kept for inspection and never reused: the new step-4 checkpoint gets a fresh name.
+    assert summary["checkpoint"].endswith("checkpoint_00000004_r1")
+    assert latest.is_dir()
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_in_a_shard_is_refused_at_restore(zero2_run, tiny_dataset, tmp_path):
+    latest = _copy_run(zero2_run, tmp_path / "runs")
+    marker = tmp_path / "pwned"
+    shard = latest / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": {}, "evil": _Exploit(marker)}, shard)
+    # An attacker who can write the checkpoint can rewrite its manifest too: the manifest passes, the loader refuses.
+    manifest = json.loads((latest / "manifest.rank0.json").read_text())
+    data = shard.read_bytes()
+    manifest["files"]["ds/zero_pp_rank_0_mp_rank_00_optim_states.pt"] = {
+        "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (latest / "manifest.rank0.json").write_text(json.dumps(manifest))
+
+    with pytest.raises(Exception, match="refusing to load checkpoint checkpoint_00000004") as err:
+        train(_cfg(tiny_dataset, tmp_path / "runs", "train.zero_stage=2", "train.max_failures=0"))
+    assert "pickle" in str(err.value)
+    assert not marker.exists()
+
+
+def _reference_state(checkpoint: Path) -> dict:
+    """DeepSpeed's own consolidation, unpatched (these files are our own, so the unsafe loader is acceptable here)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="ds")
+
+
+def _fixed_batch(cfg):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 3, cfg.data.image_size, cfg.data.image_size, generator=g)
+    ids = torch.randint(1, 20, (4, cfg.data.max_text_len), generator=g)
+    return images, ids
+
+
+def _assert_export_matches(export_dir: Path, reference: dict):
+    exported = load_file(str(export_dir / "model.safetensors"))
+    assert exported.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert exported[name].dtype == torch.float32
+        assert torch.equal(exported[name], tensor), name  # bit for bit
+
+    model, cfg, tokenizer = load(str(export_dir))
+    ref_model = build_model(cfg, tokenizer)
+    ref_model.load_state_dict(reference, strict=True)
+    ref_model.eval()
+    with torch.no_grad():
+        got, want = model(*_fixed_batch(cfg)), ref_model(*_fixed_batch(cfg))
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
+def test_export_zero2_is_bit_identical_and_loads(zero2_run, tmp_path, s3_bucket):
+    run_dir = zero2_run / RUN
+    checkpoint = run_dir / "checkpoint_00000004"
+    reference = _reference_state(checkpoint)
+    # With fp32 ZeRO-2, the module weights the engine trained are the consolidated fp32 partitions.
+    module = load_checkpoint_file(str(checkpoint / "ds" / "mp_rank_00_model_states.pt"))["module"]
+    for name, tensor in reference.items():
+        assert torch.equal(module[name], tensor), name
+
+    summary = export(str(run_dir), str(tmp_path / "fp32"))  # a run directory means its newest complete checkpoint
+    assert summary["checkpoint"] == str(checkpoint) and summary["step"] == 4
+    manifest = json.loads((tmp_path / "fp32" / "manifest.json").read_text())
+    for name in ("model.safetensors", "config.yaml", "tokenizer.json"):
+        assert manifest["files"][name]["sha256"] == hashlib.sha256((tmp_path / "fp32" / name).read_bytes()).hexdigest()
+    _assert_export_matches(tmp_path / "fp32", reference)
+
+    bf16 = export(str(checkpoint), f"s3://{s3_bucket}/exports/bf16", dtype="bf16")
+    assert bf16["dtype"] == "bf16"
+    model, _, _ = load(f"s3://{s3_bucket}/exports/bf16")
+    import boto3
+    from safetensors.torch import load as load_bytes
+
+    blob = boto3.client("s3").get_object(Bucket=s3_bucket, Key="exports/bf16/model.safetensors")["Body"].read()
+    weights = load_bytes(blob)
+    for name, tensor in reference.items():
+        assert weights[name].dtype == torch.bfloat16 and torch.equal(weights[name], tensor.to(torch.bfloat16))
+        assert torch.equal(model.state_dict()[name], tensor.to(torch.bfloat16).float())  # widened exactly
+
+
+def test_export_refuses_tampered_files(zero2_run, tmp_path):
+    from mmray.export import ExportError
+
+    latest = _copy_run(zero2_run, tmp_path / "runs")
+    _flip_byte(latest)
+    with pytest.raises(ExportError, match="mp_rank_00_model_states.pt does not match its sha256"):
+        export(str(latest), str(tmp_path / "out"))
+    # The run directory falls back to the previous complete checkpoint.
+    assert export(str(latest.parent), str(tmp_path / "out"))["step"] == 2
+    (tmp_path / "out" / "config.yaml").write_text("model: {}\n")
+    with pytest.raises(ExportError, match="config.yaml does not match"):
+        load(str(tmp_path / "out"))
+
+
+def test_export_zero3_is_bit_identical_and_loads(ray_session, tiny_dataset, tmp_path):
+    summary = train(_cfg(tiny_dataset, tmp_path / "runs", "train.zero_stage=3", "train.max_steps=2"))
+    checkpoint = Path(summary["checkpoint"])
+    reference = _reference_state(checkpoint)
+    assert export(str(checkpoint), str(tmp_path / "export"))["step"] == 2
+    _assert_export_matches(tmp_path / "export", reference)
