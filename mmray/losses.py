@@ -52,7 +52,7 @@ def itm_loss(itm_logits: torch.Tensor, itm_labels: torch.Tensor) -> torch.Tensor
 
 
 def caption_loss(caption_logits: torch.Tensor, caption_targets: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy, (b, T, V) logits against (b, T) targets, averaged over real tokens (padding is -100)."""
+    """Next-token cross-entropy of (b, T, V) logits against (b, T) targets, averaged over real tokens (pad: -100)."""
     return F.cross_entropy(caption_logits.flatten(0, 1).float(), caption_targets.flatten(), ignore_index=-100)
 
 

@@ -9,6 +9,8 @@ Shapes: B batch, T target tokens, S memory tokens, D width, H heads, Dh = D // H
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,7 +69,8 @@ class TextDecoder(nn.Module):
         super().__init__()
         self.pad_id, self.max_len = pad_id, max_len
         self.embed = TextEmbedding(vocab_size, max_len, width, pad_id)
-        self.memory_proj = nn.ModuleList(nn.Sequential(nn.LayerNorm(w), nn.Linear(w, width)) for w in memory_widths)
+        self.memory_proj = nn.ModuleList(nn.Sequential(OrderedDict(norm=nn.LayerNorm(w), proj=nn.Linear(w, width)))
+                                         for w in memory_widths)
         self.blocks = nn.ModuleList(DecoderBlock(width, heads, mlp_ratio, dropout) for _ in range(depth))
         self.ln_final = nn.LayerNorm(width)
         self.lm_head = nn.Linear(width, vocab_size, bias=False)
@@ -107,7 +110,8 @@ class TextDecoder(nn.Module):
         """
         max_new = self.max_len - 1 if max_new_tokens is None else max_new_tokens
         if not 1 <= max_new <= self.max_len - 1:
-            raise ValueError(f"max_new_tokens must be in 1..{self.max_len - 1} (the decoder's positions), got {max_new}")
+            raise ValueError(f"max_new_tokens must be in 1..{self.max_len - 1} (the decoder's positions), "
+                             f"got {max_new}")
         if beam_width == 1:
             seqs = self._greedy(_Stepper(self, memory, memory_mask, use_cache, bos_id), memory.shape[0], bos_id,
                                 eos_id, max_new)

@@ -16,6 +16,7 @@ strategy is split the same way, so the model and the losses need not know which 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Callable
 
 import torch
@@ -121,7 +122,8 @@ class FusionStrategy(nn.Module):
     # -- image-text matching (strategies that fuse) --
     def _init_itm(self, pooled_width: int) -> None:
         if "itm" in self.objectives:
-            self.itm_head = nn.Sequential(nn.LayerNorm(pooled_width), nn.Linear(pooled_width, 2))
+            # Named "norm"/"proj", so that the optimizer's no-weight-decay rule (by name) recognises the norm.
+            self.itm_head = nn.Sequential(OrderedDict(norm=nn.LayerNorm(pooled_width), proj=nn.Linear(pooled_width, 2)))
 
     def match(self, image: dict[str, torch.Tensor], text: dict[str, torch.Tensor],
               ids: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -117,7 +117,8 @@ def test_weights_scale_and_skip_terms():
     out = model(*_batch())
     plain = compute_losses(out)
     weighted = compute_losses(out, {"contrastive": 0.5, "itm": 2.0})
-    assert weighted["loss"].item() == pytest.approx(0.5 * plain["contrastive"].item() + 2 * plain["itm"].item(), rel=1e-6)
+    expected = 0.5 * plain["contrastive"].item() + 2 * plain["itm"].item()
+    assert weighted["loss"].item() == pytest.approx(expected, rel=1e-6)
     assert set(compute_losses(out, {"contrastive": 0.0})) == {"itm", "loss"}
 
 
