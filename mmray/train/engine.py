@@ -7,7 +7,7 @@ from torch import nn
 from mmray.config import Config
 
 # Parameters that must not be weight-decayed: biases, norms, embeddings/positions and the learned temperature.
-_NO_DECAY = ("bias", "ln_", "norm", "token_embed", "pos_embed", "cls_token", "logit_scale")
+_NO_DECAY = ("bias", "ln_", "norm", "token_embed", "pos_embed", "cls_token", "logit_scale", "modality_embed")
 
 
 def resolve_precision(cfg: Config, on_gpu: bool) -> str:

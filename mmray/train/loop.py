@@ -15,6 +15,7 @@ from mmray import config as config_lib
 from mmray.eval.retrieval import retrieval_metrics
 from mmray.losses import compute_losses
 from mmray.models.model import MultimodalModel
+from mmray.models.objectives import objective_weights
 from mmray.train.checkpoint import Checkpointer
 
 
@@ -54,23 +55,45 @@ def data_quality(quality, max_bad_fraction: float, rank: int) -> dict:
 
 
 def evaluate(engine, cfg: config_lib.Config, device: torch.device) -> dict[str, float]:
-    """Retrieval on the held-out split. Every rank sees the whole split and runs the same forwards (ZeRO-3 needs all
-    ranks in each forward), so every rank computes identical metrics."""
+    """Held-out metrics for whatever the fusion strategy provides: retrieval R@k (contrastive embeddings), ITM
+    accuracy on matching pairs and mined hard negatives, and caption token loss (decoder).
+
+    Every rank sees the whole split and runs the same forwards (ZeRO-3 needs all ranks in each forward), so every
+    rank computes identical metrics.
+    """
     import ray.train
 
+    from mmray.losses import caption_loss
+
     images, texts, captions = [], [], []
+    itm_correct = itm_total = 0
+    caption_sum, caption_batches = 0.0, 0
     engine.eval()
     with torch.no_grad():
         for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=cfg.eval.batch_size,
                                                                       batch_format="numpy"):
             out = engine(*_to_tensors(batch, device))
-            images.append(out["image_embeds"].float().cpu())
-            texts.append(out["text_embeds"].float().cpu())
             captions.extend(str(c) for c in batch["caption"])
+            if "image_embeds" in out:
+                images.append(out["image_embeds"].float().cpu())
+                texts.append(out["text_embeds"].float().cpu())
+            if "itm_logits" in out:
+                itm_correct += int((out["itm_logits"].argmax(-1) == out["itm_labels"]).sum())
+                itm_total += len(out["itm_labels"])
+            if "caption_logits" in out:
+                caption_sum += float(caption_loss(out["caption_logits"], out["caption_targets"]))
+                caption_batches += 1
     engine.train()
     if not captions:
         raise ValueError("the validation split is empty; nothing to evaluate")
-    return {f"val_{k}": v for k, v in retrieval_metrics(torch.cat(images), torch.cat(texts), captions).items()}
+    metrics: dict[str, float] = {"eval_pairs": len(captions)}
+    if images:
+        metrics.update(retrieval_metrics(torch.cat(images), torch.cat(texts), captions))
+    if itm_total:
+        metrics["itm_acc"] = itm_correct / itm_total
+    if caption_batches:
+        metrics["caption_loss"] = caption_sum / caption_batches
+    return {f"val_{k}": v for k, v in metrics.items()}
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -90,6 +113,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = MultimodalModel(cfg.model, loop_config["vocab_size"], loop_config["pad_id"], cfg.data.image_size,
                             cfg.data.max_text_len)
     engine = build_engine(model, cfg, world, on_gpu)
+    weights = objective_weights(cfg.model)
     device = engine.device
     extra = {"config.yaml": cfg.to_yaml(), "tokenizer.json": loop_config["tokenizer_json"]}
     checkpoints = Checkpointer(engine, rank, world, extra)
@@ -111,7 +135,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                         local_shuffle_seed=t.seed + 1000 * state["epoch"] + rank):
             batches_this_epoch += 1
             outputs = engine(*_to_tensors(batch, device))
-            losses = compute_losses(outputs)
+            losses = compute_losses(outputs, weights)
             engine.backward(losses["loss"])
             engine.step()
             window_loss += float(losses["loss"].detach())
@@ -126,8 +150,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 elapsed = time.perf_counter() - window_t0
                 metrics = {"step": state["step"], "epoch": state["epoch"], "samples_seen": state["samples_seen"],
                            "loss": _mean_across_ranks(window_loss / window_n),
-                           "lr": engine.get_lr()[0], "temperature": 1.0 / float(outputs["logit_scale"].detach()),
+                           "lr": engine.get_lr()[0],
                            "samples_per_s": window_n * t.micro_batch_size * world / max(elapsed, 1e-9)}
+                if "logit_scale" in outputs:
+                    metrics["temperature"] = 1.0 / float(outputs["logit_scale"].detach())
                 if loop_config.get("quality") is not None:
                     quality = data_quality(loop_config["quality"], cfg.data.max_bad_fraction, rank)
                     metrics["bad_samples"] = sum(quality["bad"].values())
