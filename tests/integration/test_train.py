@@ -6,6 +6,7 @@ import boto3
 import pytest
 from mmray import config
 from mmray.data.prepare import prepare_synthetic
+from mmray.models.fusion import FUSIONS
 from mmray.train.engine import load_checkpoint_file
 from mmray.train.trainer import train
 
@@ -93,3 +94,16 @@ def test_data_and_checkpoints_on_s3(ray_session, s3_bucket):
 
     again = train(cfg)  # resumes from the checkpoint in S3
     assert again["metrics"]["resumed_from_step"] == 2
+
+
+@pytest.mark.parametrize("fusion", sorted(FUSIONS))
+def test_every_fusion_strategy_trains_under_deepspeed(ray_session, tiny_dataset, tmp_path, fusion):
+    """A 2-worker DeepSpeed run of each registered strategy, with a captioning decoder, and its held-out metrics."""
+    summary = train(_cfg(tiny_dataset, tmp_path, f"model.fusion={fusion}", "model.decoder_depth=1",
+                         "train.max_steps=2", "train.checkpoint_every=100"))
+    assert summary["steps"] == 2 and summary["samples_seen"] == 2 * GLOBAL
+    m = summary["metrics"]
+    provides = FUSIONS[fusion].provides
+    assert ("val_i2t_r@1" in m) == ("image_embeds" in provides)
+    assert ("val_itm_acc" in m) == ("itm_logits" in provides)
+    assert m["val_caption_loss"] > 0
