@@ -193,7 +193,7 @@ def train(cfg: Config) -> dict:
         "steps": metrics.pop("step", 0),
         "samples_seen": metrics.pop("samples_seen", 0),
         "wall_s": round(time.perf_counter() - t0, 2),
-        "data": data.root,
+        "data": data.root if storage.is_s3(data.root) else storage.resolve(data.root)[1],
         "ray": ray_mode,
         "data_quality": data_quality,
         "metrics": metrics,
