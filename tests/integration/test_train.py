@@ -10,18 +10,11 @@ from mmray.models.fusion import FUSIONS
 from mmray.train.engine import load_checkpoint_file
 from mmray.train.trainer import train
 
-WORKERS, MICRO = 2, 16
-GLOBAL = WORKERS * MICRO
+from tiny_config import GLOBAL, WORKERS, tiny_cfg
 
 
 def _cfg(data, storage, *overrides):
-    return config.load(None, [
-        f"data.source={data}", "data.image_size=32", "data.max_text_len=24", "data.shuffle_buffer=64",
-        "model.image_depth=1", "model.text_depth=1", "model.image_width=64", "model.text_width=64",
-        "model.embed_dim=32",
-        f"train.num_workers={WORKERS}", f"train.micro_batch_size={MICRO}", "train.max_steps=4",
-        "train.warmup_steps=1", "train.log_every=2", "train.checkpoint_every=2", "train.lr=1e-3",
-        "eval.max_samples=64", f"run.storage_path={storage}", *overrides])
+    return tiny_cfg(data, storage, *overrides)
 
 
 def _files(checkpoint: str) -> set[str]:
