@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from mmray import config
+from mmray.models.fusion import FUSIONS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,7 +40,8 @@ def test_config_command_documents_and_validates(mmray):
 
 def test_model_list(mmray):
     r = mmray("model", "list")
-    assert r.code == 0 and "tiny" in r.summary["presets"] and r.summary["fusions"] == ["late"]
+    assert r.code == 0 and "tiny" in r.summary["presets"] and "ViT-L-14" in r.summary["presets"]
+    assert r.summary["fusions"] == list(FUSIONS)
 
 
 def test_data_prepare_synthetic(mmray, tmp_path):
