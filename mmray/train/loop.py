@@ -173,7 +173,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 ray.train.report(metrics)
         else:
             if batches_this_epoch == 0:
-                raise ValueError(f"the training split yields no full batch of {t.micro_batch_size} per worker "
+                from mmray.data.pipeline import BadDataError
+
+                raise BadDataError(f"the training split yields no full batch of {t.micro_batch_size} per worker "
                                  f"({world} workers); use more data or a smaller train.micro_batch_size")
             state["epoch"] += 1
 
