@@ -292,10 +292,25 @@ class Checkpointer:
             fs, run_dir = _run_location(checkpoint)
             chosen = ray.train.Checkpoint(f"{run_dir.rstrip('/')}/{decision.name}", filesystem=fs)
         with chosen.as_directory() as d:
+            self._check_world_size(json.loads((Path(d) / STATE_FILE).read_text()), decision.name)
             loaded = load(self.engine, d, decision.name)
         self.restored_from = decision.name
         state.update({k: loaded[k] for k in state if k in loaded})
         return state
+
+    def _check_world_size(self, saved: dict, name: str) -> None:
+        """ZeRO-1/2/3 partition the optimizer state (and ZeRO-3 the parameters) by rank, so a checkpoint only loads
+        on the worker count that wrote it. Say so, and what to do, instead of DeepSpeed's shape errors."""
+        from mmray.config import ConfigError
+
+        written_by = saved.get("world_size", self.world_size)
+        stage = self.engine.zero_optimization_stage()
+        if written_by != self.world_size and stage > 0:
+            raise ConfigError(
+                f"checkpoint {name} was written by {written_by} workers under ZeRO-{stage}, and this run has "
+                f"{self.world_size}: its optimizer shards only load on {written_by} workers. Resume with "
+                f"train.num_workers={written_by}, or `mmray export` it and start a new run (another run.name) "
+                "from the exported weights.")
 
     def save(self, state: dict, metrics: dict, finished_rerun: bool = False) -> str:
         """Every rank writes its DeepSpeed shards and manifest; rank 0 adds the loop state and metadata; Ray Train

@@ -188,3 +188,10 @@ def test_cli_export(zero2_run, tmp_path, capsys):
     assert summary["step"] == 4 and summary["dtype"] == "bf16" and "model.safetensors" in summary["files"]
     assert main(["export", str(tmp_path / "no-such-run"), str(tmp_path / "out2")]) == 2
     assert "error" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_resume_on_another_worker_count_explains_what_to_do(ray_session, tiny_dataset, tmp_path):
+    train(_cfg(tiny_dataset, tmp_path / "runs", "train.zero_stage=1", "train.max_steps=2"))
+    with pytest.raises(config.ConfigError, match=r"written by 2 workers under ZeRO-1.*train.num_workers=2"):
+        train(_cfg(tiny_dataset, tmp_path / "runs", "train.zero_stage=1", "train.max_steps=4",
+                   "train.num_workers=1", "train.max_failures=0"))
