@@ -42,8 +42,10 @@ class UnsafeCheckpoint(RuntimeError):
     """A checkpoint file that holds more than tensors and plain containers (a pickle that could run code)."""
 
 
-def _log(msg: str) -> None:
-    print(f"[mmray] {msg}", file=sys.stderr, flush=True)
+def log_line(msg: str) -> None:
+    """A progress line on stderr. Not print(): Ray Train patches print in workers to log *and* echo, doubling lines."""
+    sys.stderr.write(f"[mmray] {msg}\n")
+    sys.stderr.flush()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,7 +160,7 @@ def list_checkpoints(run_dir: str, fs: pafs.FileSystem | None = None) -> list[st
 
 
 def latest_complete(run_dir: str, fs: pafs.FileSystem | None = None, skip: tuple[str, ...] = (),
-                    rejected: list[str] | None = None, log=_log) -> str | None:
+                    rejected: list[str] | None = None, log=log_line) -> str | None:
     """The name of the newest complete checkpoint in ``run_dir`` (not in ``skip``); each one refused is logged
     and, as ``"name: reason"``, appended to ``rejected``."""
     if fs is None:
@@ -225,7 +227,7 @@ def _run_location(checkpoint) -> tuple[pafs.FileSystem, str] | None:
         return checkpoint.filesystem, checkpoint.path.rstrip("/").rsplit("/", 1)[0]
 
 
-def decide(checkpoint, location: tuple[pafs.FileSystem, str] | None, log=_log) -> Decision:
+def decide(checkpoint, location: tuple[pafs.FileSystem, str] | None, log=log_line) -> Decision:
     """Verify the checkpoint Ray hands back; on any defect fall back to the newest complete one in the run dir."""
     if location is None:
         return Decision()
@@ -339,7 +341,7 @@ class Checkpointer:
         self._notice = info
         left = (info.deadline_ms / 1000 - time.time()) if info.deadline_ms else None
         if self.rank == 0:
-            _log(f"PREEMPTION NOTICE for nodes {', '.join(info.preempted_node_ids)} (ranks "
+            log_line(f"PREEMPTION NOTICE for nodes {', '.join(info.preempted_node_ids)} (ranks "
                  f"{info.preempted_ranks}); deadline "
                  + (f"in {left:.0f} s" if left is not None else "not given")
                  + ": taking an emergency checkpoint now")

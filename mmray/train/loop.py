@@ -5,7 +5,6 @@ Small named steps, after Ray's DeepSpeed example: build the engine, restore, tra
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import numpy as np
@@ -16,12 +15,12 @@ from mmray.eval.retrieval import retrieval_metrics
 from mmray.losses import compute_losses
 from mmray.models.model import MultimodalModel
 from mmray.models.objectives import objective_weights
-from mmray.train.checkpoint import Checkpointer
+from mmray.train.checkpoint import Checkpointer, log_line
 
 
 def _log(rank: int, msg: str) -> None:
     if rank == 0:
-        print(f"[mmray] {msg}", file=sys.stderr, flush=True)
+        log_line(msg)
 
 
 def _to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
