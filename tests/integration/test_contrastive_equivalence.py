@@ -47,6 +47,8 @@ def _worker(rank, world, port, out_dir):
     dist.all_reduce(mean_loss)
     if rank == 0:
         torch.save({"loss": mean_loss / world, "grads": grads}, os.path.join(out_dir, "dist.pt"))
+    # No rank tears gloo down while another may still be talking to it (an early exit can abort the peer).
+    dist.barrier()
     dist.destroy_process_group()
 
 
