@@ -5,16 +5,16 @@ import os
 import time
 
 from mmray import storage
-from mmray.data.pipeline import DataQuality, Preprocess, quality_snapshot, read_raw
+from mmray.data.pipeline import DataQuality, Preprocess, list_shards, quality_snapshot, read_raw
 
 
 def find_shards(src: str) -> list[str]:
     """Shards directly under ``src``, or under its ``train/`` and ``val/`` splits (a prepared data set)."""
-    direct = [p for p in storage.list_files(src) if p.endswith((".tar", ".parquet"))] if _is_dir(src) else []
+    direct = list_shards(src) if _is_dir(src) else []
     if direct:
         return direct
     splits = [storage.join(src, s) for s in ("train", "val") if _is_dir(storage.join(src, s))]
-    paths = [p for d in splits for p in storage.list_files(d) if p.endswith((".tar", ".parquet"))]
+    paths = [p for d in splits for p in list_shards(d)]
     if not paths:
         raise storage.StorageError(f"no .tar or .parquet shards under {src} (nor under its train/ and val/)")
     return paths

@@ -161,9 +161,17 @@ class Preprocess:
         return out
 
 
+SHARD_SUFFIXES = (".tar", ".parquet")
+
+
+def list_shards(directory: str) -> list[str]:
+    """The ``.tar`` / ``.parquet`` shards directly under ``directory``, sorted (other files, e.g. stats, skipped)."""
+    return [p for p in storage.list_files(directory) if p.endswith(SHARD_SUFFIXES)]
+
+
 def shard_paths(root: str, split: str) -> list[str]:
-    """The ``.tar`` / ``.parquet`` shards of one split of a prepared data set, sorted; a clear error when none."""
-    paths = [p for p in storage.list_files(storage.join(root, split)) if p.endswith((".tar", ".parquet"))]
+    """The shards of one split of a prepared data set, sorted; a clear error when there are none."""
+    paths = list_shards(storage.join(root, split))
     if not paths:
         raise storage.StorageError(f"no .tar or .parquet shards under {storage.join(root, split)}")
     return paths
