@@ -83,6 +83,12 @@ class ModelConfig:
                            "where model.fusion fuses (early, hierarchical, attention), else 0.", min=-1.0)
     caption_weight: float = _f(-1.0, "Weight of the captioning (next-token) loss; -1 (auto) means 1 when "
                                "model.decoder_depth > 0, else 0.", min=-1.0)
+    vqa_weight: float = _f(0.0, "Weight of the VQA loss (the decoder generates the answer to a question about the "
+                           "image); needs model.decoder_depth > 0 and data with QA pairs (the shapes set has them). "
+                           "-1 (auto) means 1 when there is a decoder.", min=-1.0)
+    late_combine: str = _f("concat", "late: how the pooled image and text features are combined into the memory "
+                           "the decoder heads read (captioning, VQA): 'concat' projects their concatenation, "
+                           "'gated' takes a learned sigmoid-gated sum.", choices=("concat", "gated"))
 
 
 @dataclass
@@ -117,10 +123,17 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation at the end of training."""
+    """Held-out evaluation: at the end of training, every ``eval.every`` steps, and in ``mmray eval``."""
 
-    max_samples: int = _f(512, "Held-out pairs used for retrieval metrics (0 means all).", min=0)
+    max_samples: int = _f(512, "Held-out pairs used for evaluation (0 means all).", min=0)
     batch_size: int = _f(256, "Batch size for embedding the held-out set.", min=1)
+    every: int = _f(0, "Evaluate on the held-out split every N steps during training (0: only at the end).", min=0)
+    generate: bool = _f(True, "Decode captions and VQA answers (greedy) for BLEU-4, CIDEr and VQA accuracy when the "
+                        "model has a decoder; slower than the loss-only metrics.")
+    max_new_tokens: int = _f(16, "Longest generated caption or answer, in tokens.", min=1)
+    zero_shot_templates: str = _f("a {},a shape that is a {}",
+                                  "Comma-separated prompt templates for zero-shot classification; '{}' is replaced "
+                                  "by each label and the templates' text embeddings are averaged per label.")
 
 
 @dataclass
