@@ -107,6 +107,24 @@ def cmd_export(args: argparse.Namespace) -> dict:
     return export(args.source, args.out, dtype=args.dtype)
 
 
+def cmd_eval(args: argparse.Namespace) -> dict:
+    from mmray.eval.run import run_eval
+
+    return run_eval(args.model, args.data, split=args.split, max_samples=args.max_samples,
+                    overrides=args.overrides, progress=logging.getLogger("mmray").info)
+
+
+EVAL_HELP = """\
+Evaluate MODEL (an export directory from `mmray export`, a checkpoint directory, or a run directory, meaning its
+newest complete checkpoint; local or s3://) on the data at --data (a prepared data set, whose --split is used, or a
+directory / s3:// prefix of .tar or .parquet shards, or one shard). The JSON summary's `metrics` hold what the
+model provides: retrieval i2t/t2i R@1, R@5, R@10 with chance levels and zero-shot classification accuracy (late,
+attention), ITM accuracy (early, hierarchical, attention), caption loss, BLEU-4 and CIDEr-D of greedy captions, and
+VQA exact-match accuracy overall, per question type and on the compositional types (with a decoder). Bad samples
+are skipped and counted in `bad`, as in training.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmray", description="Multimodal training on Ray Train + DeepSpeed. "
                                 "Logs go to stderr; the last stdout line is a JSON summary. "
@@ -179,6 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("out", metavar="OUT", help="output directory (local or s3://bucket/prefix)")
     exp.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weight dtype (default fp32)")
     exp.set_defaults(fn=cmd_export)
+
+    ev = sub.add_parser("eval", help="evaluate an export or checkpoint on a data set", description=EVAL_HELP)
+    ev.add_argument("model", metavar="MODEL", help="export directory, checkpoint directory or run directory")
+    ev.add_argument("--data", required=True, metavar="SRC", help="prepared data set, shard directory or shard file")
+    ev.add_argument("--split", default="val", help="split of a prepared data set (default val)")
+    ev.add_argument("--max-samples", type=int, default=None,
+                    help="evaluate at most this many samples (default: the model config's eval.max_samples; 0 = all)")
+    ev.add_argument("overrides", nargs="*", metavar="eval.key=value",
+                    help="evaluation settings, e.g. eval.generate=false eval.batch_size=128")
+    ev.set_defaults(fn=cmd_eval)
     return p
 
 
@@ -203,7 +231,14 @@ def run(fn: Callable[[argparse.Namespace], dict], args: argparse.Namespace) -> i
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Dotted overrides may also follow options (`mmray eval MODEL --data SRC eval.generate=false`), which argparse
+    # alone leaves unrecognised after a positional.
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*(args.overrides or []), *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run(args.fn, args)

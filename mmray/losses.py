@@ -56,7 +56,14 @@ def caption_loss(caption_logits: torch.Tensor, caption_targets: torch.Tensor) ->
     return F.cross_entropy(caption_logits.flatten(0, 1).float(), caption_targets.flatten(), ignore_index=-100)
 
 
-LOSSES = {"contrastive": contrastive_loss, "itm": itm_loss, "caption": caption_loss}
+def vqa_loss(vqa_logits: torch.Tensor, vqa_targets: torch.Tensor) -> torch.Tensor:
+    """Answer-token cross-entropy, like captioning; a batch without any question contributes 0 (not NaN)."""
+    if not bool((vqa_targets != -100).any()):
+        return vqa_logits.sum() * 0.0  # keeps the graph (and DeepSpeed's gradient hooks) connected
+    return caption_loss(vqa_logits, vqa_targets)
+
+
+LOSSES = {"contrastive": contrastive_loss, "itm": itm_loss, "caption": caption_loss, "vqa": vqa_loss}
 
 
 def compute_losses(outputs: dict[str, torch.Tensor], weights: dict[str, float] | None = None) -> dict[str, torch.Tensor]:

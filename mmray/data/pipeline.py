@@ -7,6 +7,18 @@ Batch schema (numpy, one row per sample), produced by :class:`Preprocess` and co
     caption   object  (N,)          the caption text (retrieval counts a hit when texts are equal)
     key       object  (N,)          the sample key inside its shard
 
+and, from the sample's JSON metadata (WebDataset ``.json`` member) when it has any, for VQA and zero-shot:
+
+    question_ids  int64   (N, T)    the tokenized question ([BOS] ... [EOS], padded); the empty text without QA
+    answer_ids    int64   (N, A)    the tokenized answer, A = ANSWER_LEN; [BOS] then padding without QA
+    question      object  (N,)      the question text ("" without QA)
+    answer        object  (N,)      the answer text ("" without QA)
+    qa_type       object  (N,)      the question's type, e.g. count / colour / shape / position ("" without QA)
+    label         object  (N,)      the class label for zero-shot classification ("" when there is none)
+
+A sample with several QA pairs contributes one of them, chosen by a hash of its key, so the choice is the same on
+every epoch, worker and run.
+
 Bad samples (undecodable or oversized images, missing or non-UTF-8 captions, members without their pair, truncated
 shards) are dropped per sample, never per block, and counted by reason in a :class:`DataQuality` actor; the trainer
 reports the counts and stops the run when their fraction exceeds ``data.max_bad_fraction``.
@@ -14,7 +26,9 @@ reports the counts and stops the run when their fraction exceeds ``data.max_bad_
 from __future__ import annotations
 
 import io
+import json
 import warnings
+import zlib
 from collections import Counter
 from functools import lru_cache
 
@@ -82,6 +96,39 @@ def decode_caption(data: bytes | None) -> str:
     return text
 
 
+ANSWER_LEN = 8  # tokens of [BOS] answer [EOS]: answers are a word or two
+
+
+def pick_qa(key: str, meta: dict) -> dict | None:
+    """The one QA pair (``question``, ``answer``, ``type``) a sample contributes, or None when it has none."""
+    qa = [q for q in meta.get("qa") or () if isinstance(q, dict) and q.get("question") and q.get("answer")]
+    return qa[zlib.crc32(str(key).encode()) % len(qa)] if qa else None
+
+
+def zero_shot_label(meta: dict) -> str:
+    """A sample's class for zero-shot classification: its metadata's ``label``, or for a shapes scene with one
+    object, that object's shape; "" when it has none."""
+    if isinstance(meta.get("label"), str):
+        return meta["label"]
+    objects = meta.get("objects")
+    if isinstance(objects, list) and len(objects) == 1 and isinstance(objects[0], dict):
+        return str(objects[0].get("shape", ""))
+    return ""
+
+
+def decode_meta(data: bytes | None) -> dict:
+    """The JSON metadata of a sample as a dict ({} when absent); ValueError ``bad_metadata`` when not a JSON object."""
+    if data is None:
+        return {}
+    try:
+        meta = json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError("bad_metadata") from None
+    if not isinstance(meta, dict):
+        raise ValueError("bad_metadata")
+    return meta
+
+
 class DataQuality:
     """A Ray actor that totals good and bad samples (by reason, with example keys) across all preprocessing tasks."""
 
@@ -136,29 +183,49 @@ class Preprocess:
         self.quality = quality  # a DataQuality actor handle, or None to skip reporting
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, captions, keys = [], [], []
+        images, captions, keys, qas, labels = [], [], [], [], []
         bad: dict[str, list[str]] = {}
-        for key, shard, image, caption, error in zip(batch["key"], batch["shard"], batch["image"], batch["caption"],
-                                                     batch["error"]):
+        metas = batch["meta"] if "meta" in batch else [None] * len(batch["key"])
+        for key, shard, image, caption, meta, error in zip(batch["key"], batch["shard"], batch["image"],
+                                                           batch["caption"], metas, batch["error"]):
             try:
                 if error:
                     raise ValueError(error.split(":")[0])
                 text = decode_caption(caption)
-                images.append(decode_image(image, self.image_size))
+                info = decode_meta(meta)
+                pixels = decode_image(image, self.image_size)
             except ValueError as e:
                 bad.setdefault(str(e), []).append(f"{shard}:{key}")
                 continue
+            images.append(pixels)
             captions.append(text)
             keys.append(key)
-        if self.quality is not None:
-            self.quality.add.remote(len(keys), bad)
+            qas.append(pick_qa(key, info) or {"question": "", "answer": "", "type": ""})
+            labels.append(zero_shot_label(info))
+        if self.quality is not None:  # a DataQuality actor handle, or a plain DataQuality in-process
+            add = self.quality.add
+            getattr(add, "remote", add)(len(keys), bad)
         size = self.image_size
         out = {"image": np.stack(images) if images else np.zeros((0, 3, size, size), np.float32),
-               "caption": np.array(captions, dtype=object), "key": np.array(keys, dtype=object)}
+               "caption": np.array(captions, dtype=object), "key": np.array(keys, dtype=object),
+               "question": np.array([q["question"] for q in qas], dtype=object),
+               "answer": np.array([q["answer"] for q in qas], dtype=object),
+               "qa_type": np.array([str(q.get("type", "")) for q in qas], dtype=object),
+               "label": np.array(labels, dtype=object)}
         if self.tokenizer_json is not None:
-            out["text_ids"] = (_tokenizer(self.tokenizer_json).encode_batch(captions, self.max_text_len) if captions
-                               else np.zeros((0, self.max_text_len), np.int64))
+            out["text_ids"] = self._encode(captions, self.max_text_len)
+            out["question_ids"] = self._encode(out["question"], self.max_text_len)
+            answers = self._encode(out["answer"], min(ANSWER_LEN, self.max_text_len))
+            answers[out["answer"] == "", 1:] = _tokenizer(self.tokenizer_json).pad_id  # [BOS] alone: nothing to learn
+            out["answer_ids"] = answers
         return out
+
+    def _encode(self, texts, length: int) -> np.ndarray:
+        """Token ids (N, length). A sample without the text ("") gets the ids of the empty text ([BOS] [EOS] with
+        the shipped tokenizer), so that every row has a real token to attend to."""
+        if not len(texts):
+            return np.zeros((0, length), np.int64)
+        return _tokenizer(self.tokenizer_json).encode_batch(list(texts), length)
 
 
 SHARD_SUFFIXES = (".tar", ".parquet")

@@ -25,6 +25,7 @@ RAW_SCHEMA = pa.schema([
     ("shard", pa.string()),      # the file it came from
     ("image", pa.binary()),      # encoded image bytes, null when missing
     ("caption", pa.binary()),    # raw caption bytes (UTF-8 expected), null when missing
+    ("meta", pa.binary()),       # the sample's JSON metadata (WebDataset ``.json`` member), null when absent
     ("error", pa.string()),      # "" when the sample was read whole, else the reason
 ])
 
@@ -43,8 +44,9 @@ class _Rows:
         self.shard, self.size = shard, size
         self.cols: dict[str, list] = {name: [] for name in RAW_SCHEMA.names}
 
-    def add(self, key: str, image: bytes | None, caption: bytes | None, error: str = "") -> pa.Table | None:
-        for name, value in zip(RAW_SCHEMA.names, (key, self.shard, image, caption, error)):
+    def add(self, key: str, image: bytes | None, caption: bytes | None, error: str = "",
+            meta: bytes | None = None) -> pa.Table | None:
+        for name, value in zip(RAW_SCHEMA.names, (key, self.shard, image, caption, meta, error)):
             self.cols[name].append(value)
         return self.flush() if len(self.cols["key"]) >= self.size else None
 
@@ -56,12 +58,13 @@ class _Rows:
         return table
 
 
-def _sample_row(key: str, members: dict[str, bytes], image_exts: Sequence[str], caption_ext: str):
-    """(key, image, caption, error) for one grouped WebDataset sample."""
+def _sample_row(key: str, members: dict[str, bytes], image_exts: Sequence[str], caption_ext: str,
+                meta_ext: str = "json"):
+    """(key, image, caption, error, meta) for one grouped WebDataset sample."""
     image = next((members[e] for e in image_exts if e in members), None)
     caption = members.get(caption_ext)
     error = "missing_image" if image is None else "missing_caption" if caption is None else ""
-    return key, image, caption, error
+    return key, image, caption, error, members.get(meta_ext)
 
 
 class _CountingReader:
@@ -115,15 +118,18 @@ def iter_tar(stream, shard: str, rows_per_block: int, image_exts: Sequence[str] 
 
 
 def iter_parquet(data: bytes, shard: str, rows_per_block: int, image_column: str, caption_column: str,
-                 key_column: str | None) -> Iterator[pa.Table]:
-    """Blocks of raw samples from a Parquet file, one row group at a time; an unreadable row group is reported."""
+                 key_column: str | None, meta_column: str | None = "json") -> Iterator[pa.Table]:
+    """Blocks of raw samples from a Parquet file, one row group at a time; an unreadable row group is reported.
+
+    ``meta_column`` (JSON text or bytes per row, like WebDataset's ``.json`` member) is optional: when the file has
+    no such column, ``meta`` is null."""
     pf = pq.ParquetFile(pa.BufferReader(data))
     names = set(pf.schema_arrow.names)
     missing = [c for c in (image_column, caption_column) if c not in names]
     if missing:
         raise ValueError(f"{shard}: Parquet file has no column(s) {missing}; it has {sorted(names)}. "
                          "Set data.image_column / data.caption_column.")
-    columns = [image_column, caption_column] + ([key_column] if key_column in names else [])
+    columns = [image_column, caption_column] + [c for c in (key_column, meta_column) if c and c in names]
     rows = _Rows(shard, rows_per_block)
     offset = 0
     for group in range(pf.num_row_groups):
@@ -138,11 +144,13 @@ def iter_parquet(data: bytes, shard: str, rows_per_block: int, image_column: str
         images = table.column(image_column).to_pylist()
         captions = table.column(caption_column).to_pylist()
         keys = table.column(key_column).to_pylist() if key_column in names else range(offset, offset + n)
-        for key, image, caption in zip(keys, images, captions):
+        metas = table.column(meta_column).to_pylist() if meta_column in names else [None] * n
+        for key, image, caption, meta in zip(keys, images, captions, metas):
             image = image["bytes"] if isinstance(image, dict) else image  # HF-style {"bytes", "path"} structs
             caption = caption.encode("utf-8") if isinstance(caption, str) else caption
             error = "missing_image" if image is None else "missing_caption" if caption is None else ""
-            if block := rows.add(str(key), image, caption, error):
+            meta = meta.encode("utf-8") if isinstance(meta, str) else meta
+            if block := rows.add(str(key), image, caption, error, meta):
                 yield block
         offset += n
     if (block := rows.flush()) is not None:

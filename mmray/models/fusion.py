@@ -112,10 +112,18 @@ class FusionStrategy(nn.Module):
         # Shape (1,), not a 0-dim scalar: DeepSpeed's parameter broadcast views every parameter as bytes.
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / cfg.temperature_init)))
 
+    def contrast_image(self, image: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L2-normalised image embeddings (B, E) in the shared space, from ``encode_image``'s output."""
+        return F.normalize(self.image_proj(image["pooled"]), dim=-1)
+
+    def contrast_text(self, text: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L2-normalised text embeddings (B, E) in the shared space, from ``encode_text``'s output."""
+        return F.normalize(self.text_proj(text["pooled"]), dim=-1)
+
     def contrast(self, image: dict[str, torch.Tensor], text: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {
-            "image_embeds": F.normalize(self.image_proj(image["pooled"]), dim=-1),   # (B, E)
-            "text_embeds": F.normalize(self.text_proj(text["pooled"]), dim=-1),      # (B, E)
+            "image_embeds": self.contrast_image(image),                              # (B, E)
+            "text_embeds": self.contrast_text(text),                                 # (B, E)
             "logit_scale": self.logit_scale.clamp(max=math.log(100.0)).exp().squeeze(0),  # (), at most 100
         }
 
@@ -149,11 +157,43 @@ def _towers(cfg: ModelConfig, vocab_size: int, pad_id: int, image_size: int,
                             cfg.mlp_ratio, cfg.dropout))
 
 
+class LateCombine(nn.Module):
+    """Combines the pooled image and text features into one vector (B, 1, D) for the decoder heads.
+
+    ``concat``: a projection of [image ; text]. ``gated``: ``g * P_i(image) + (1 - g) * P_t(text)`` with a learned
+    per-feature gate ``g = sigmoid(W [image ; text])``. Either way the heads see only the two pooled vectors: the
+    towers never exchange token-level information, which is what makes the strategy late.
+    """
+
+    def __init__(self, mode: str, image_width: int, text_width: int, out_width: int):
+        super().__init__()
+        self.mode = mode
+        if mode == "concat":
+            self.proj = nn.Linear(image_width + text_width, out_width)
+        elif mode == "gated":
+            self.image_proj = nn.Linear(image_width, out_width)
+            self.text_proj = nn.Linear(text_width, out_width)
+            self.gate = nn.Linear(image_width + text_width, out_width)
+        else:
+            raise ValueError(f"unknown late_combine {mode!r}; expected 'concat' or 'gated'")
+        self.norm = nn.LayerNorm(out_width)
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        both = torch.cat([image, text], dim=-1)                                          # (B, Wi + Wt)
+        if self.mode == "concat":
+            out = self.proj(both)
+        else:
+            g = torch.sigmoid(self.gate(both))
+            out = g * self.image_proj(image) + (1 - g) * self.text_proj(text)
+        return self.norm(out)[:, None, :]                                                # (B, 1, D)
+
+
 @register_fusion("late")
 class LateFusion(FusionStrategy):
     """Dual encoder (CLIP): pooled features are projected into one space, L2-normalised and compared by dot product.
 
-    The decoder's memory is the image tower's tokens: the towers never meet, so there is nothing else to fuse.
+    The decoder heads (captioning, VQA) read one vector: the pooled image and text (prompt) features combined by
+    concatenation or a gated sum (``model.late_combine``). The towers never meet below that.
     """
 
     provides = CONTRASTIVE + ("memory",)
@@ -163,7 +203,9 @@ class LateFusion(FusionStrategy):
         self.image_encoder, self.text_encoder = _towers(cfg, vocab_size, pad_id, image_size, max_text_len)
         if "contrastive" in self.objectives:
             self._init_contrastive(cfg)
-        self.memory_widths = (cfg.image_width,)
+        self.memory_widths = (cfg.text_width,)
+        if cfg.decoder_depth > 0:
+            self.combine = LateCombine(cfg.late_combine, cfg.image_width, cfg.text_width, cfg.text_width)
 
     def encode_image(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.image_encoder(images)
@@ -172,7 +214,7 @@ class LateFusion(FusionStrategy):
         return self.text_encoder(ids)
 
     def memory(self, image: dict[str, torch.Tensor], text: dict[str, torch.Tensor]) -> list[Stream]:
-        return [(image["tokens"], None)]
+        return [(self.combine(image["pooled"], text["pooled"]), None)]
 
 
 @register_fusion("early")

@@ -8,25 +8,29 @@ from torch import nn
 from mmray.config import ModelConfig
 from mmray.models.decoder import TextDecoder
 from mmray.models.fusion import FUSIONS
-from mmray.models.objectives import objective_weights
+from mmray.models.objectives import DECODER_OBJECTIVES, objective_weights
 
 IGNORE_INDEX = -100  # caption targets at padding; F.cross_entropy's default ignore_index
 
 
 class MultimodalModel(nn.Module):
-    """``forward(images (B,3,S,S) float, text_ids (B,T) long) -> dict`` of named outputs, one group per objective.
+    """``forward(images (B,3,S,S) float, text_ids (B,T) long[, question_ids (B,T), answer_ids (B,A)]) -> dict`` of
+    named outputs, one group per objective.
 
     ``late`` returns ``image_embeds``, ``text_embeds`` and ``logit_scale`` (CLIP); fusing strategies return
     ``itm_logits`` (3B, 2) and ``itm_labels`` (3B,); with a decoder, ``caption_logits`` (B, T-1, V) and
-    ``caption_targets`` (B, T-1), padding marked IGNORE_INDEX. Outputs of objectives with weight 0 are not computed.
+    ``caption_targets`` (B, T-1), and for VQA ``vqa_logits`` (B, A-1, V) and ``vqa_targets`` (B, A-1): the answer
+    decoded from the image fused with the question. Padding is marked IGNORE_INDEX. Outputs of objectives with
+    weight 0 are not computed.
     """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int, image_size: int, max_text_len: int):
         super().__init__()
         self.cfg, self.pad_id = cfg, pad_id
         self.fusion = FUSIONS[cfg.fusion](cfg, vocab_size, pad_id, image_size, max_text_len)
+        self.objectives = set(objective_weights(cfg))
         self.decoder = None
-        if "caption" in objective_weights(cfg):
+        if self.objectives & set(DECODER_OBJECTIVES):
             self.decoder = TextDecoder(vocab_size, max_text_len, cfg.text_width, cfg.decoder_depth, cfg.text_heads,
                                        pad_id, self.fusion.memory_widths, cfg.mlp_ratio, cfg.dropout)
         self.apply(_init_weights)
@@ -39,20 +43,24 @@ class MultimodalModel(nn.Module):
     def text_encoder(self) -> nn.Module:
         return self.fusion.text_encoder
 
-    def forward(self, images: torch.Tensor, text_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, text_ids: torch.Tensor, question_ids: torch.Tensor | None = None,
+                answer_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         image, text = self.fusion.encode_image(images), self.fusion.encode_text(text_ids)
         out = self.fusion(image, text, text_ids)
-        if self.decoder is not None:
-            out.update(self._caption(image, text_ids))
+        if "caption" in self.objectives:
+            # The memory is fused with the [BOS] prompt only, never with the caption, which it could copy.
+            out.update(self._decode("caption", image, text_ids[:, :1], text_ids))
+        if "vqa" in self.objectives and question_ids is not None and answer_ids is not None:
+            out.update(self._decode("vqa", image, question_ids, answer_ids))
         return out
 
-    def _caption(self, image: dict[str, torch.Tensor], text_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Teacher forcing: input ids[:, :-1], targets ids[:, 1:]. The memory is fused with the [BOS] prompt only,
-        never with the caption itself, which the decoder could otherwise copy."""
-        memory, memory_mask = self.memory(image, text_ids[:, :1])
-        targets = text_ids[:, 1:]
-        return {"caption_logits": self.decoder(text_ids[:, :-1], memory, memory_mask),     # (B, T-1, V)
-                "caption_targets": targets.masked_fill(targets == self.pad_id, IGNORE_INDEX)}  # (B, T-1)
+    def _decode(self, task: str, image: dict[str, torch.Tensor], prompt_ids: torch.Tensor,
+                ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Teacher forcing over a memory fused with ``prompt_ids``: input ids[:, :-1], targets ids[:, 1:]."""
+        memory, memory_mask = self.memory(image, prompt_ids)
+        targets = ids[:, 1:]
+        return {f"{task}_logits": self.decoder(ids[:, :-1], memory, memory_mask),              # (B, L-1, V)
+                f"{task}_targets": targets.masked_fill(targets == self.pad_id, IGNORE_INDEX)}  # (B, L-1)
 
     def memory(self, image: dict[str, torch.Tensor], prompt_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder memory (B, S, D) and its mask (B, S) for encoded images fused with a prompt (B, P)."""
@@ -60,11 +68,13 @@ class MultimodalModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, bos_id: int, eos_id: int, max_new_tokens: int | None = None,
-                 beam_width: int = 1, use_cache: bool = True) -> torch.Tensor:
-        """Captions (B, L) for images: greedy (``beam_width`` 1) or beam search; see TextDecoder.generate."""
+                 beam_width: int = 1, use_cache: bool = True, prompt_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Generated ids (B, L) for images: captions, or with ``prompt_ids`` (B, P), the tokenized questions, VQA
+        answers. Greedy (``beam_width`` 1) or beam search; see TextDecoder.generate."""
         if self.decoder is None:
             raise ValueError("this model has no decoder: train it with model.decoder_depth > 0")
-        prompt = torch.full((images.shape[0], 1), bos_id, dtype=torch.long, device=images.device)
+        prompt = (torch.full((images.shape[0], 1), bos_id, dtype=torch.long, device=images.device)
+                  if prompt_ids is None else prompt_ids)
         memory, memory_mask = self.memory(self.fusion.encode_image(images), prompt)
         return self.decoder.generate(memory, memory_mask, bos_id, eos_id, max_new_tokens, beam_width, use_cache)
 

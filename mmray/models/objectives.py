@@ -2,7 +2,7 @@
 
 An objective is computed from named model outputs (``OBJECTIVE_OUTPUTS``). A fusion strategy declares the outputs
 it can produce in ``provides``; ``caption`` additionally needs a decoder (``model.decoder_depth > 0``) over the
-strategy's ``memory``. Each objective has a weight key in the model section; ``-1`` (the default) means *auto*:
+strategy's ``memory``, and so does ``vqa`` (the decoder generates the answer from the image fused with the question). Each objective has a weight key in the model section; ``-1`` (the default) means *auto*:
 1.0 where the chosen strategy can provide the objective, 0 elsewhere. So ``model.fusion=early`` trains image-text
 matching without further keys, and asking for an objective that cannot be provided is a ConfigError that names the
 keys. The model computes only the outputs of objectives with a positive weight (ITM negatives cost two extra fusion
@@ -17,7 +17,9 @@ OBJECTIVE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "contrastive": ("image_embeds", "text_embeds", "logit_scale"),
     "itm": ("itm_logits", "itm_labels"),
     "caption": ("caption_logits", "caption_targets"),
+    "vqa": ("vqa_logits", "vqa_targets"),
 }
+DECODER_OBJECTIVES = ("caption", "vqa")  # trained by the decoder over the strategy's memory
 WEIGHT_KEYS: dict[str, str] = {name: f"{name}_weight" for name in OBJECTIVE_OUTPUTS}
 
 
@@ -28,7 +30,7 @@ def available_objectives(cfg: ModelConfig) -> list[str]:
     provides = set(FUSIONS[cfg.fusion].provides)
     names = [n for n in ("contrastive", "itm") if set(OBJECTIVE_OUTPUTS[n]) <= provides]
     if "memory" in provides and cfg.decoder_depth > 0:
-        names.append("caption")
+        names += DECODER_OBJECTIVES
     return names
 
 
@@ -36,8 +38,8 @@ def _cannot_provide(cfg: ModelConfig, name: str, weight: float) -> ConfigError:
     from mmray.models.fusion import FUSIONS
 
     key = f"model.{WEIGHT_KEYS[name]}"
-    if name == "caption" and cfg.decoder_depth == 0:
-        return ConfigError(f"{key}={weight} asks for the captioning objective, which needs a decoder: set "
+    if name in DECODER_OBJECTIVES and cfg.decoder_depth == 0:
+        return ConfigError(f"{key}={weight} asks for the {name} objective, which needs a decoder: set "
                            f"model.decoder_depth > 0, or {key} to 0 or -1 (auto).")
     able = [f for f, cls in FUSIONS.items() if set(OBJECTIVE_OUTPUTS.get(name, ())) <= set(cls.provides)]
     return ConfigError(f"{key}={weight} asks for the {name} objective, which model.fusion={cfg.fusion!r} cannot "

@@ -30,6 +30,7 @@ def zero2_run(ray_session, tiny_dataset, tmp_path_factory):
     storage = tmp_path_factory.mktemp("zero2")
     summary = train(_cfg(tiny_dataset, storage, "train.zero_stage=2"))
     assert summary["checkpoint"].endswith("checkpoint_00000004")
+    (storage / "summary.json").write_text(json.dumps(summary))
     return storage
 
 
@@ -188,6 +189,26 @@ def test_cli_export(zero2_run, tmp_path, capsys):
     assert summary["step"] == 4 and summary["dtype"] == "bf16" and "model.safetensors" in summary["files"]
     assert main(["export", str(tmp_path / "no-such-run"), str(tmp_path / "out2")]) == 2
     assert "error" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_eval_reproduces_the_training_evaluation(zero2_run, tiny_dataset, tmp_path, capsys):
+    """`mmray eval` on the run directory and on its export gives the metrics the training run reported for the same
+    held-out samples: same model, same data path, same metric code."""
+    from mmray.cli import main
+
+    trained = json.loads((zero2_run / "summary.json").read_text())["metrics"]
+    export(str(zero2_run / RUN), str(tmp_path / "export"))
+    for model in (zero2_run / RUN, tmp_path / "export"):
+        assert main(["eval", str(model), "--data", tiny_dataset, "--max-samples", "64"]) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        m = summary["metrics"]
+        assert m["eval_pairs"] == 64 and summary["bad"] == {} and summary["fusion"] == "late"
+        for key in ("i2t_r@1", "i2t_r@5", "i2t_r@10", "t2i_r@1", "t2i_r@10", "zero_shot_acc"):
+            assert m[key] == pytest.approx(trained[f"val_{key}"], abs=1e-6), key
+    # Only evaluation keys may be overridden; a bad model path is bad input.
+    assert main(["eval", str(tmp_path / "export"), "--data", tiny_dataset, "model.fusion=early"]) == 2
+    assert "only eval.* keys" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["error"]
+    assert main(["eval", str(tmp_path / "nothing"), "--data", tiny_dataset]) == 2
 
 
 def test_resume_on_another_worker_count_explains_what_to_do(ray_session, tiny_dataset, tmp_path):

@@ -24,13 +24,17 @@ def _files(checkpoint: str) -> set[str]:
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_stage_trains_and_checkpoints(ray_session, tiny_dataset, tmp_path, stage):
-    cfg = _cfg(tiny_dataset, tmp_path, f"train.zero_stage={stage}")
+    # ZeRO-3 also generates captions and answers in its evaluation, which needs the partitioned parameters gathered.
+    extra = ["model.decoder_depth=1", "model.vqa_weight=1", "eval.max_new_tokens=4"] if stage == 3 else []
+    cfg = _cfg(tiny_dataset, tmp_path, f"train.zero_stage={stage}", *extra)
     summary = train(cfg)
 
     assert summary["steps"] == 4
     assert summary["samples_seen"] == 4 * GLOBAL
     assert summary["metrics"]["val_eval_pairs"] == 64
     assert 0.0 <= summary["metrics"]["val_i2t_r@1"] <= 1.0
+    if stage == 3:
+        assert summary["metrics"]["val_vqa_questions"] == 64 and "val_bleu4" in summary["metrics"]
     assert summary["checkpoint"].endswith("checkpoint_00000004")
     files = _files(summary["checkpoint"])
     # Every rank's optimizer shard is in the one merged checkpoint; ZeRO-3 also shards the parameters.
@@ -91,12 +95,17 @@ def test_data_and_checkpoints_on_s3(ray_session, s3_bucket):
 
 @pytest.mark.parametrize("fusion", sorted(FUSIONS))
 def test_every_fusion_strategy_trains_under_deepspeed(ray_session, tiny_dataset, tmp_path, fusion):
-    """A 2-worker DeepSpeed run of each registered strategy, with a captioning decoder, and its held-out metrics."""
+    """A 2-worker DeepSpeed run of each registered strategy with a decoder trained on captions and VQA, evaluated
+    at step 1 (eval.every) and at the end: the held-out metrics are those the strategy provides."""
     summary = train(_cfg(tiny_dataset, tmp_path, f"model.fusion={fusion}", "model.decoder_depth=1",
-                         "train.max_steps=2", "train.checkpoint_every=100"))
+                         "model.vqa_weight=1", "train.max_steps=2", "train.checkpoint_every=100", "eval.every=1",
+                         "eval.max_new_tokens=4", "eval.max_samples=32"))
     assert summary["steps"] == 2 and summary["samples_seen"] == 2 * GLOBAL
     m = summary["metrics"]
+    assert m["periodic_evals"] == 1 and m["val_eval_pairs"] == 32
     provides = FUSIONS[fusion].provides
-    assert ("val_i2t_r@1" in m) == ("image_embeds" in provides)
+    assert ("val_i2t_r@10" in m) == ("val_zero_shot_acc" in m) == ("image_embeds" in provides)
     assert ("val_itm_acc" in m) == ("itm_logits" in provides)
     assert m["val_caption_loss"] > 0
+    assert m["val_vqa_questions"] == 32 and 0 <= m["val_vqa_acc_compositional"] <= 1
+    assert 0 <= m["val_bleu4"] <= 1 and m["val_cider_d"] >= 0

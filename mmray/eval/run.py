@@ -1,0 +1,105 @@
+"""`mmray eval MODEL --data SRC`: evaluate an export or a training checkpoint on a data set.
+
+MODEL is an export directory (``mmray export``), a checkpoint directory, or a run directory (its newest complete
+checkpoint); local or ``s3://``. The data streams through Ray Data with the training pipeline's decode path, so bad
+samples are skipped and counted the same way; the model's own tokenizer and image size are used.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import yaml
+
+from mmray import config as config_lib
+from mmray import storage
+
+
+def _is_export(path: str) -> bool:
+    from mmray.export import MANIFEST_FILE, WEIGHTS_FILE
+
+    return storage.exists(storage.join(path, MANIFEST_FILE)) and storage.exists(storage.join(path, WEIGHTS_FILE))
+
+
+def load_model(path: str):
+    """``(model, cfg, tokenizer, source)``: an export loaded through its manifest, or a checkpoint consolidated from
+    its ZeRO shards (weights-only), with the config and tokenizer it was trained with."""
+    import tempfile
+
+    from mmray import export as export_lib
+    from mmray.data.tokenizer import TextTokenizer
+    from mmray.train.checkpoint import local_copy
+
+    if _is_export(path):
+        model, cfg, tokenizer = export_lib.load(path)
+        return model, cfg, tokenizer, path
+    checkpoint = export_lib.resolve_checkpoint(path)
+    cfg = config_lib.from_dict(yaml.safe_load(storage.read_text(storage.join(checkpoint, "config.yaml"))))
+    tokenizer = TextTokenizer.from_str(storage.read_text(storage.join(checkpoint, "tokenizer.json")))
+    fs, inner = storage.resolve(checkpoint)
+    with tempfile.TemporaryDirectory(prefix="mmray-eval-") as tmp:
+        state = export_lib.consolidate(local_copy(inner, fs, tmp), cfg.train.zero_stage)
+    model = export_lib.build_model(cfg, tokenizer)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), cfg, tokenizer, checkpoint
+
+
+def eval_shards(src: str, split: str) -> list[str]:
+    """The shards to evaluate: ``SRC/<split>/`` of a prepared data set, else the shards directly under SRC, or
+    SRC itself when it is one shard file."""
+    from mmray.data.inspect import _is_dir
+    from mmray.data.pipeline import SHARD_SUFFIXES, list_shards
+
+    if src.endswith(SHARD_SUFFIXES):
+        if not storage.exists(src):
+            raise storage.StorageError(f"{src} does not exist")
+        return [src]
+    if _is_dir(storage.join(src, split)):
+        paths = list_shards(storage.join(src, split))
+    elif _is_dir(src):
+        paths = list_shards(src)
+    else:
+        raise storage.StorageError(f"{src} is not a directory or a .tar/.parquet shard")
+    if not paths:
+        raise storage.StorageError(f"no .tar or .parquet shards under {src} (nor under {storage.join(src, split)})")
+    return paths
+
+
+def run_eval(model_path: str, data: str, split: str = "val", max_samples: int | None = None,
+             overrides: list[str] | None = None, progress=None) -> dict:
+    """Evaluate; returns the JSON summary (metrics, data quality, timings) that `mmray eval` prints."""
+    import ray
+
+    from mmray.data.pipeline import DataQuality, quality_snapshot, read_split
+    from mmray.eval.evaluate import evaluate
+
+    t0 = time.perf_counter()
+    model, cfg, tokenizer, source = load_model(model_path)
+    if overrides:  # evaluation settings only: the model's architecture comes from its own config
+        bad = [o for o in overrides if not o.startswith("eval.")]
+        if bad:
+            raise config_lib.ConfigError(f"only eval.* keys can be overridden here, not: {', '.join(bad)}")
+        cfg = config_lib.from_dict(config_lib._merge(cfg.to_dict(), config_lib.parse_overrides(overrides)))
+    limit = cfg.eval.max_samples if max_samples is None else max_samples
+    paths = eval_shards(data, split)
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
+                 log_to_driver=False)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        quality = ray.remote(DataQuality).options(num_cpus=0).remote()
+        ds = read_split(paths, cfg, tokenizer, quality=quality)
+        if limit:
+            ds = ds.limit(limit)
+        if progress:
+            progress(f"evaluating {source} on {len(paths)} shard(s) of {data}")
+        metrics = evaluate(model, ds.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy"), tokenizer,
+                           cfg, max_samples=limit)
+        snapshot = quality_snapshot(quality)
+    finally:
+        if started_here:
+            ray.shutdown()
+    return {"model": source, "data": data, "shards": len(paths), "fusion": cfg.model.fusion,
+            "metrics": metrics, "bad": snapshot["bad"], "bad_examples": snapshot["bad_examples"],
+            "wall_s": round(time.perf_counter() - t0, 2)}
