@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", metavar="eval.key=value",
                     help="evaluation settings, e.g. eval.generate=false eval.batch_size=128")
     ev.set_defaults(fn=cmd_eval)
+
+    from mmray.node.commands import register as register_node_commands
+
+    register_node_commands(sub)
     return p
 
 

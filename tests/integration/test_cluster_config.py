@@ -10,6 +10,7 @@ import copy
 import re
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import jsonschema
@@ -233,14 +234,15 @@ FAKE_IMDS = {
 }
 
 
-def _stub_bin(tmp_path: Path) -> Path:
-    """`curl` answering like IMDSv2 (only with the session token), `ray` recording its argv."""
+def _stub_bin(tmp_path: Path, imds: dict = FAKE_IMDS, ray_start_rc: int = 0) -> Path:
+    """`curl` answering like IMDSv2 (only with the session token), `ray` recording its argv (and exiting with
+    `ray_start_rc` for `ray start`), `python` recording its argv (the spot watcher's start)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    cases = "\n".join(f'    *{path}) echo -n "{value}" ;;' for path, value in FAKE_IMDS.items())
+    cases = "\n".join(f'    *{path}) echo -n "{value}" ;;' for path, value in imds.items())
     curl = f"""#!/bin/bash
 args="$*"
-case "$args" in *api/token*) ;; *"X-aws-ec2-metadata-token: {FAKE_IMDS['api/token']}"*) ;; *) exit 22 ;; esac
+case "$args" in *api/token*) ;; *"X-aws-ec2-metadata-token: {imds['api/token']}"*) ;; *) exit 22 ;; esac
 case "$args" in
 {cases}
     *) exit 22 ;;
@@ -248,21 +250,45 @@ esac
 """
     ray = f"""#!/bin/bash
 {{ printf '%s\\n' "RAY_AUTH_MODE=$RAY_AUTH_MODE"; printf '%s\\n' "$@"; echo ---; }} >> "{tmp_path}/ray_calls"
+[ "$1" = start ] && exit {ray_start_rc}
+exit 0
 """
-    for name, body in (("curl", curl), ("ray", ray)):
+    python = f"""#!/bin/bash
+{{ printf '%s\\n' "$@"; echo ---; }} > "{tmp_path}/python_argv" && mv "{tmp_path}/python_argv" "{tmp_path}/python_calls"
+"""
+    for name, body in (("curl", curl), ("ray", ray), ("python", python)):
         p = bin_dir / name
         p.write_text(body)
         p.chmod(p.stat().st_mode | stat.S_IEXEC)
     return bin_dir
 
 
+def _run_start_commands(cmds: list[str], tmp_path: Path, bin_dir: Path, check: bool = True) -> list[int]:
+    """Run each command in bash as Ray's updater would, with /tmp/ray/ moved under tmp_path; their exit codes."""
+    (tmp_path / "ray" / "session_latest" / "logs").mkdir(parents=True, exist_ok=True)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "RAY_HEAD_IP": "10.0.0.5"}
+    codes = []
+    for cmd in cmds:
+        cmd = cmd.replace("/tmp/ray/", f"{tmp_path}/ray/")
+        codes.append(subprocess.run(["bash", "-c", cmd], env=env, check=check, timeout=10,
+                                    capture_output=True).returncode)
+    return codes
+
+
+def _watcher_argv(tmp_path: Path, wait_s: float) -> list[str] | None:
+    """The argv the start commands gave `python` (started in the background), None if none within wait_s."""
+    calls = tmp_path / "python_calls"
+    deadline = time.monotonic() + wait_s
+    while not calls.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return calls.read_text().split("---")[0].split() if calls.exists() else None
+
+
 @pytest.mark.parametrize("which", ["head_start_ray_commands", "worker_start_ray_commands"])
 def test_start_commands_run_and_yield_valid_labels(cfg, tmp_path, which):
     """Run the start commands in bash with stub curl/ray: the labels come out of IMDSv2 and parse in Ray."""
     bin_dir = _stub_bin(tmp_path)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "RAY_HEAD_IP": "10.0.0.5"}
-    for cmd in cfg[which]:
-        subprocess.run(["bash", "-c", cmd], env=env, check=True, timeout=10, capture_output=True)
+    _run_start_commands(cfg[which], tmp_path, bin_dir)
     calls = [c.strip().splitlines() for c in (tmp_path / "ray_calls").read_text().split("---") if c.strip()]
     start = [c for c in calls if len(c) > 1 and c[1] == "start"]
     assert len(start) == 1, calls
@@ -274,8 +300,27 @@ def test_start_commands_run_and_yield_valid_labels(cfg, tmp_path, which):
     assert labels == {MARKET_KEY: "spot", INSTANCE_KEY: "g5.xlarge", ZONE_KEY: "us-east-1b"}
     if which == "head_start_ray_commands":
         assert "--head" in argv
+        assert _watcher_argv(tmp_path, wait_s=0) is None, "the on-demand head runs no spot watcher"
     else:
         assert "--address=10.0.0.5:6379" in argv
+        # A spot worker starts the interruption watcher after `ray start`, in the background, logging to a file.
+        watcher = _watcher_argv(tmp_path, wait_s=10)
+        assert watcher is not None, "the spot worker's start commands did not start the watcher"
+        assert watcher[:2] == ["-m", "mmray.node.spot"], watcher
+        assert "--ray-address=10.0.0.5:6379" in watcher
+        assert any(a.startswith("--pidfile=") for a in watcher), watcher
+        start_cmd = next(c for c in cfg[which] if "ray start" in c)
+        assert re.search(r"nohup python -m mmray\.node\.spot [^&]*>>\S+mmray-spot-watch\.log 2>&1 </dev/null &",
+                         start_cmd), start_cmd
+
+
+@pytest.mark.parametrize("market, ray_start_rc", [("on-demand", 0), ("spot", 1)])
+def test_watcher_only_on_spot_workers_whose_ray_started(cfg, tmp_path, market, ray_start_rc):
+    """An on-demand worker gets no watcher; a failed `ray start` still fails the command and starts no watcher."""
+    bin_dir = _stub_bin(tmp_path, {**FAKE_IMDS, "meta-data/instance-life-cycle": market}, ray_start_rc)
+    codes = _run_start_commands(cfg["worker_start_ray_commands"], tmp_path, bin_dir, check=False)
+    assert codes[-1] == ray_start_rc, "the start command's status must stay that of `ray start`"
+    assert _watcher_argv(tmp_path, wait_s=1) is None
 
 
 # ----------------------------------------------------------------------------- Ray's AWS bootstrap (moto)
