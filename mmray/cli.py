@@ -208,7 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluation settings, e.g. eval.generate=false eval.batch_size=128")
     ev.set_defaults(fn=cmd_eval)
 
+    from mmray.cost import commands as cost_commands
     from mmray.node.commands import register as register_node_commands
+
+    cost_commands.register(sub, with_config)
 
     register_node_commands(sub)
     return p

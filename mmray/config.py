@@ -89,6 +89,26 @@ class ModelConfig:
     late_combine: str = _f("concat", "late: how the pooled image and text features are combined into the memory "
                            "the decoder heads read (captioning, VQA): 'concat' projects their concatenation, "
                            "'gated' takes a learned sigmoid-gated sum.", choices=("concat", "gated"))
+    init_image: str = _f("", "Fine-tuning: initialise the image tower from pretrained weights instead of at random. "
+                         "A local path or s3:// URI of a state-dict file (.safetensors preferred; any other file is "
+                         "read with torch.load(weights_only=True), which refuses pickled code) or of an mmray export "
+                         "directory (`mmray export`; the tower's keys are taken from its model.safetensors). The check "
+                         "is strict: missing, unexpected and mis-shaped keys are reported together, so the tower's "
+                         "config keys (image_width, image_depth, patch_size, ...) and data.image_size must match the "
+                         "weights. Empty: random initialisation. A resumed run restores its checkpoint over these "
+                         "weights.")
+    init_image_prefix: str = _f("auto", "Key prefix that selects the image tower in model.init_image and is stripped "
+                                "from its keys (keys without it are ignored). 'auto': 'fusion.image_encoder.' for an "
+                                "mmray export or a file that holds such keys (a whole mmray model), else none. Empty: "
+                                "the file holds the tower alone, keyed as the tower names its parameters (e.g. "
+                                "'transformer.blocks.0.attn.qkv.weight', 'pos_embed').")
+    init_text: str = _f("", "Fine-tuning: initialise the text tower from pretrained weights; like model.init_image "
+                        "(text_width, text_depth, data.max_text_len and the tokenizer's vocabulary must match).")
+    init_text_prefix: str = _f("auto", "Key prefix that selects the text tower in model.init_text; like "
+                               "model.init_image_prefix, with 'fusion.text_encoder.' for 'auto'.")
+    freeze: str = _f("", "Comma-separated towers to freeze during training: 'image', 'text' or 'image,text'. Their "
+                     "parameters keep their initial (e.g. pretrained) values: requires_grad is off and the optimizer "
+                     "never sees them. Dropout in a frozen tower still follows model.dropout. Empty: train everything.")
 
 
 @dataclass
@@ -119,6 +139,20 @@ class TrainConfig:
                            min=0)
     max_preemption_failures: int = _f(-1, "Node preemptions (spot reclaims, drains) Ray Train recovers from, counted "
                                       "apart from train.max_failures; -1 means no limit, 0 none.", min=-1)
+    layer_decay: float = _f(1.0, "Layer-wise learning-rate decay for the towers (fine-tuning; 1.0 turns it off). A "
+                            "parameter in a tower of depth D gets lr x layer_decay^(D + 1 - i), where i is 0 for the "
+                            "embeddings (patch / token / position embeddings, [CLS], ln_pre), 1..D for the blocks and "
+                            "D + 1 for the tower's final norm; everything after the towers (projections, fusion "
+                            "layers, decoder, heads, temperature) trains at lr. Each tower uses its own depth; for "
+                            "model.fusion=early the joint Transformer plays the towers' blocks. The warm-up and "
+                            "cosine schedule scale every group alike, so the ratios hold throughout.",
+                            min=0.0, max=1.0)
+    deferred_init: bool = _f(True, "Under ZeRO-3 (train.zero_stage=3), build the model inside deepspeed.zero.Init, "
+                             "so that each parameter is partitioned across the workers as soon as its module exists "
+                             "and no worker ever holds the whole model (needed for ViT-L-14-sized presets). The weight "
+                             "init and model.init_image / model.init_text gather one module at a time. False builds "
+                             "the whole model on every worker first (ZeRO-3 then partitions it); ignored at other "
+                             "stages.")
 
 
 @dataclass
@@ -147,6 +181,21 @@ class RunConfig:
 
 
 @dataclass
+class BudgetConfig:
+    """Dollars: a hard cap on what a run (or a sweep) may spend, and the price table it is measured with."""
+
+    usd: float = _f(0.0, "Hard cap in USD on the cluster's spend while this run trains (the cost meter prices every "
+                    "node from its labels); before each interval the run checkpoints and stops if continuing could "
+                    "cross it. 0 means no cap.", min=0.0)
+    prices: str = _f("", "Price table override (YAML, local or s3://), merged entry by entry over the packaged "
+                     "table (cluster/prices.yaml); empty means $MMRAY_PRICES, else the packaged table alone.")
+    teardown_s: float = _f(30.0, "Seconds the budget guard reserves for stopping after the final checkpoint (reporting, "
+                           "shutting workers down), paid at the current burn rate.", min=0.0)
+    meter_interval_s: float = _f(30.0, "Seconds between the cost meter's samples of the cluster's nodes; a node is "
+                                 "charged until the first sample that finds it gone.", min=0.1)
+
+
+@dataclass
 class Config:
     """The whole tree. Section and key names are what the CLI overrides and Tune search spaces address."""
 
@@ -155,6 +204,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -166,6 +216,7 @@ class Config:
         """A short hash of everything that changes what is trained (not where it is stored or logged)."""
         d = self.to_dict()
         d.pop("run")
+        d.pop("budget")  # what a run may cost does not change what it trains: a new cap resumes the same run
         for k in ("log_every", "checkpoint_every", "max_failures", "max_preemption_failures"):
             d["train"].pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
@@ -175,7 +226,8 @@ class Config:
         return self.run.name or f"{self.model.preset}-{self.model.fusion}-{self.fingerprint()}"
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig, "run": RunConfig}
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig,
+                             "run": RunConfig, "budget": BudgetConfig}
 
 
 def all_keys() -> list[str]:
@@ -315,6 +367,9 @@ def _check_consistency(cfg: Config) -> None:
     if d.source.startswith("synthetic:") and d.synthetic_val_samples * 2 > d.synthetic_samples:
         raise ConfigError(f"data.synthetic_val_samples ({d.synthetic_val_samples}) must be at most half of "
                           f"data.synthetic_samples ({d.synthetic_samples}).")
+    from mmray.models.pretrained import parse_freeze
+
+    parse_freeze(m.freeze)  # names only; whether anything is left to train is checked where the model is built
 
 
 def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:

@@ -92,7 +92,17 @@ def consolidate(checkpoint_dir: str, zero_stage: int) -> dict[str, torch.Tensor]
         module = load_checkpoint_file(os.path.join(checkpoint_dir, DS_TAG, "mp_rank_00_model_states.pt"), "cpu")
         return {k: v.float() if v.is_floating_point() else v for k, v in module["module"].items()}
     with _zero_to_fp32_weights_only() as z2f:
-        return z2f.get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=DS_TAG)
+        state = z2f.get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=DS_TAG)
+    if zero_stage in (1, 2):
+        # Frozen parameters (model.freeze) are not in the ZeRO-1/2 optimizer partitions that zero_to_fp32 reads;
+        # rank 0's model states hold them whole.
+        from mmray.train.engine import load_checkpoint_file
+
+        module = load_checkpoint_file(os.path.join(checkpoint_dir, DS_TAG, "mp_rank_00_model_states.pt"), "cpu")
+        for name, tensor in module["module"].items():
+            if name not in state:
+                state[name] = tensor.float() if tensor.is_floating_point() else tensor
+    return state
 
 
 def _sha256(data: bytes) -> str:

@@ -1,6 +1,8 @@
 """DeepSpeed engine set-up, derived from the typed config (the single source of the batch-size arithmetic)."""
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -44,12 +46,71 @@ def ds_config(cfg: Config, world_size: int, on_gpu: bool) -> dict:
     }
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+# A tower's parameters after its blocks (its final norm): layer depth + 1, like everything after the tower.
+_TOWER_HEAD = ("ln_post", "ln_final")
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+
+
+def layer_ids(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``name -> (layer_id, depth)`` for the parameters of the towers' stacks (BEiT-style layer-wise decay).
+
+    ``layer_id`` is 0 for the embeddings (patch / token / position embeddings, [CLS], ``ln_pre``), ``i + 1`` for
+    block ``i`` and ``depth + 1`` for the tower's final norm. ``early`` fusion has towers that are embeddings only;
+    its joint Transformer stands in for their blocks (and ``modality_embed`` is an embedding). Parameters not listed
+    (projections, fusion layers, decoder, heads, temperature) are after the towers: ``depth + 1`` of any tower.
+    """
+    fusion = model.fusion
+    joint = getattr(fusion, "transformer", None)  # early fusion: one stack over both modalities
+    ids: dict[str, tuple[int, int]] = {}
+
+    def stack(prefix: str, module: nn.Module, depth: int) -> None:
+        for name, _ in module.named_parameters():
+            block = _BLOCK.search(name)
+            layer = int(block[1]) + 1 if block else depth + 1 if name.startswith(_TOWER_HEAD) else 0
+            ids[prefix + name] = (layer, depth)
+
+    for attr in ("image_encoder", "text_encoder"):
+        tower = getattr(fusion, attr)
+        blocks = getattr(tower, "transformer", joint)
+        stack(f"fusion.{attr}.", tower, len(blocks.blocks) if blocks is not None else 0)
+    if joint is not None:
+        stack("fusion.transformer.", joint, len(joint.blocks))
+        if hasattr(fusion, "modality_embed"):
+            ids["fusion.modality_embed"] = (0, len(joint.blocks))
+    return ids
+
+
+def lr_scales(model: nn.Module, layer_decay: float) -> dict[str, float]:
+    """Each parameter's learning-rate multiplier: ``layer_decay ** (depth + 1 - layer_id)``, 1 outside the towers."""
+    ids = layer_ids(model) if layer_decay != 1.0 else {}
+    return {name: layer_decay ** (ids[name][1] + 1 - ids[name][0]) if name in ids else 1.0
+            for name, _ in model.named_parameters()}
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0,
+                 lr: float | None = None) -> list[dict]:
+    """Optimizer groups of the trainable parameters: weight decay or not, times one group per learning-rate scale.
+
+    Each group carries ``lr_scale`` and, when ``lr`` is given, ``lr = lr * lr_scale``. DeepSpeed's WarmupCosineLR
+    multiplies each group's initial ``lr`` by the same schedule ratio, so the scales hold at every step. Groups are
+    ordered by descending scale (the first one trains at the base lr, which the loop logs); empty ones are left out.
+    Frozen parameters (``requires_grad`` off) are in no group.
+    """
+    scales = lr_scales(model, layer_decay)
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or any(s in name for s in _NO_DECAY) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitioned parameters have empty local data
+            no_decay = ndim < 2 or any(s in name for s in _NO_DECAY)
+            groups.setdefault((scales[name], no_decay), []).append(p)
+    out = []
+    for scale, no_decay in sorted(groups, key=lambda k: (-k[0], k[1])):
+        group = {"params": groups[scale, no_decay], "weight_decay": 0.0 if no_decay else weight_decay,
+                 "lr_scale": scale}
+        if lr is not None:
+            group["lr"] = lr * scale
+        out.append(group)
+    return out
 
 
 def _deepspeed_safe_globals() -> list:
@@ -91,9 +152,68 @@ def build_engine(model: nn.Module, cfg: Config, world_size: int, on_gpu: bool):
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, cfg.train.weight_decay),
+        model_parameters=param_groups(model, cfg.train.weight_decay, cfg.train.layer_decay, cfg.train.lr),
         config=ds_config(cfg, world_size, on_gpu),
         dist_init_required=False,
     )
     engine.checkpoint_engine = _WeightsOnlyCheckpointEngine(engine.checkpoint_engine)
     return engine
+
+
+def deferred_init(cfg: Config) -> bool:
+    """Whether the model is built partitioned (inside ``deepspeed.zero.Init``): ZeRO-3 with train.deferred_init."""
+    return cfg.train.zero_stage == 3 and cfg.train.deferred_init
+
+
+def build_model(cfg: Config, vocab_size: int, pad_id: int, world: int, on_gpu: bool) -> nn.Module:
+    """The model a worker trains: built (partitioned from birth under ZeRO-3), pretrained towers loaded, towers frozen.
+
+    Under ``deepspeed.zero.Init`` each module's parameters are partitioned across the ranks as soon as the module is
+    constructed, so no rank holds the whole model; DeepSpeed gathers one module at a time for the model's own
+    ``self.apply(_init_weights)``, and :func:`mmray.models.pretrained.load_tower` is given the same kind of gather:
+    rank 0 copies the file's tensors, DeepSpeed broadcasts them and partitions them again. Every rank checks the
+    file's keys itself (from its header), so a bad file fails every rank alike, with the same ConfigError.
+    Call with the process group up (Ray Train's), after seeding.
+    """
+    from mmray.models import pretrained
+    from mmray.models.model import MultimodalModel
+
+    def construct() -> nn.Module:
+        return MultimodalModel(cfg.model, vocab_size, pad_id, cfg.data.image_size, cfg.data.max_text_len)
+
+    gather, write = None, True
+    if deferred_init(cfg):
+        import deepspeed
+        import torch.distributed as dist
+        from deepspeed.accelerator import get_accelerator
+
+        # deepspeed.comm wraps the process group Ray Train made; zero.Init reads the world size from it.
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                   dist_init_required=False)
+        with deepspeed.zero.Init(config_dict_or_path=ds_config(cfg, world, on_gpu)):
+            model = construct()
+
+        def gather(params):
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+        write = dist.get_rank() == 0
+    else:
+        model = construct()
+    for source in pretrained.tower_sources(cfg.model):
+        pretrained.load_tower(model, source, gather=gather, write=write)
+    pretrained.freeze(model, pretrained.parse_freeze(cfg.model.freeze))
+    return model
+
+
+def check_finetune(cfg: Config, vocab_size: int, pad_id: int) -> None:
+    """Before any worker starts: every pretrained file fits its tower (keys and shapes, from the files' headers) and
+    model.freeze leaves something to train. Raises ConfigError. The model is built on the meta device: no memory and
+    no weights, whatever the preset."""
+    from mmray.models import pretrained
+    from mmray.models.model import MultimodalModel
+
+    if not (pretrained.tower_sources(cfg.model) or cfg.model.freeze):
+        return
+    with torch.device("meta"):
+        model = MultimodalModel(cfg.model, vocab_size, pad_id, cfg.data.image_size, cfg.data.max_text_len)
+    pretrained.check_sources(cfg.model, model)

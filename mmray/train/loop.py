@@ -11,9 +11,8 @@ import numpy as np
 import torch
 
 from mmray import config as config_lib
-from mmray.eval.retrieval import retrieval_metrics
+from mmray.data.tokenizer import TextTokenizer
 from mmray.losses import compute_losses
-from mmray.models.model import MultimodalModel
 from mmray.models.objectives import objective_weights
 from mmray.train.checkpoint import Checkpointer, log_line
 
@@ -23,10 +22,10 @@ def _log(rank: int, msg: str) -> None:
         log_line(msg)
 
 
-def _to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.from_numpy(np.array(batch["image"], copy=True)).to(device)  # Ray hands read-only arrays
-    ids = torch.from_numpy(np.ascontiguousarray(batch["text_ids"])).to(device)
-    return images, ids
+def _to_tensors(batch: dict[str, np.ndarray], device: torch.device, vqa: bool) -> tuple[torch.Tensor, ...]:
+    """The model's inputs from a pipeline batch: images and caption ids, plus question and answer ids for VQA."""
+    keys = ("image", "text_ids", "question_ids", "answer_ids") if vqa else ("image", "text_ids")
+    return tuple(torch.from_numpy(np.array(batch[k], copy=True)).to(device) for k in keys)  # Ray: read-only
 
 
 def _mean_across_ranks(value: float) -> float:
@@ -53,46 +52,68 @@ def data_quality(quality, max_bad_fraction: float, rank: int) -> dict:
     return snapshot[0]
 
 
-def evaluate(engine, cfg: config_lib.Config, device: torch.device) -> dict[str, float]:
-    """Held-out metrics for whatever the fusion strategy provides: retrieval R@k (contrastive embeddings), ITM
-    accuracy on matching pairs and mined hard negatives, and caption token loss (decoder).
+class _Budget:
+    """The budget guard in the loop: rank 0 asks the run's cost meter and the guard, every rank gets the decision.
+
+    Decisions are taken before training (a resumed run may already be at the cap), after the first step (the first
+    measured step time) and after every checkpoint, each time projecting the steps up to the next checkpoint.
+    """
+
+    def __init__(self, meter, cfg: config_lib.Config, rank: int):
+        from mmray.cost.budget import BudgetGuard
+
+        self.meter, self.rank = meter, rank
+        self.guard = BudgetGuard(cfg.budget.usd, teardown_s=cfg.budget.teardown_s)
+        self.mark_steps, self.mark_t = None, time.perf_counter()
+        self.decision: dict = {}
+
+    def observe(self, step: int) -> None:
+        """Steps since the last decision and their wall time (data, logging and evaluation included)."""
+        now = time.perf_counter()
+        if self.mark_steps is not None:
+            self.guard.observe_steps(step - self.mark_steps, now - self.mark_t)
+        self.mark_steps, self.mark_t = step, now
+
+    def should_stop(self, steps_next: int) -> bool:
+        import ray
+        import torch.distributed as dist
+
+        decision = [None]
+        if self.rank == 0:
+            status = ray.get(self.meter.status.remote(), timeout=60)
+            d = self.guard.check(status["spent_usd"], status["burn_usd_per_hour"], steps_next)
+            decision = [d.to_dict()]
+            if d.stop:
+                log_line(d.reason)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(decision, src=0)
+        self.decision = decision[0]
+        return bool(self.decision["stop"])
+
+
+def evaluate(engine, cfg: config_lib.Config, device: torch.device, tokenizer) -> dict[str, float]:
+    """Held-out metrics (mmray.eval.evaluate) on the "val" split, prefixed ``val_``.
 
     Every rank sees the whole split and runs the same forwards (ZeRO-3 needs all ranks in each forward), so every
-    rank computes identical metrics.
+    rank computes identical metrics. Under ZeRO-3, generation and zero-shot prompts run with the parameters
+    gathered (GatheredParameters), since they call the model's parts outside its forward.
     """
     import ray.train
 
-    from mmray.losses import caption_loss
+    from mmray.eval.evaluate import evaluate as evaluate_model
 
-    images, texts, captions = [], [], []
-    itm_correct = itm_total = 0
-    caption_sum, caption_batches = 0.0, 0
-    engine.eval()
-    with torch.no_grad():
-        for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=cfg.eval.batch_size,
-                                                                      batch_format="numpy"):
-            out = engine(*_to_tensors(batch, device))
-            captions.extend(str(c) for c in batch["caption"])
-            if "image_embeds" in out:
-                images.append(out["image_embeds"].float().cpu())
-                texts.append(out["text_embeds"].float().cpu())
-            if "itm_logits" in out:
-                itm_correct += int((out["itm_logits"].argmax(-1) == out["itm_labels"]).sum())
-                itm_total += len(out["itm_labels"])
-            if "caption_logits" in out:
-                caption_sum += float(caption_loss(out["caption_logits"], out["caption_targets"]))
-                caption_batches += 1
-    engine.train()
-    if not captions:
-        raise ValueError("the validation split is empty; nothing to evaluate")
-    metrics: dict[str, float] = {"eval_pairs": len(captions)}
-    if images:
-        metrics.update(retrieval_metrics(torch.cat(images), torch.cat(texts), captions))
-    if itm_total:
-        metrics["itm_acc"] = itm_correct / itm_total
-    if caption_batches:
-        metrics["caption_loss"] = caption_sum / caption_batches
+    gather = None
+    if cfg.train.zero_stage == 3:
+        import deepspeed
+
+        gather = lambda: deepspeed.zero.GatheredParameters(list(engine.module.parameters()))  # noqa: E731
+    batches = ray.train.get_dataset_shard("val").iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy")
+    metrics = evaluate_model(engine.module, batches, tokenizer, cfg, device, forward_fn=engine, gather=gather)
     return {f"val_{k}": v for k, v in metrics.items()}
+
+
+def _eval_line(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("val_"))
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -104,15 +125,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed picks its accelerator
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    from mmray.train.engine import build_engine
+    from mmray.train.engine import build_engine, build_model
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg.train.seed)
-    model = MultimodalModel(cfg.model, loop_config["vocab_size"], loop_config["pad_id"], cfg.data.image_size,
-                            cfg.data.max_text_len)
+    model = build_model(cfg, loop_config["vocab_size"], loop_config["pad_id"], world, on_gpu)
     engine = build_engine(model, cfg, world, on_gpu)
     weights = objective_weights(cfg.model)
+    vqa = "vqa" in weights
+    tokenizer = TextTokenizer.from_str(loop_config["tokenizer_json"])
     device = engine.device
     extra = {"config.yaml": cfg.to_yaml(), "tokenizer.json": loop_config["tokenizer_json"]}
     checkpoints = Checkpointer(engine, rank, world, extra)
@@ -124,16 +146,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world
     t = cfg.train
     trained_here = False
+    periodic_evals = 0  # evaluations every eval.every steps, in this attempt
+    eval_s, started = 0.0, time.perf_counter()
+
+    budget = _Budget(loop_config["cost_meter"], cfg, rank) if cfg.budget.usd > 0 else None
+    stopped_for_budget = budget is not None and budget.should_stop(steps_next=0)
+    if budget:
+        budget.observe(state["step"])
 
     shard = ray.train.get_dataset_shard("train")
     window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
-    while state["step"] < t.max_steps:
+    while state["step"] < t.max_steps and not stopped_for_budget:
         batches_this_epoch = 0
         for batch in shard.iter_batches(batch_size=t.micro_batch_size, drop_last=True, batch_format="numpy",
                                         local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
                                         local_shuffle_seed=t.seed + 1000 * state["epoch"] + rank):
             batches_this_epoch += 1
-            outputs = engine(*_to_tensors(batch, device))
+            outputs = engine(*_to_tensors(batch, device, vqa))
             losses = compute_losses(outputs, weights)
             engine.backward(losses["loss"])
             engine.step()
@@ -161,15 +190,34 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
             if done:
                 break  # the final checkpoint is reported below, with the evaluation
+            logged = state["step"] % t.log_every == 0
+            report = metrics if logged else {"step": state["step"], "samples_seen": state["samples_seen"]}
+            evaluated = bool(cfg.eval.every) and state["step"] % cfg.eval.every == 0
+            if evaluated:
+                _log(rank, f"evaluating at step {state['step']}")
+                t_eval = time.perf_counter()
+                report = {**report, **evaluate(engine, cfg, device, tokenizer)}
+                periodic_evals += 1
+                eval_s += time.perf_counter() - t_eval
+                _log(rank, _eval_line(report))
             # A node drain (spot reclaim) is polled every log_every steps, on every rank alike (it is a barrier).
-            emergency = state["step"] % t.log_every == 0 and checkpoints.preemption_notice()
+            emergency = logged and checkpoints.preemption_notice()
             if emergency:
                 state["emergency_checkpoints"] += 1
-            if state["step"] % t.checkpoint_every == 0 or emergency:
-                checkpoints.save(state, metrics if state["step"] % t.log_every == 0 else
-                                 {"step": state["step"], "samples_seen": state["samples_seen"]})
-            elif state["step"] % t.log_every == 0:
-                ray.train.report(metrics)
+            saved = state["step"] % t.checkpoint_every == 0 or emergency
+            if saved:
+                t_save = time.perf_counter()
+                checkpoints.save(state, report)
+                if budget:
+                    budget.guard.observe_checkpoint(time.perf_counter() - t_save)
+            elif logged or evaluated:
+                ray.train.report(report)
+            if budget and (saved or state["step"] == resumed_from + 1):
+                budget.observe(state["step"])
+                steps_next = min(t.checkpoint_every - state["step"] % t.checkpoint_every, t.max_steps - state["step"])
+                if budget.should_stop(steps_next):
+                    stopped_for_budget = True
+                    break
         else:
             if batches_this_epoch == 0:
                 from mmray.data.pipeline import BadDataError
@@ -177,12 +225,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 raise BadDataError(f"the training split yields no full batch of {t.micro_batch_size} per worker "
                                  f"({world} workers); use more data or a smaller train.micro_batch_size")
             state["epoch"] += 1
+            continue
+        break  # the for loop broke: finished, or stopped for the budget
 
+    if stopped_for_budget:
+        # Checkpoint (under a fresh name when this step was just saved) and stop without evaluating.
+        _log(rank, f"stopped for the budget at step {state['step']}: {budget.decision['reason']}")
+        checkpoints.save(state, {"step": state["step"], "samples_seen": state["samples_seen"],
+                                 "stopped_for_budget": True, "budget": budget.decision,
+                                 "resumed_from_step": resumed_from}, finished_rerun=not trained_here)
+        return
+
+    train_s = time.perf_counter() - started - eval_s  # training steps (and checkpoints) of this attempt
     _log(rank, "evaluating on the held-out split")
     metrics = {"step": state["step"], "samples_seen": state["samples_seen"], "resumed_from_step": resumed_from,
-               "emergency_checkpoints": state["emergency_checkpoints"], **checkpoints.summary(),
-               **evaluate(engine, cfg, device)}
-    _log(rank, " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.startswith("val_")))
+               "emergency_checkpoints": state["emergency_checkpoints"], "periodic_evals": periodic_evals,
+               "train_s": round(train_s, 3),
+               **checkpoints.summary(),
+               **evaluate(engine, cfg, device, tokenizer)}
+    _log(rank, _eval_line(metrics))
     # The final checkpoint carries the evaluation, so the run's result (and any later rerun) reports it. A rerun of
     # a finished run re-evaluates and reports under a fresh name, since checkpoint names must be unique.
     checkpoints.save(state, metrics, finished_rerun=not trained_here)

@@ -104,7 +104,7 @@ def _use_gpu(cfg: Config) -> bool:
     return cfg.train.use_gpu == "true"
 
 
-def build_trainer(cfg: Config, data: DataSet, quality=None):
+def build_trainer(cfg: Config, data: DataSet, quality=None, cost_meter=None):
     """A TorchTrainer whose workers each drive a DeepSpeed engine over their share of the streamed shards."""
     import ray.data
     import ray.train
@@ -126,7 +126,8 @@ def build_trainer(cfg: Config, data: DataSet, quality=None):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "use_gpu": use_gpu, "vocab_size": tokenizer.vocab_size,
-                           "pad_id": tokenizer.pad_id, "tokenizer_json": tokenizer.to_str(), "quality": quality},
+                           "pad_id": tokenizer.pad_id, "tokenizer_json": tokenizer.to_str(), "quality": quality,
+                           "cost_meter": cost_meter},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -169,24 +170,42 @@ def train(cfg: Config) -> dict:
 
     from mmray.data.pipeline import DataQuality, quality_snapshot
 
+    from mmray.cost import meter as cost_meter
+    from mmray.cost import prices as cost_prices
+
     t0 = time.perf_counter()
     data = resolve_data(cfg)  # bad data fails here, before any Ray resource exists
+    cost_prices.load(cfg.budget.prices)  # so does a bad price table
+    from mmray.train.engine import check_finetune
+
+    check_finetune(cfg, data.tokenizer.vocab_size, data.tokenizer.pad_id)  # and bad pretrained weights
+    storage_root = cfg.run.storage_path if storage.is_s3(cfg.run.storage_path) else \
+        storage.resolve(cfg.run.storage_path)[1]
+    run_dir = storage.join(storage_root, cfg.run_name)
+    spent = (cost_meter.read_state(run_dir) or {}).get("spent_usd", 0.0)
+    if cfg.budget.usd and spent >= cfg.budget.usd:  # starting would cost money the budget no longer has
+        raise ConfigError(f"run {cfg.run_name} has spent ${spent:.4f} of its budget.usd=${cfg.budget.usd:g} "
+                          f"(see {cost_meter.cost_path(run_dir)}); raise budget.usd to continue it")
     ray_mode = init_ray(cfg)
     try:
         check_cluster_fits(cfg)
         quality = ray.remote(DataQuality).options(num_cpus=0).remote()
+        # The cost meter prices the cluster's nodes from their labels while the run trains and keeps the total in
+        # RUN_DIR/cost.json; the loop asks it before each checkpoint interval when budget.usd caps the run.
+        meter = cost_meter.start_meter(run_dir, budget_usd=cfg.budget.usd, prices_path=cfg.budget.prices,
+                                       interval_s=cfg.budget.meter_interval_s)
         try:
-            result = build_trainer(cfg, data, quality).fit()
+            result = build_trainer(cfg, data, quality, meter).fit()
         except ray.train.TrainingFailedError as e:
             raise _user_error(e) or e
+        finally:
+            cost = ray.get(meter.stop.remote())  # a clean end, saved; the next start of this run continues from it
+            ray.kill(meter)
         data_quality = quality_snapshot(quality)
     finally:
         if ray_mode != "in-process":  # flushes forwarded worker logs before the caller prints its summary
             ray.shutdown()
     metrics = dict(result.metrics or {})
-    storage_root = cfg.run.storage_path if storage.is_s3(cfg.run.storage_path) else \
-        storage.resolve(cfg.run.storage_path)[1]
-    run_dir = storage.join(storage_root, cfg.run_name)
     return {
         "run_dir": run_dir,
         "checkpoint": storage.join(run_dir, os.path.basename(result.checkpoint.path)) if result.checkpoint else None,
@@ -196,5 +215,8 @@ def train(cfg: Config) -> dict:
         "data": data.root if storage.is_s3(data.root) else storage.resolve(data.root)[1],
         "ray": ray_mode,
         "data_quality": data_quality,
+        "spent_usd": round(cost["spent_usd"], 6),
+        "budget_usd": cfg.budget.usd,
+        "stopped_for_budget": bool(metrics.pop("stopped_for_budget", False)),
         "metrics": metrics,
     }
