@@ -84,3 +84,40 @@ def test_model_code_is_single_device():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for name in names:
                 assert not name.startswith(("ray", "deepspeed", "torch.distributed")), f"{path.name} imports {name}"
+
+
+def _vqa_model(fusion, *extra):
+    cfg = config.load(None, [f"model.fusion={fusion}", "model.decoder_depth=1", "model.vqa_weight=1",
+                             "model.image_width=32", "model.text_width=32", "model.embed_dim=16",
+                             "model.image_heads=2", "model.text_heads=2", "model.image_depth=1", "model.text_depth=1",
+                             *extra])
+    torch.manual_seed(0)
+    return MultimodalModel(cfg.model, 50, 0, cfg.data.image_size, cfg.data.max_text_len), cfg
+
+
+@pytest.mark.parametrize("fusion, extra", [("late", "model.late_combine=concat"), ("late", "model.late_combine=gated"),
+                                           ("early", ""), ("hierarchical", ""), ("attention", "")])
+def test_vqa_answers_come_from_the_image_fused_with_the_question(fusion, extra):
+    model, cfg = _vqa_model(fusion, *([extra] if extra else []))
+    S = cfg.data.image_size
+    images, ids = torch.randn(2, 3, S, S), torch.randint(1, 50, (2, 12))
+    questions, answers = torch.randint(1, 50, (2, 12)), torch.tensor([[1, 7, 2, 0], [1, 9, 9, 2]])
+    out = model(images, ids, questions, answers)
+    assert out["vqa_logits"].shape == (2, 3, 50)
+    assert out["vqa_targets"].tolist() == [[7, 2, -100], [9, 9, 2]]  # padding is ignored
+    # The answer depends on the question: another question, another distribution.
+    other = model(images, ids, torch.randint(1, 50, (2, 12)), answers)["vqa_logits"]
+    assert not torch.allclose(other, out["vqa_logits"])
+    generated = model.generate(images, bos_id=1, eos_id=2, max_new_tokens=3, prompt_ids=questions)
+    assert generated.shape[0] == 2 and generated.shape[1] <= 3
+
+
+def test_vqa_needs_a_decoder_and_a_batch_without_questions_costs_nothing():
+    from mmray.losses import vqa_loss
+
+    with pytest.raises(config.ConfigError, match="vqa objective, which needs a decoder"):
+        _vqa_model("attention", "model.decoder_depth=0")
+    logits = torch.randn(2, 3, 50, requires_grad=True)
+    loss = vqa_loss(logits, torch.full((2, 3), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
