@@ -209,9 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(fn=cmd_eval)
 
     from mmray.cost import commands as cost_commands
+    from mmray.infer.commands import register as register_inference
     from mmray.node.commands import register as register_node_commands
 
     cost_commands.register(sub, with_config)
+    register_inference(sub)  # embed, search, generate
 
     register_node_commands(sub)
     return p

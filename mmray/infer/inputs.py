@@ -1,0 +1,173 @@
+"""The inputs of batch inference: which shards SRC names, and how their samples reach the model.
+
+Samples are read by mmray's shard reader and decoded by the training pipeline's :class:`Preprocess`, so a sample
+that training would skip is skipped here too, and counted by reason in the same :class:`DataQuality` actor.
+
+Outputs are written per input shard, which needs to know when every sample of a shard has gone through the
+pipeline, even though Ray Data streams blocks out of order and drops bad samples. So the reader appends one
+end-of-shard row to each shard (its ``error`` says how many rows the shard had), and :class:`Decode` turns each
+batch into the usable samples plus one *tally* row per shard: how many raw rows of that shard the batch held and,
+when the end-of-shard row was among them, the shard's total. A shard is complete when its tallies add up.
+
+Batch schema of :class:`Decode` (numpy, one row per usable sample or tally):
+
+    ...       the columns of mmray.data.pipeline.Preprocess that the command keeps (see :class:`Rows`), e.g.
+              image (N, 3, S, S), text_ids (N, T), caption, key; zeros or "" in tally rows
+    shard     object  (N,)          the shard's path as the reader names it (inside its filesystem)
+    tally     bool    (N,)          True for tally rows
+    n_raw     int64   (N,)          tally rows: raw rows of the shard in this batch (good and bad); else 0
+    n_total   int64   (N,)          tally rows: the shard's row count if its end was in this batch, else -1
+"""
+from __future__ import annotations
+
+import posixpath
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from mmray import storage
+from mmray.data.inspect import find_shards
+from mmray.data.pipeline import SHARD_SUFFIXES, Preprocess
+from mmray.data.reader import RAW_SCHEMA, ShardDatasource
+
+END_OF_SHARD = "end_of_shard"
+
+
+def _relative_name(path: str, root: str) -> str:
+    """``root/train/00000.tar`` -> ``train__00000.tar``: a flat, unique output name that says where it came from."""
+    rel = posixpath.relpath(path.replace("\\", "/"), root.replace("\\", "/").rstrip("/"))
+    return rel.replace("/", "__") if not rel.startswith("..") else posixpath.basename(path)
+
+
+def find_sources(srcs: list[str]) -> list[tuple[str, str]]:
+    """``(shard path or URI, output name)`` for every shard that ``srcs`` name, in order.
+
+    Each item may be a prepared data set (its train/ and val/ shards), a directory of ``.tar`` / ``.parquet``
+    shards, or one shard file. Output names are relative to the item (``train__00000.tar``); two shards that would
+    share a name are an error rather than one output overwriting the other. Local paths are made absolute, so that
+a rerun from another directory finds the same shards.
+    """
+    found: list[tuple[str, str]] = []
+    for src in srcs:
+        if src.endswith(SHARD_SUFFIXES) and not _is_dir(src):
+            if not storage.exists(src):
+                raise storage.StorageError(f"shard does not exist: {src}")
+            path = src if storage.is_s3(src) else storage.resolve(src)[1]  # local: absolute, as find_shards gives
+            found.append((path, posixpath.basename(path.replace("\\", "/"))))
+        else:
+            root = src if storage.is_s3(src) else storage.resolve(src)[1]
+            found += [(path, _relative_name(path, root)) for path in find_shards(src)]
+    names: dict[str, str] = {}
+    for path, name in found:
+        if name in names and names[name] != path:
+            raise storage.StorageError(f"shards {names[name]} and {path} would both be written as {name}; "
+                                       "embed or generate them into separate outputs")
+        names[name] = path
+    return list(dict.fromkeys(found))
+
+
+def _is_dir(path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, inner = storage.resolve(path)
+    return fs.get_file_info(inner).type == pafs.FileType.Directory
+
+
+def _end_row(path: str, rows: int) -> pa.Table:
+    values = {"key": "", "shard": path, "error": f"{END_OF_SHARD}:{rows}"}
+    return pa.table({f.name: [values.get(f.name)] for f in RAW_SCHEMA}, schema=RAW_SCHEMA)
+
+
+class CountedShardDatasource(ShardDatasource):
+    """mmray's shard reader, with one end-of-shard row after each shard's samples (see the module docstring)."""
+
+    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        rows = 0
+        for block in super()._read_stream(f, path):
+            rows += block.num_rows
+            yield block
+        yield _end_row(path, rows)
+
+
+def read_counted(paths: list[str], **read_args):
+    """A streaming Ray Dataset of raw samples (mmray.data.reader.RAW_SCHEMA) with end-of-shard rows.
+
+    The same as :func:`mmray.data.pipeline.read_raw` (in file order: no shuffle) but for the datasource;
+    ``read_args`` go to ``ray.data.read_datasource`` (``num_cpus``, ``concurrency``).
+    """
+    import ray.data
+
+    fs, _ = storage.resolve(paths[0])
+    return ray.data.read_datasource(CountedShardDatasource([storage.resolve(p)[1] for p in paths], filesystem=fs),
+                                    **read_args)
+
+
+def _take(batch: dict[str, np.ndarray], rows: list[int]) -> dict[str, np.ndarray]:
+    return {k: v[rows] for k, v in batch.items()}
+
+
+class Rows:
+    """What a command feeds its model: the decoded columns it keeps, and how usable samples become rows.
+
+    By default one row per sample; a subclass may expand a sample into several rows (one per VQA question) from the
+    raw sample's JSON metadata, which ``expand`` receives in the samples' order.
+    """
+
+    keep: tuple[str, ...] = ("image", "text_ids", "caption", "key")
+
+    def expand(self, samples: dict[str, np.ndarray], metas: list[bytes | None]) -> dict[str, np.ndarray]:
+        return samples
+
+
+class Decode:
+    """Raw rows -> model inputs (the columns ``rows.keep``, expanded by ``rows``), plus tally rows (see the module
+    docstring).
+
+    Decoding is :class:`Preprocess` itself, applied to each shard's rows of the batch, so bad samples are dropped
+    and reported to the ``quality`` actor exactly as in training.
+    """
+
+    def __init__(self, tokenizer_json: str, image_size: int, max_text_len: int, quality=None,
+                 rows: Rows | None = None):
+        self.preprocess = Preprocess(tokenizer_json, image_size, max_text_len, quality)
+        self.rows = rows or Rows()
+        # Column names, dtypes and row shapes of the output, for tally rows of batches without a usable sample.
+        empty = {f.name: np.array([], dtype=object) for f in RAW_SCHEMA}
+        self.template = self._rows(Preprocess(tokenizer_json, image_size, max_text_len)(empty), empty)
+
+    def __call__(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        by_shard: dict[str, list[int]] = {}
+        for i, shard in enumerate(raw["shard"]):
+            by_shard.setdefault(shard, []).append(i)
+        parts = []
+        for shard, indices in by_shard.items():
+            ends = [i for i in indices if str(raw["error"][i]).startswith(END_OF_SHARD)]
+            samples = [i for i in indices if i not in ends] if ends else indices
+            if samples:
+                sub = _take(raw, samples)
+                rows = self._rows(self.preprocess(sub), sub)
+                n = len(rows["key"])
+                parts.append({**rows, "shard": np.array([shard] * n, dtype=object), "tally": np.zeros(n, bool),
+                              "n_raw": np.zeros(n, np.int64), "n_total": np.full(n, -1, np.int64)})
+            total = int(str(raw["error"][ends[0]]).split(":")[1]) if ends else -1
+            parts.append(self._tally(shard, len(samples), total))
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _rows(self, good: dict[str, np.ndarray], raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The kept columns of the usable samples, expanded; each sample's metadata is found by walking the raw
+        rows in order (Preprocess keeps the order and only drops rows), so repeated keys cannot mix samples up."""
+        metas, j = [], 0
+        raw_meta = raw.get("meta", [None] * len(raw["key"]))
+        for key in good["key"]:
+            while raw["key"][j] != key:
+                j += 1
+            metas.append(raw_meta[j])
+            j += 1
+        return self.rows.expand({k: good[k] for k in self.rows.keep}, metas)
+
+    def _tally(self, shard: str, n_raw: int, n_total: int) -> dict[str, np.ndarray]:
+        row = {k: (np.array([""], dtype=object) if v.dtype == object else np.zeros((1, *v.shape[1:]), v.dtype))
+               for k, v in self.template.items()}
+        return {**row, "shard": np.array([shard], dtype=object), "tally": np.ones(1, bool),
+                "n_raw": np.array([n_raw], np.int64), "n_total": np.array([n_total], np.int64)}

@@ -1,0 +1,129 @@
+"""Batch inference plumbing without Ray: end-of-shard tallies, out-of-order assembly, resumable outputs, search."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from mmray.config import ConfigError
+from mmray.data.reader import RAW_SCHEMA, iter_tar
+from mmray.data.tokenizer import TextTokenizer, train_tokenizer
+from mmray.data.webdataset import build_tar, encode_jpeg
+from mmray.infer.inputs import END_OF_SHARD, Decode, find_sources
+from mmray.infer.outputs import OutputDir, ShardAssembler, float_lists
+from mmray.infer.search import _top, search_vector
+
+CAPTIONS = ["a red circle", "a blue square", "a green cross", "a red square", "a blue circle"]
+
+
+def _tar(n: int, corrupt: set[int] = frozenset()) -> bytes:
+    members = []
+    for i in range(n):
+        jpg = b"not an image" if i in corrupt else encode_jpeg(Image.new("RGB", (16, 16), (i * 40, 0, 0)))
+        members += [(f"{i:04d}.jpg", jpg), (f"{i:04d}.txt", CAPTIONS[i % len(CAPTIONS)].encode())]
+    return build_tar(members)
+
+
+def _raw(shard: str, data: bytes, with_end: bool = True) -> dict[str, np.ndarray]:
+    table = pa.concat_tables([RAW_SCHEMA.empty_table(), *iter_tar(io.BytesIO(data), shard, 100)])
+    cols = {name: np.array(table.column(name).to_pylist(), dtype=object) for name in RAW_SCHEMA.names}
+    if with_end:
+        end = {"key": "", "shard": shard, "error": f"{END_OF_SHARD}:{table.num_rows}"}
+        cols = {k: np.append(v, np.array([end.get(k)], dtype=object)) for k, v in cols.items()}
+    return cols
+
+
+@pytest.fixture(scope="module")
+def decode():
+    tok = TextTokenizer(train_tokenizer(CAPTIONS, 128))
+    return Decode(tok.to_str(), 8, 6)
+
+
+def _cat(*batches: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def test_decode_drops_bad_samples_and_tallies_every_raw_row(decode):
+    raw = _cat(_raw("s1", _tar(4, corrupt={1})), _raw("s2", _tar(3), with_end=False))
+    out = decode(raw)
+    tally = out["tally"]
+    assert list(out["key"][~tally]) == ["0000", "0002", "0003", "0000", "0001", "0002"]
+    assert out["image"].shape == (8, 3, 8, 8) and out["text_ids"].shape == (8, 6)
+    assert {(s, n, t) for s, n, t in zip(out["shard"][tally], out["n_raw"][tally], out["n_total"][tally])} == \
+        {("s1", 4, 4), ("s2", 3, -1)}
+
+
+def test_assembler_completes_a_shard_once_its_rows_add_up_in_any_order(decode):
+    first = _raw("s1", _tar(5, corrupt={0}))
+    parts = [{k: v[:3] for k, v in first.items()}, {k: v[3:] for k, v in first.items()}]
+    b1, b2 = decode(parts[0]), decode(parts[1])     # b2 holds the end-of-shard row
+    assembler = ShardAssembler(["s1", "s2"])
+    assert assembler.add(b2) == []                   # total known, rows missing
+    (shard, rows, total), = assembler.add(b1)
+    assert (shard, total, sorted(rows["key"])) == ("s1", 5, ["0001", "0002", "0003", "0004"])
+    assert "tally" not in rows and assembler.pending() == ["s2"]
+    (shard, rows, total), = assembler.add(decode(_raw("s2", build_tar([]))))  # an empty shard completes too
+    assert (shard, rows, total) == ("s2", {}, 0)
+
+
+def _table(keys: list[str]) -> pa.Table:
+    return pa.table({"key": keys, "caption": ["c"] * len(keys),
+                     "image_embedding": float_lists(np.eye(len(keys), 3, dtype=np.float32)),
+                     "text_embedding": float_lists(np.eye(len(keys), 3, dtype=np.float32)),
+                     "shard": ["x"] * len(keys)})
+
+
+def test_output_dir_resumes_by_source_and_never_overwrites_another_sources_output(tmp_path):
+    out = OutputDir(str(tmp_path / "out"))
+    assert out.plan([("/d/a.tar", "a.tar")]) == ([("/d/a.tar", "a.tar")], 0)
+    record = out.write("a.tar", "/d/a.tar", _table(["1", "2"]), raw_rows=3)
+    assert (record["rows"], record["bad"], record["file"]) == (2, 1, "a.tar.parquet")
+    todo, skipped = out.plan([("/d/a.tar", "sub__a.tar"), ("/e/a.tar", "a.tar")])
+    assert skipped == 1 and todo[0][0] == "/e/a.tar" and todo[0][1].startswith("a.tar-")
+    (tmp_path / "out" / "a.tar.parquet").write_bytes(b"truncated")          # not the recorded size: redo
+    assert out.plan([("/d/a.tar", "a.tar")]) == ([("/d/a.tar", "a.tar")], 0)
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_output_dir_refuses_to_mix_two_exports(tmp_path):
+    out = OutputDir(str(tmp_path / "out"), "jsonl")
+    out.claim({"kind": "embeddings", "weights_sha256": "aaa", "export": "/x"}, same=("kind", "weights_sha256"))
+    out.claim({"kind": "embeddings", "weights_sha256": "aaa", "export": "/moved"}, same=("kind", "weights_sha256"))
+    assert out.manifest()["export"] == "/moved"
+    with pytest.raises(ConfigError, match="weights_sha256"):
+        out.claim({"kind": "embeddings", "weights_sha256": "bbb"}, same=("kind", "weights_sha256"))
+    with pytest.raises(ConfigError, match="allowed values: parquet, jsonl"):
+        OutputDir(str(tmp_path), "csv")
+    out.write("a.tar", "/d/a.tar", _table(["1"]).select(["key", "caption"]), raw_rows=1)
+    assert json.loads((tmp_path / "out" / "a.tar.jsonl").read_text()) == {"key": "1", "caption": "c"}
+
+
+def test_find_sources_names_outputs_after_their_place_in_src(tmp_path):
+    for split in ("train", "val"):
+        (tmp_path / "ds" / split).mkdir(parents=True)
+        (tmp_path / "ds" / split / "00000.tar").write_bytes(_tar(1))
+    names = [name for _, name in find_sources([str(tmp_path / "ds")])]
+    assert names == ["train__00000.tar", "val__00000.tar"]
+    assert find_sources([str(tmp_path / "ds" / "val" / "00000.tar")])[0][1] == "00000.tar"
+    from mmray.storage import StorageError
+    with pytest.raises(StorageError, match="both be written"):
+        find_sources([str(tmp_path / "ds" / "train"), str(tmp_path / "ds" / "val")])
+
+
+def test_top_k_keeps_one_row_per_caption_when_asked():
+    scores = np.array([0.9, 0.8, 0.7, 0.1])
+    assert _top(scores, ["a", "a", "b", "c"], 2, unique_captions=False) == [0, 1]
+    assert _top(scores, ["a", "a", "b", "c"], 2, unique_captions=True) == [0, 2]
+
+
+def test_search_vector_merges_top_k_across_files(tmp_path):
+    out = OutputDir(str(tmp_path / "out"))
+    out.write("a", "/a", _table(["1", "2"]), 2)
+    out.write("b", "/b", _table(["3"]), 1)
+    hits = search_vector(str(tmp_path / "out"), np.array([0.0, 1.0, 0.0]), "image_embedding", k=2)
+    assert hits[0]["key"] == "2" and hits[0]["score"] == pytest.approx(1.0)
+    assert len(hits) == 2 and hits[1]["score"] == pytest.approx(0.0)
