@@ -1,4 +1,5 @@
-"""Fusion strategies side by side: each of the four trains on the same shapes VQA + caption data for the same number
+"""Fusion strategies side by side: each of the four trains on the same shapes VQA + caption data, with the same
+objectives (VQA and captioning through the decoder), for the same number
 of steps through the real trainer (Ray Train + DeepSpeed), and is evaluated on the same held-out questions.
 
 Prints one JSON object (a row per strategy: VQA accuracy overall / per question type / on the compositional types,
@@ -24,7 +25,10 @@ TYPES = ("count", "colour", "shape", "position")
 
 def overrides(fusion: str, steps: int, samples: int, workers: int, storage: str, data_dir: str) -> list[str]:
     return [
+        # The same objectives for every strategy: VQA and captioning through the decoder (contrastive and ITM,
+        # which only some strategies provide, are off).
         f"model.fusion={fusion}", "model.decoder_depth=1", "model.vqa_weight=1", "model.caption_weight=1",
+        "model.contrastive_weight=0", "model.itm_weight=0",
         "model.patch_size=4", "model.image_depth=2", "model.text_depth=1",
         "data.image_size=32", "data.max_text_len=24", f"data.synthetic_samples={samples}",
         "data.synthetic_val_samples=512", f"data.cache_dir={data_dir}", "data.shuffle_buffer=1024",

@@ -51,21 +51,39 @@ def _flip_byte(ckpt):
     p.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("tamper, reason", [
-    (_truncate, "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt has"),
-    (lambda c: (c / "manifest.rank1.json").unlink(), "manifest.rank1.json is missing"),
-    (_flip_byte, "ds/mp_rank_00_model_states.pt does not match its sha256"),
-], ids=["truncated-shard", "deleted-rank-manifest", "flipped-byte"])
-def test_tampered_latest_checkpoint_falls_back_to_previous(zero2_run, tiny_dataset, tmp_path, tamper, reason):
+TAMPERS = {
+    "truncated-shard": (_truncate, "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt has"),
+    "deleted-rank-manifest": (lambda c: (c / "manifest.rank1.json").unlink(), "manifest.rank1.json is missing"),
+    "flipped-byte": (_flip_byte, "ds/mp_rank_00_model_states.pt does not match its sha256"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TAMPERS))
+def test_tampered_checkpoint_is_refused_with_the_reason(zero2_run, tmp_path, kind):
+    """The check restore runs (no Ray needed): the newest complete checkpoint is the previous one, and why."""
+    import pyarrow.fs as pafs
+
+    from mmray.train.checkpoint import latest_complete
+
+    tamper, reason = TAMPERS[kind]
     latest = _copy_run(zero2_run, tmp_path / "runs")
     tamper(latest)
+    rejected: list[str] = []
+    assert latest_complete(str(latest.parent), pafs.LocalFileSystem(), rejected=rejected) == "checkpoint_00000002"
+    assert len(rejected) == 1 and rejected[0].startswith("checkpoint_00000004: ") and reason in rejected[0]
+
+
+def test_tampered_latest_checkpoint_falls_back_to_previous(zero2_run, tiny_dataset, tmp_path):
+    latest = _copy_run(zero2_run, tmp_path / "runs")
+    _truncate(latest)
 
     summary = train(_cfg(tiny_dataset, tmp_path / "runs", "train.zero_stage=2"))
 
     m = summary["metrics"]
     assert m["resumed_from_step"] == 2 and m["restored_from"] == "checkpoint_00000002"
     assert len(m["rejected_checkpoints"]) == 1
-    assert m["rejected_checkpoints"][0].startswith("checkpoint_00000004: ") and reason in m["rejected_checkpoints"][0]
+    assert m["rejected_checkpoints"][0].startswith("checkpoint_00000004: ")
+    assert TAMPERS["truncated-shard"][1] in m["rejected_checkpoints"][0]
     assert summary["steps"] == 4 and summary["samples_seen"] == 4 * GLOBAL
     # The refused directory is kept for inspection and never reused: the new step-4 checkpoint gets a fresh name.
     assert summary["checkpoint"].endswith("checkpoint_00000004_r1")
