@@ -296,12 +296,10 @@ def start_meter(run_dir: str, *, budget_usd: float = 0.0, prices_path: str = "",
     continues from cost.json. Ray restarts it after a crash (its __init__ restores the file and resumes sampling).
     """
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     here = ray.get_runtime_context().get_node_id()
     return ray.remote(CostMeter).options(
         name=actor_name(run_dir), namespace=ACTOR_NAMESPACE, get_if_exists=True, num_cpus=0, max_restarts=-1,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+        label_selector={"ray.io/node-id": here},  # a soft node affinity is ignored for zero-CPU actors
     ).remote(run_dir, budget_usd=budget_usd, prices_path=prices_path, interval_s=interval_s, list_nodes=list_nodes,
              clock=clock, autostart=autostart)
 

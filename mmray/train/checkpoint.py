@@ -8,6 +8,14 @@ shard, a truncated or altered file) is refused, and the run resumes from the new
 
 The manifest guards against corruption and partial writes, not against an attacker who can rewrite it: that is
 what the weights-only loader (:func:`mmray.train.engine.load_checkpoint_file`) is for.
+
+Preemptions: on a node drain (``ray.train.get_preemption_info()``) the loop takes an emergency checkpoint and then
+trains no further until Ray Train restarts the run elsewhere (:meth:`Checkpointer.await_restart`), so the restart
+loses no step. Each notice is recorded in the loop state (``state["preemptions"]``, saved with the emergency
+checkpoint, so it survives the restart) and in the final metrics: when the loop saw it (``notice_at``), the deadline
+and the notice left (``deadline_at``, ``notice_s``), the emergency checkpoint (``step``, ``checkpoint``), when it was
+persisted and whether that was before the deadline (``checkpoint_done_at``, ``before_deadline``), and, once resumed,
+``resumed_from_step``, ``resumed_at`` and ``steps_lost``.
 """
 from __future__ import annotations
 
@@ -31,6 +39,8 @@ STATE_FILE = "state.json"
 MANIFEST_PREFIX = "manifest.rank"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)(?:_([a-z]+)(\d+))?$")
 _CHUNK = 8 << 20
+DEFAULT_PREEMPTION_DEADLINE_S = 120.0  # Ray Train's deadline for a drain that gave none
+PREEMPTION_HOLD_MARGIN_S = 30.0  # how long past a preemption deadline the loop waits for Ray Train's restart
 _LOCAL = pafs.LocalFileSystem()
 
 
@@ -276,6 +286,10 @@ class Checkpointer:
         self.restored_from: str | None = None
         self.rejected: list[str] = []
         self._notice = None  # the preemption notice already acted upon
+        # One record per preemption notice, carried in the loop state (state["preemptions"], so it survives the
+        # restart that the preemption causes) and reported in the final metrics.
+        self.preemptions: list[dict] = []
+        self._pending: dict | None = None  # the record of a notice whose emergency checkpoint is not saved yet
 
     def restore(self) -> dict:
         """The loop state to start from: a verified checkpoint's, or step 0. Loads the engine as a side effect."""
@@ -285,7 +299,8 @@ class Checkpointer:
         decision = decide(checkpoint, _run_location(checkpoint)) if self.rank == 0 else None
         decision = _broadcast(decision, self.rank)
         self.taken, self.rejected = set(decision.taken), decision.rejected
-        state = {"step": 0, "samples_seen": 0, "epoch": 0, "emergency_checkpoints": 0}
+        state = {"step": 0, "samples_seen": 0, "epoch": 0, "emergency_checkpoints": 0, "preemptions": []}
+        self.preemptions = state["preemptions"]
         if decision.name is None:
             return state
         if checkpoint is not None and checkpoint.path.rstrip("/").endswith("/" + decision.name):
@@ -298,7 +313,33 @@ class Checkpointer:
             loaded = load(self.engine, d, decision.name)
         self.restored_from = decision.name
         state.update({k: loaded[k] for k in state if k in loaded})
+        state["preemptions"] = self.preemptions = [dict(p) for p in state["preemptions"]]
+        self._resumed_after_preemptions(state["step"], chosen)
         return state
+
+    def _resumed_after_preemptions(self, step: int, checkpoint) -> None:
+        """Complete the records of the notices that led to this restart: where the run resumed, the steps it lost,
+        and (read from storage, since the checkpoint's own state.json was written before it was persisted) when
+        the emergency checkpoint finished. After an emergency checkpoint the loop trains no further (see
+        :meth:`await_restart`), so resuming from that checkpoint loses no step."""
+        for rec in self.preemptions:
+            if "resumed_from_step" in rec:
+                continue  # an earlier restart
+            rec["resumed_from_step"], rec["resumed_at"] = step, round(time.time(), 3)
+            # None: unknown (the loop trained on past its emergency checkpoint, or another checkpoint was resumed)
+            rec["steps_lost"] = 0 if step == rec.get("step") and not rec.get("hold_timed_out") else None
+            if rec.get("checkpoint_done_at") is None and self.rank == 0 and \
+                    checkpoint.path.rstrip("/").endswith("/" + str(rec.get("checkpoint"))):
+                done = _persisted_at(checkpoint.filesystem, checkpoint.path)
+                if done is not None:
+                    rec["checkpoint_done_at"] = round(done, 3)
+                    rec["before_deadline"] = rec["deadline_at"] is None or done <= rec["deadline_at"]
+            if self.rank == 0:
+                log_line(f"resumed at step {step} after the preemption notice of step {rec.get('step')}: "
+                         + (f"{rec['steps_lost']} steps lost" if rec["steps_lost"] is not None
+                            else "steps lost unknown") + "; emergency checkpoint "
+                         + {True: "finished before the deadline", False: "finished AFTER the deadline",
+                            None: "completion time unknown"}[rec.get("before_deadline")])
 
     def _check_world_size(self, saved: dict, name: str) -> None:
         """ZeRO-1/2/3 partition the optimizer state (and ZeRO-3 the parameters) by rank, so a checkpoint only loads
@@ -320,6 +361,10 @@ class Checkpointer:
         import ray.train
 
         name = unique_name(state["step"], self.taken, "eval" if finished_rerun else "r", always=finished_rerun)
+        emergency, self._pending = self._pending, None
+        if emergency is not None:  # the emergency checkpoint of a notice: its record travels in this checkpoint
+            emergency.update(step=state["step"], checkpoint=name)
+            state.setdefault("preemptions", self.preemptions).append(emergency)
         with tempfile.TemporaryDirectory(prefix="mmray-ckpt-") as d:
             self.engine.save_checkpoint(d, tag=DS_TAG)
             if self.rank == 0:
@@ -329,6 +374,13 @@ class Checkpointer:
             write_manifest(d, self.rank, self.world_size, state["step"])
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
         self.taken.add(name)
+        if emergency is not None:  # report() returns once the checkpoint is persisted (synchronous upload)
+            done = time.time()
+            emergency.update(checkpoint_done_at=round(done, 3),
+                             before_deadline=emergency["deadline_at"] is None or done <= emergency["deadline_at"])
+            if self.rank == 0:
+                left = f"{emergency['deadline_at'] - done:.1f} s" if emergency["deadline_at"] else "no deadline"
+                log_line(f"emergency checkpoint {name} (step {state['step']}) persisted, {left} before the deadline")
         return name
 
     def preemption_notice(self) -> bool:
@@ -339,7 +391,15 @@ class Checkpointer:
         if info is None or info == self._notice:
             return False
         self._notice = info
-        left = (info.deadline_ms / 1000 - time.time()) if info.deadline_ms else None
+        now = time.time()
+        deadline = info.deadline_ms / 1000 if info.deadline_ms else None
+        left = deadline - now if deadline is not None else None
+        # Completed by save() (step, checkpoint, checkpoint_done_at, before_deadline) and, after the restart, by
+        # restore() (resumed_from_step, resumed_at, steps_lost).
+        self._pending = {"notice_at": round(now, 3), "deadline_at": deadline,
+                         "notice_s": round(left, 1) if left is not None else None,
+                         "nodes": list(info.preempted_node_ids), "ranks": list(info.preempted_ranks),
+                         "step": None, "checkpoint": None, "checkpoint_done_at": None, "before_deadline": None}
         if self.rank == 0:
             log_line(f"PREEMPTION NOTICE for nodes {', '.join(info.preempted_node_ids)} (ranks "
                  f"{info.preempted_ranks}); deadline "
@@ -347,9 +407,43 @@ class Checkpointer:
                  + ": taking an emergency checkpoint now")
         return True
 
+    def await_restart(self, poll_s: float = 0.5) -> None:
+        """After an emergency checkpoint, train no further: wait for Ray Train to restart the run elsewhere.
+
+        Ray Train restarts the worker group once the notice's deadline has passed (plus
+        ``FailureConfig.preemption_grace_s``), whether or not the node really went, and resumes from the latest
+        checkpoint: every step trained after the emergency checkpoint would be trained again (lost). So every rank
+        waits here until Ray ends it. Should that not happen within ``PREEMPTION_HOLD_MARGIN_S`` after the deadline
+        (Ray Train's own fallback of 120 s when the drain gave none), training goes on and the record says so.
+        """
+        rec = self.preemptions[-1] if self.preemptions else None
+        if rec is None or rec.get("checkpoint_done_at") is None:
+            return  # no emergency checkpoint was saved for the last notice: nothing to wait for
+        deadline = rec["deadline_at"] or rec["notice_at"] + DEFAULT_PREEMPTION_DEADLINE_S
+        until = deadline + PREEMPTION_HOLD_MARGIN_S
+        if self.rank == 0:
+            log_line(f"waiting for the restart that the preemption brings (deadline in {deadline - time.time():.0f} "
+                     "s): steps trained now would be lost")
+        while time.time() < until:
+            time.sleep(poll_s)
+        rec["hold_timed_out"] = True
+        if self.rank == 0:
+            log_line(f"no restart {PREEMPTION_HOLD_MARGIN_S:.0f} s after the preemption deadline: training on")
+
     def summary(self) -> dict:
         """Facts about this start-up for the final metrics."""
-        return {"restored_from": self.restored_from or "", "rejected_checkpoints": list(self.rejected)}
+        return {"restored_from": self.restored_from or "", "rejected_checkpoints": list(self.rejected),
+                "preemptions": [dict(p) for p in self.preemptions]}
+
+
+def _persisted_at(fs: pafs.FileSystem, path: str) -> float | None:
+    """When the checkpoint at ``path`` finished being written: the newest modification time of its files."""
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True))
+    except OSError:
+        return None
+    times = [i.mtime.timestamp() for i in infos if i.type == pafs.FileType.File and i.mtime is not None]
+    return max(times, default=None)
 
 
 def local_copy(path: str, fs: pafs.FileSystem, into: str) -> str:

@@ -210,6 +210,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 checkpoints.save(state, report)
                 if budget:
                     budget.guard.observe_checkpoint(time.perf_counter() - t_save)
+                if emergency:  # train no further: Ray Train restarts the run from this checkpoint
+                    checkpoints.await_restart()
             elif logged or evaluated:
                 ray.train.report(report)
             if budget and (saved or state["step"] == resumed_from + 1):

@@ -189,7 +189,10 @@ def train(cfg: Config) -> dict:
     ray_mode = init_ray(cfg)
     try:
         check_cluster_fits(cfg)
-        quality = ray.remote(DataQuality).options(num_cpus=0).remote()
+        # Zero-CPU helpers are pinned to the driver's node (as Ray Train pins its controller): on a spot worker,
+        # a preemption would take them down with it.
+        here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+        quality = ray.remote(DataQuality).options(num_cpus=0, label_selector=here).remote()
         # The cost meter prices the cluster's nodes from their labels while the run trains and keeps the total in
         # RUN_DIR/cost.json; the loop asks it before each checkpoint interval when budget.usd caps the run.
         meter = cost_meter.start_meter(run_dir, budget_usd=cfg.budget.usd, prices_path=cfg.budget.prices,

@@ -45,7 +45,7 @@ def test_zero_stage_trains_and_checkpoints(ray_session, tiny_dataset, tmp_path, 
     assert {"state.json", "config.yaml", "tokenizer.json"} <= files
     state = json.loads((Path(summary["checkpoint"]) / "state.json").read_text())
     assert state == {"step": 4, "samples_seen": 4 * GLOBAL, "epoch": state["epoch"], "emergency_checkpoints": 0,
-                     "world_size": WORKERS}
+                     "preemptions": [], "world_size": WORKERS}
     assert config.load(Path(summary["checkpoint"]) / "config.yaml") == cfg
     # Checkpoints are plain tensors and containers: they load with weights_only=True.
     for name in files:

@@ -1,0 +1,108 @@
+"""The whole preemption path, end to end: a spot interruption notice becomes a Ray drain, an emergency checkpoint taken
+before the deadline, a restart on another node that loses no step, and a cost meter that charged the spot node only
+while it was up.
+
+The scenario (tests/integration/preemption_scenario.py) runs in a subprocess, since a multi-raylet
+`ray.cluster_utils.Cluster` cannot share this process with the session's Ray: a CPU-less head, a "spot" worker raylet
+(labels `ray.io/market-type=spot`, `mmray/instance-type=g5.xlarge`) that is the only node with CPUs, the real
+watcher (`python -m mmray.node.spot`) polling the fake IMDSv2 server of the unit tests, and a 1-worker DeepSpeed run
+of mmray's trainer. Once the run has written its first checkpoint, the fake server announces an interruption 10 s
+ahead; an on-demand raylet joins; at the deadline the spot node is removed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCENARIO = Path(__file__).with_name("preemption_scenario.py")
+
+
+@pytest.fixture(scope="module")
+def found(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("preemption")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, str(SCENARIO), str(workdir)], capture_output=True, text=True,
+                          timeout=400, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    problems = {k: result.get(k) for k in ("cloud_error", "train_error") if result.get(k)}
+    assert not problems, "\n".join(f"{k}:\n{v}" for k, v in problems.items()) + proc.stderr[-4000:]
+    return result
+
+
+def _steps(lines: list[str]) -> list[int]:
+    return [int(m.group(1)) for line in lines if (m := re.match(r"step=(\d+) ", line))]
+
+
+def test_spot_notice_to_resumed_run_loses_no_step(found):
+    spot, deadline = found["spot_id"], found["deadline_at"]
+
+    # The watcher saw the notice through IMDSv2 and drained the spot node with the notice's deadline, once.
+    drains = found["watcher_summary"]["drains"]
+    assert found["watcher_rc"] == 0 and len(drains) == 1, found["watcher_log"]
+    assert drains[0]["node_id"] == spot and found["drain_deadline_ms"] == deadline * 1000
+
+    # The run finished with exactly the samples of an uninterrupted run, resuming from the emergency checkpoint.
+    summary, metrics = found["summary"], found["summary"]["metrics"]
+    assert summary["steps"] == found["max_steps"]
+    assert summary["samples_seen"] == found["max_steps"] * found["global_batch"]
+    assert metrics["emergency_checkpoints"] == 1
+    (record,) = metrics["preemptions"]
+    emergency = record["checkpoint"]
+    assert metrics["restored_from"] == emergency and metrics["resumed_from_step"] == record["step"]
+
+    # The training summary records the preemption: when the loop saw it, the notice left, the checkpoint on time.
+    assert record["nodes"] == [spot] and record["deadline_at"] == deadline
+    assert found["notice_at"] <= record["notice_at"] < deadline
+    assert 0 < record["notice_s"] <= found["notice_s"]
+    assert record["before_deadline"] is True and record["checkpoint_done_at"] <= deadline
+    assert record["resumed_from_step"] == record["step"] and record["steps_lost"] == 0
+    assert found["removed_at"] < record["resumed_at"]
+
+    # Storage agrees: at the deadline the emergency checkpoint was complete, written before it, holding the record.
+    at_kill = found["at_kill"][emergency]
+    assert at_kill["mtime"] <= deadline <= found["kill_at"]
+    assert at_kill["state"]["step"] == record["step"] and at_kill["state"]["emergency_checkpoints"] == 1
+    assert at_kill["state"]["preemptions"][0]["notice_at"] == record["notice_at"]
+
+    # The loop's logs: the spot attempt trained no step past its emergency checkpoint (nothing to lose), and the
+    # attempt on the on-demand node went on from the next step.
+    logs = found["loop_logs"]
+    (before,) = [pid for pid, lines in logs.items() if any(line.startswith("PREEMPTION NOTICE") for line in lines)]
+    (after,) = [pid for pid, lines in logs.items() if any(line.startswith("resumed at step") for line in lines)]
+    assert max(_steps(logs[before])) == record["step"]
+    assert any(line.startswith("waiting for the restart") for line in logs[before])
+    assert _steps(logs[after]) == list(range(record["step"] + 1, found["max_steps"] + 1))
+
+    # The first attempt trained on the spot node, the resumed one on the on-demand node; the spot node went as a
+    # preemption (Ray's record of the drain).
+    assert found["worker_nodes"][before] == spot and found["worker_nodes"][after] == found["on_demand_id"]
+    assert found["spot_death_reason"] == "AUTOSCALER_DRAIN_PREEMPTED"
+
+
+def test_cost_meter_charges_the_spot_node_only_while_it_was_up(found):
+    cost, prices = found["cost"], found["prices"]
+    interval = cost["interval_s"]
+    nodes = cost["nodes"]
+    spot, on_demand = nodes[found["spot_id"]], nodes[found["on_demand_id"]]
+    assert (spot["market"], spot["usd_per_hour"]) == ("spot", prices["spot"])
+    assert (on_demand["market"], on_demand["usd_per_hour"]) == ("on-demand", prices["on_demand"])
+    assert nodes[found["head_id"]]["usd"] == 0.0  # unlabelled: the local entry, $0
+
+    # Charged from when the meter first saw it to about when it went (the meter samples every interval: a node is
+    # charged up to the sample that finds it gone, or, when the meter itself was restarted, its last saved sample).
+    assert found["spot_added_at"] <= spot["first_seen"] and not spot["alive"]
+    assert found["kill_at"] - 2 * interval - 0.5 <= spot["charged_until"] <= found["spot_dead_at"] + interval + 0.5
+    assert spot["usd"] == pytest.approx(prices["spot"] * (spot["charged_until"] - spot["first_seen"]) / 3600,
+                                        rel=1e-6)
+    # The on-demand node was charged from when it joined, and the total is the sum of the nodes.
+    assert on_demand["first_seen"] >= found["on_demand_adding_at"] and on_demand["usd"] > 0
+    assert cost["spent_usd"] == pytest.approx(sum(n["usd"] for n in nodes.values()), rel=1e-9)
+    assert found["summary"]["spent_usd"] == pytest.approx(cost["spent_usd"], abs=1e-5)
