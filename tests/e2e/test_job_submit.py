@@ -31,8 +31,16 @@ def ray_head(tmp_path):
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4",
                     "--include-dashboard=true", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True, timeout=120)
+    address = f"http://127.0.0.1:{dash}"
     try:
-        yield f"http://127.0.0.1:{dash}", env
+        # `ray start` returns before the dashboard's job server answers; on a busy machine a submit can come too
+        # early and fail in the client. Wait until it lists jobs.
+        deadline = time.monotonic() + 120
+        while subprocess.run([RAY, "job", "list", f"--address={address}"], env=env, capture_output=True,
+                             timeout=60).returncode != 0:
+            assert time.monotonic() < deadline, "the Ray job server did not come up within 120 s"
+            time.sleep(2)
+        yield address, env
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
