@@ -48,12 +48,17 @@ def ray_head(tmp_path):
 def test_submit_train_job(ray_head, tmp_path):
     address, env = ray_head
     runs = tmp_path / "runs"
-    proc = subprocess.run(
-        [RAY, "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",
-         "python", "jobs/train.py", "--config", "jobs/configs/ci-tiny.yaml", "train.max_steps=6",
-         "train.warmup_steps=2", "train.checkpoint_every=3", "train.log_every=3", "data.synthetic_samples=1000",
-         f"data.cache_dir={tmp_path}/cache", f"run.storage_path={runs}", "run.name=submitted"],
-        env=env, capture_output=True, text=True, timeout=600)
+    for attempt in range(5):
+        proc = subprocess.run(
+            [RAY, "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",
+             "python", "jobs/train.py", "--config", "jobs/configs/ci-tiny.yaml", "train.max_steps=6",
+             "train.warmup_steps=2", "train.checkpoint_every=3", "train.log_every=3", "data.synthetic_samples=1000",
+             f"data.cache_dir={tmp_path}/cache", f"run.storage_path={runs}", "run.name=submitted"],
+            env=env, capture_output=True, text=True, timeout=600)
+        # The job server answers before its agent is ready to take a job ("please try again later"): retry that only.
+        if "No available agent to submit job" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(3)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "succeeded" in proc.stdout
     summary = next(json.loads(line) for line in reversed(proc.stdout.splitlines()) if line.startswith('{"run_dir"'))
