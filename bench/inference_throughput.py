@@ -27,18 +27,10 @@ import torch
 
 def write_random_export(out: str, cfg, tokenizer) -> None:
     """An export (mmray.export layout) of a freshly initialised model."""
-    from mmray import storage
-    from mmray.export import MANIFEST_FILE, WEIGHTS_FILE, _sha256, _to_safetensors, build_model
+    from mmray.export import build_model, write_export
 
     torch.manual_seed(0)
-    model = build_model(cfg, tokenizer)
-    files = {WEIGHTS_FILE: _to_safetensors(model.state_dict(), torch.float32, {"format": "pt", "dtype": "fp32"}),
-             "config.yaml": cfg.to_yaml().encode(), "tokenizer.json": tokenizer.to_str().encode()}
-    for name, data in files.items():
-        storage.write_bytes(storage.join(out, name), data)
-    storage.write_text(storage.join(out, MANIFEST_FILE), json.dumps(
-        {"source": "random", "step": 0, "dtype": "fp32",
-         "files": {name: {"bytes": len(data), "sha256": _sha256(data)} for name, data in files.items()}}))
+    write_export(out, build_model(cfg, tokenizer).state_dict(), cfg.to_yaml(), tokenizer.to_str(), source="random")
 
 
 def limit_rate(export_dir: str, paths: list[str], batch_size: int, threads: int) -> tuple[int, float]:

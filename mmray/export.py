@@ -135,16 +135,24 @@ def export(source: str, out: str, dtype: str = "fp32") -> dict:
     step = json.loads(storage.read_text(storage.join(checkpoint, STATE_FILE)))["step"]
     with tempfile.TemporaryDirectory(prefix="mmray-export-") as tmp:
         state = consolidate(local_copy(inner, fs, tmp), cfg.train.zero_stage)
-    files = {WEIGHTS_FILE: _to_safetensors(state, DTYPES[dtype], {"format": "pt", "step": str(step),
-                                                                  "source": checkpoint, "dtype": dtype}),
-             "config.yaml": texts["config.yaml"].encode(), "tokenizer.json": texts["tokenizer.json"].encode()}
-    for name, data in files.items():
-        storage.write_bytes(storage.join(out, name), data)
-    manifest = {"source": checkpoint, "step": step, "dtype": dtype,
-                "files": {name: {"bytes": len(data), "sha256": _sha256(data)} for name, data in files.items()}}
-    storage.write_text(storage.join(out, MANIFEST_FILE), json.dumps(manifest, indent=1))  # last: marks it whole
+    manifest = write_export(out, state, texts["config.yaml"], texts["tokenizer.json"], dtype, checkpoint, step)
     return {"export": out, "checkpoint": checkpoint, "step": step, "dtype": dtype,
             "parameters": int(sum(t.numel() for t in state.values())), "files": manifest["files"]}
+
+
+def write_export(out: str, state: dict[str, torch.Tensor], config_yaml: str, tokenizer_json: str,
+                 dtype: str = "fp32", source: str = "", step: int = 0) -> dict:
+    """Write an export directory: weights, config and tokenizer, then the manifest (last: it marks the export
+    whole). Returns the manifest."""
+    files = {WEIGHTS_FILE: _to_safetensors(state, DTYPES[dtype], {"format": "pt", "step": str(step),
+                                                                  "source": source, "dtype": dtype}),
+             "config.yaml": config_yaml.encode(), "tokenizer.json": tokenizer_json.encode()}
+    for name, data in files.items():
+        storage.write_bytes(storage.join(out, name), data)
+    manifest = {"source": source, "step": step, "dtype": dtype,
+                "files": {name: {"bytes": len(data), "sha256": _sha256(data)} for name, data in files.items()}}
+    storage.write_text(storage.join(out, MANIFEST_FILE), json.dumps(manifest, indent=1))
+    return manifest
 
 
 def _read_verified(export_dir: str) -> dict[str, bytes]:

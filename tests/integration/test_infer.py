@@ -22,7 +22,7 @@ from mmray import cli, config, storage
 from mmray.data.pipeline import decode_image
 from mmray.data.tokenizer import TextTokenizer
 from mmray.data.webdataset import build_tar, iter_tar_samples
-from mmray.export import MANIFEST_FILE, WEIGHTS_FILE, _sha256, _to_safetensors, build_model, load
+from mmray.export import build_model, load, write_export
 
 MODEL = ["data.image_size=32", "data.max_text_len=24", "model.image_depth=1", "model.text_depth=1",
          "model.image_width=64", "model.text_width=64", "model.embed_dim=32", "model.mlp_ratio=2"]
@@ -30,18 +30,12 @@ POOL = ["--actors", "1", "--max-bad-fraction", "0.5"]
 A_SAMPLES, B_SAMPLES, C_SAMPLES = 20, 10, 10  # b.tar holds one corrupt image
 
 
-def write_export(out: str, tokenizer: TextTokenizer, *overrides: str) -> str:
+def random_export(out: str, tokenizer: TextTokenizer, *overrides: str) -> str:
     """A random-weight export of a tiny model, as `mmray export` writes one (the manifest last)."""
     cfg = config.load(None, [*MODEL, *overrides])
     torch.manual_seed(0)
-    model = build_model(cfg, tokenizer)
-    files = {WEIGHTS_FILE: _to_safetensors(model.state_dict(), torch.float32, {"format": "pt", "dtype": "fp32"}),
-             "config.yaml": cfg.to_yaml().encode(), "tokenizer.json": tokenizer.to_str().encode()}
-    for name, data in files.items():
-        storage.write_bytes(storage.join(out, name), data)
-    manifest = {"source": "random", "step": 0, "dtype": "fp32",
-                "files": {name: {"bytes": len(data), "sha256": _sha256(data)} for name, data in files.items()}}
-    storage.write_text(storage.join(out, MANIFEST_FILE), json.dumps(manifest))
+    write_export(out, build_model(cfg, tokenizer).state_dict(), cfg.to_yaml(), tokenizer.to_str(),
+                 source="random")
     return out
 
 
@@ -50,8 +44,8 @@ def exports(tiny_dataset, tmp_path_factory):
     """``late`` with a decoder trained (here: built) for captions and VQA, and ``early``, which cannot embed."""
     tok = TextTokenizer.from_file(os.path.join(tiny_dataset, "tokenizer.json"))
     root = tmp_path_factory.mktemp("exports")
-    return {"late": write_export(str(root / "late"), tok, "model.decoder_depth=1", "model.vqa_weight=1"),
-            "early": write_export(str(root / "early"), tok, "model.fusion=early")}
+    return {"late": random_export(str(root / "late"), tok, "model.decoder_depth=1", "model.vqa_weight=1"),
+            "early": random_export(str(root / "early"), tok, "model.fusion=early")}
 
 
 @pytest.fixture(scope="module")
