@@ -101,6 +101,15 @@ def cmd_cost(args: argparse.Namespace) -> dict:
                  " - OVER BUDGET" if fc["over_budget"] else "")
     else:
         log.info("no throughput reported yet: no forecast")
+    for rec in summary["preemptions"]:
+        lost = rec.get("steps_lost")
+        log.info("preemption of %s at step %s: %s s of notice, emergency checkpoint %s, %s",
+                 ", ".join(rec.get("nodes") or []) or "?", rec.get("step"),
+                 rec.get("notice_s") if rec.get("notice_s") is not None else "?",
+                 {True: "before the deadline", False: "AFTER the deadline", None: "not confirmed"}[
+                     rec.get("before_deadline")],
+                 "not resumed yet" if "resumed_from_step" not in rec else
+                 f"{lost} steps lost" if lost is not None else "steps lost unknown")
     if args.plot:
         summary["plot"] = meter.plot(run_dir, args.plot)
         log.info("wrote %s", summary["plot"])

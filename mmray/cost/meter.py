@@ -19,6 +19,10 @@ raylet, so it was up all along, billing the run); one that is gone is closed at 
 clean stop (the run ended, or stopped for its budget) nothing is charged for the time between the runs. Nothing is
 counted twice and nothing resets.
 
+The training loop also hands the meter each preemption it went through (:meth:`CostMeter.record_preemption`:
+when the notice came, how much notice there was, whether the emergency checkpoint finished before the deadline,
+and how many steps were lost), kept in cost.json beside the dollars those nodes cost.
+
 Prices come from :mod:`mmray.cost.prices` (labels ``mmray/instance-type`` + ``ray.io/market-type``; unlabelled
 nodes are priced as the ``local`` entry, $0 unless overridden). The meter charges its run for the WHOLE cluster:
 run one budgeted job per cluster (a sweep counts as one job).
@@ -116,6 +120,7 @@ class CostMeter:
         self._folded_usd = 0.0           # dollars of departed nodes whose records were dropped
         self._series: list[list[float]] = []
         self._progress: dict | None = None
+        self._preemptions: list[dict] = []
         self._last_t: float | None = None
         self._started_at: float | None = None
         self._restarts = 0
@@ -137,6 +142,7 @@ class CostMeter:
         self._folded_usd = float(saved.get("folded_usd", 0.0))
         self._series = [list(p) for p in saved.get("series", [])]
         self._progress = saved.get("progress")
+        self._preemptions = [dict(p) for p in saved.get("preemptions", [])]
         self._last_t = saved.get("updated_at")
         self._started_at = saved.get("started_at")
         self._restarts = int(saved.get("restarts", 0)) + 1  # the budget is the new run's (a rerun may raise it)
@@ -159,7 +165,8 @@ class CostMeter:
                     "prices": {"as_of": self.prices.as_of, "source": self.prices.source, "path": self.prices.path},
                     "unpriced": sorted({n["instance_type"] for n in self._nodes.values()
                                         if n["priced_by"] == "unknown-type"}),
-                    "progress": self._progress, "nodes": self._nodes, "series": self._series}
+                    "progress": self._progress, "preemptions": self._preemptions, "nodes": self._nodes,
+                    "series": self._series}
 
     def _persist(self) -> None:
         try:
@@ -276,6 +283,31 @@ class CostMeter:
             self._persist()
         return self.forecast(total_samples - samples_seen, samples_per_s)
 
+    def record_preemption(self, record: dict) -> dict:
+        """Keep one preemption record (the training loop's, see ``mmray.train.checkpoint``), saved now.
+
+        A notice is reported twice, once after its emergency checkpoint and again, completed, when the run resumes;
+        records are matched by their ``notice_at`` and the later one wins. The record gains ``usd_per_hour`` of
+        the preempted nodes the meter knows, for what the lost capacity cost.
+        """
+        rec = dict(record)
+        with self._lock:
+            known = [self._nodes[n] for n in rec.get("nodes") or [] if n in self._nodes]
+            rec["usd_per_hour"] = sum(n["usd_per_hour"] for n in known) if known else None
+            rec["markets"] = sorted({n["market"] for n in known})
+            for i, old in enumerate(self._preemptions):
+                if old.get("notice_at") == rec.get("notice_at"):
+                    self._preemptions[i] = {**old, **rec}
+                    break
+            else:
+                self._preemptions.append(rec)
+            self._persist()
+            return rec
+
+    def preemptions(self) -> list[dict]:
+        with self._lock:
+            return [dict(p) for p in self._preemptions]
+
     def status(self) -> dict:
         """The figures the budget guard and `mmray cost` need, in one call."""
         with self._lock:
@@ -336,7 +368,7 @@ def report(run_dir: str, now: float | None = None) -> dict:
            "started_at": state["started_at"], "restarts": state["restarts"],
            "nodes_alive": sum(1 for n in state["nodes"].values() if n["alive"]),
            "nodes_seen": len(state["nodes"]), "unpriced": state["unpriced"], "prices": state["prices"],
-           "progress": state["progress"], "forecast": None}
+           "progress": state["progress"], "preemptions": state.get("preemptions", []), "forecast": None}
     p = state["progress"]
     if p:
         out["forecast"] = forecast(state["spent_usd"], state["burn_usd_per_hour"],

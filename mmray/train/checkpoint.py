@@ -280,8 +280,9 @@ class Checkpointer:
     barriers in Ray Train.
     """
 
-    def __init__(self, engine, rank: int, world_size: int, extra_files: dict[str, str]):
+    def __init__(self, engine, rank: int, world_size: int, extra_files: dict[str, str], cost_meter=None):
         self.engine, self.rank, self.world_size, self.extra_files = engine, rank, world_size, extra_files
+        self.cost_meter = cost_meter  # the run's meter actor (rank 0 hands it each preemption record), or None
         self.taken: set[str] = set()
         self.restored_from: str | None = None
         self.rejected: list[str] = []
@@ -340,6 +341,19 @@ class Checkpointer:
                             else "steps lost unknown") + "; emergency checkpoint "
                          + {True: "finished before the deadline", False: "finished AFTER the deadline",
                             None: "completion time unknown"}[rec.get("before_deadline")])
+                self._tell_meter(rec)
+
+    def _tell_meter(self, record: dict) -> None:
+        """Rank 0 hands a preemption record to the run's cost meter (cost.json keeps it). Waited for, briefly: after
+        an emergency checkpoint the node may be gone soon; a meter that does not answer only costs the record."""
+        if self.rank != 0 or self.cost_meter is None:
+            return
+        import ray
+
+        try:
+            ray.get(self.cost_meter.record_preemption.remote(dict(record)), timeout=10)
+        except Exception as e:  # noqa: BLE001 - the record is also in the checkpoint and the final metrics
+            log_line(f"could not record the preemption with the cost meter: {e}")
 
     def _check_world_size(self, saved: dict, name: str) -> None:
         """ZeRO-1/2/3 partition the optimizer state (and ZeRO-3 the parameters) by rank, so a checkpoint only loads
@@ -381,6 +395,7 @@ class Checkpointer:
             if self.rank == 0:
                 left = f"{emergency['deadline_at'] - done:.1f} s" if emergency["deadline_at"] else "no deadline"
                 log_line(f"emergency checkpoint {name} (step {state['step']}) persisted, {left} before the deadline")
+            self._tell_meter(emergency)
         return name
 
     def preemption_notice(self) -> bool:

@@ -137,7 +137,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tokenizer = TextTokenizer.from_str(loop_config["tokenizer_json"])
     device = engine.device
     extra = {"config.yaml": cfg.to_yaml(), "tokenizer.json": loop_config["tokenizer_json"]}
-    checkpoints = Checkpointer(engine, rank, world, extra)
+    checkpoints = Checkpointer(engine, rank, world, extra, loop_config.get("cost_meter"))
     state = checkpoints.restore()
     resumed_from = state["step"]
     if state["step"]:

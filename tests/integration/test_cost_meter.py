@@ -236,3 +236,34 @@ def test_cost_json_on_s3_and_plan_counts_s3_shards(s3_bucket, tmp_path, prices_f
     assert shards == 2 and "counted" in how
     vocab, shards, how = planner.data_facts(config.load(None, [f"data.source=s3://no-such-bucket-{s3_bucket}/x"]))
     assert shards is None and "not reachable" in how
+
+
+def test_preemption_records_are_kept_merged_and_restored(tmp_path, prices_file, capsys):
+    """The loop hands each preemption over twice (after the emergency checkpoint, then completed on resume): the
+    meter keeps one record per notice, priced by the preempted node, through a meter restart, and `mmray cost`
+    reports it."""
+    from mmray.cli import main
+
+    run_dir = str(tmp_path / "run")
+    now = {"t": 0.0}
+    nodes = [_node("head", HEAD), _node("w1", SPOT)]
+    m = meter_lib.CostMeter(run_dir, prices_path=prices_file, list_nodes=lambda: nodes, clock=lambda: now["t"])
+    m.sample()
+    notice = {"notice_at": 100.0, "deadline_at": 220.0, "notice_s": 120.0, "nodes": ["w1"], "step": 40,
+              "checkpoint": "step_000040_r", "checkpoint_done_at": 130.0, "before_deadline": True}
+    m.record_preemption(notice)
+    nodes[1]["alive"] = False
+    now["t"] = 300.0
+    m.sample()
+    again = meter_lib.CostMeter(run_dir, prices_path=prices_file, list_nodes=lambda: nodes, clock=lambda: now["t"])
+    again.record_preemption({**notice, "resumed_from_step": 40, "resumed_at": 400.0, "steps_lost": 0})
+    (rec,) = meter_lib.read_state(run_dir)["preemptions"]
+    assert rec["steps_lost"] == 0 and rec["before_deadline"] is True and rec["notice_s"] == 120.0
+    assert rec["usd_per_hour"] == pytest.approx(0.36) and rec["markets"] == ["spot"]
+    again.record_preemption({**notice, "notice_at": 900.0, "nodes": ["gone"]})  # a second notice, unknown node
+    assert [p["usd_per_hour"] for p in again.preemptions()] == [pytest.approx(0.36), None]
+
+    assert main(["cost", run_dir]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [p["notice_at"] for p in out["preemptions"]] == [100.0, 900.0]
+    assert out["preemptions"][0]["steps_lost"] == 0

@@ -106,3 +106,10 @@ def test_cost_meter_charges_the_spot_node_only_while_it_was_up(found):
     assert on_demand["first_seen"] >= found["on_demand_adding_at"] and on_demand["usd"] > 0
     assert cost["spent_usd"] == pytest.approx(sum(n["usd"] for n in nodes.values()), rel=1e-9)
     assert found["summary"]["spent_usd"] == pytest.approx(cost["spent_usd"], abs=1e-5)
+
+    # The meter keeps the preemption too: the loop's record, completed on resume, priced at the spot node's rate.
+    (record,) = found["summary"]["metrics"]["preemptions"]
+    (kept,) = cost["preemptions"]
+    assert {k: kept[k] for k in record} == record
+    assert kept["steps_lost"] == 0 and kept["before_deadline"] is True
+    assert kept["usd_per_hour"] == pytest.approx(prices["spot"]) and kept["markets"] == ["spot"]
