@@ -253,7 +253,7 @@ def test_generate_vqa_answers_every_question(ray_session, exports, src, tmp_path
     assert set(rows[0]) == {"key", "shard", "question", "answer", "qa_type", "generated"}
 
 
-def test_embed_on_s3(ray_session, s3_bucket, exports, src):
+def test_embed_search_and_generate_on_s3(ray_session, s3_bucket, exports, src):
     base = f"s3://{s3_bucket}"
     for name in os.listdir(src):
         with open(os.path.join(src, name), "rb") as f:
@@ -274,6 +274,14 @@ def test_embed_on_s3(ray_session, s3_bucket, exports, src):
     assert code == 0 and (summary["shards_written"], summary["shards_skipped"]) == (1, 2)
     code, summary = mmray("search", f"{base}/emb", "a blue square", "--k", "2")
     assert code == 0 and len(summary["hits"]) == 2 and summary["export"] == f"{base}/export"
+
+    code, summary = mmray("generate", f"{base}/export", f"{base}/data", f"{base}/gen", "--task", "vqa",
+                          "--format", "jsonl", *POOL)
+    assert code == 0, summary
+    written = storage.list_files(f"{base}/gen", ".jsonl")
+    rows = [json.loads(line) for p in written for line in storage.read_text(p).splitlines()]
+    usable = [s for s in raw_samples(src).values() if s["jpg"] != b"this is not a jpeg"]
+    assert len(written) == 3 and summary["rows"] == len(rows) == sum(len(json.loads(s["json"])["qa"]) for s in usable)
 
 
 def test_search_retrieval_matches_mmray_eval(embedded, exports, src):
