@@ -85,6 +85,9 @@ def main() -> None:
     p.add_argument("--fusions", default=",".join(FUSIONS))
     p.add_argument("--out", default="bench/results", help="directory for fusion_table.md / .png / .json")
     p.add_argument("--data-dir", default="~/.cache/mmray/bench-data")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the rows already in OUT (row-FUSION.json, same --steps/--samples) instead of rerunning "
+                        "them; each strategy's row is saved as soon as it finishes")
     args = p.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -96,6 +99,14 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="mmray-fusion-table-") as storage:
         for fusion in args.fusions.split(","):
+            row_path = os.path.join(args.out, f"row-{fusion}.json")
+            if args.reuse and os.path.exists(row_path):
+                with open(row_path) as f:
+                    row = json.load(f)
+                if (row["steps"], row.get("samples")) == (args.steps, args.samples):
+                    rows.append(row)
+                    print(f"{fusion}: reusing {row_path}", file=sys.stderr, flush=True)
+                    continue
             cfg = config.load(None, overrides(fusion, args.steps, args.samples, args.workers, storage,
                                               args.data_dir))
             t0 = time.perf_counter()
@@ -103,11 +114,13 @@ def main() -> None:
             tokenizer = resolve_data(cfg).tokenizer
             parameters = sum(t.numel() for t in build_model(cfg, tokenizer).parameters())
             m = summary["metrics"]
-            row = {"fusion": fusion, "steps": summary["steps"], "parameters": parameters,
+            row = {"fusion": fusion, "steps": summary["steps"], "samples": args.samples, "parameters": parameters,
                    "s_per_step": m.get("train_s", time.perf_counter() - t0) / max(1, summary["steps"]),
                    "wall_s": round(time.perf_counter() - t0, 1),
                    "metrics": {k: v for k, v in m.items() if k.startswith("val_")}}
             rows.append(row)
+            with open(row_path, "w") as f:
+                json.dump(row, f, indent=1)
             print(json.dumps({"fusion": fusion, "vqa_acc_compositional": m.get("val_vqa_acc_compositional"),
                               "wall_s": row["wall_s"]}), file=sys.stderr, flush=True)
     table = markdown(rows, args.steps)
