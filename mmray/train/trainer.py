@@ -5,6 +5,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mmray import storage
@@ -104,8 +105,10 @@ def _use_gpu(cfg: Config) -> bool:
     return cfg.train.use_gpu == "true"
 
 
-def build_trainer(cfg: Config, data: DataSet, quality=None, cost_meter=None):
-    """A TorchTrainer whose workers each drive a DeepSpeed engine over their share of the streamed shards."""
+def build_trainer(cfg: Config, data: DataSet, quality=None, cost_meter=None, callbacks: Sequence = ()):
+    """A TorchTrainer whose workers each drive a DeepSpeed engine over their share of the streamed shards.
+
+    ``callbacks`` are added to its RunConfig (Ray Train V2 user, controller and worker-group callbacks)."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -138,6 +141,7 @@ def build_trainer(cfg: Config, data: DataSet, quality=None, cost_meter=None):
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures,
                                                    max_preemption_failures=cfg.train.max_preemption_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_last),
+            callbacks=list(callbacks) or None,
         ),
     )
 
@@ -163,8 +167,11 @@ def _user_error(error: BaseException) -> BaseException | None:
     return None
 
 
-def train(cfg: Config) -> dict:
-    """Run (or resume) training for ``cfg`` and return the machine-readable summary."""
+def train(cfg: Config, callbacks: Sequence = (), before_fit: Callable[[object], None] | None = None) -> dict:
+    """Run (or resume) training for ``cfg`` and return the machine-readable summary.
+
+    ``callbacks`` go to the Ray Train run (see :func:`build_trainer`); ``before_fit(trainer)`` is called with the
+    built trainer just before it runs, and may raise to cancel the run (the sweep's trials use both)."""
     import ray
     import ray.train
 
@@ -198,7 +205,10 @@ def train(cfg: Config) -> dict:
         meter = cost_meter.start_meter(run_dir, budget_usd=cfg.budget.usd, prices_path=cfg.budget.prices,
                                        interval_s=cfg.budget.meter_interval_s)
         try:
-            result = build_trainer(cfg, data, quality, meter).fit()
+            trainer = build_trainer(cfg, data, quality, meter, callbacks)
+            if before_fit is not None:
+                before_fit(trainer)
+            result = trainer.fit()
         except ray.train.TrainingFailedError as e:
             raise _user_error(e) or e
         finally:
