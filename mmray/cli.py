@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mmray.node.commands import register as register_node_commands
 
     cost_commands.register(sub, with_config)
+    from mmray.sweep import commands as sweep_commands
+
+    sweep_commands.register(sub, with_config)
     register_inference(sub)  # embed, search, generate
 
     register_node_commands(sub)
