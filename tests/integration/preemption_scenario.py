@@ -9,7 +9,12 @@ the session's Ray): the whole preemption path, from a cloud's interruption notic
 - An on-demand raylet joins (the fallback capacity), and at the deadline the spot node is killed
   (``Cluster.remove_node``). Ray Train restarts the run, on the on-demand node, from the emergency checkpoint.
 
-Usage: ``python preemption_scenario.py WORKDIR``. Prints one JSON line of findings (the last line of stdout).
+With ``--no-notice`` the cloud gives no warning: once the first periodic checkpoint is on storage and the run has
+trained past it, the on-demand raylet joins and the spot node is killed outright (SIGKILL). Ray Train counts that as
+a failure (``train.max_failures=1``) and restarts the run on the on-demand node from its latest checkpoint.
+
+Usage: ``python preemption_scenario.py WORKDIR [--no-notice]``. Prints one JSON line of findings (the last line of
+stdout).
 """
 from __future__ import annotations
 
@@ -94,9 +99,11 @@ class Cloud:
     once training has checkpointed, adds the on-demand fallback node once the spot node drains, and takes the spot
     node away at the deadline."""
 
-    def __init__(self, cluster, spot, imds: FakeMetadata, run_dir: Path, found: dict, t0: float, training):
+    def __init__(self, cluster, spot, imds: FakeMetadata, run_dir: Path, found: dict, t0: float, training,
+                 session_dir: Path):
         self.cluster, self.spot, self.imds, self.run_dir, self.found, self.t0 = cluster, spot, imds, run_dir, found, t0
         self.training = training  # the thread that trains: waiting stops early if it ends
+        self.session_dir = session_dir
 
     def _at(self, key: str) -> float:
         now = time.time()
@@ -112,10 +119,28 @@ class Cloud:
                 raise TimeoutError(f"timed out waiting for {what}")
             time.sleep(0.05)
 
+    def _trained_steps(self) -> int:
+        return max([int(m.group(1)) for lines in loop_logs(self.session_dir).values() for line in lines
+                    if (m := re.match(r"step=(\d+) ", line))] or [0])
+
+    def kill_without_notice(self) -> None:
+        """No warning: after the first periodic checkpoint and a step past it, the spot node dies (SIGKILL)."""
+        first = self.run_dir / f"checkpoint_{CHECKPOINT_EVERY:08d}" / "state.json"
+        self._wait(first.exists, f"the first periodic checkpoint {first}", time.time() + 240)
+        self._wait(lambda: self._trained_steps() > CHECKPOINT_EVERY, "a step past the first checkpoint",
+                   time.time() + 120)
+        self._at("on_demand_adding_at")
+        on_demand = self.cluster.add_node(num_cpus=WORKERS + 1, labels=ON_DEMAND_LABELS)
+        self.found["on_demand_id"] = on_demand.node_id
+        self._at("kill_at")
+        self.found["at_kill"] = checkpoints_on_storage(self.run_dir)
+        self.cluster.remove_node(self.spot, allow_graceful=False)
+        self._at("removed_at")
+        self.found["steps_before_kill"] = self._trained_steps()
+        self._wait_dead()
+
     def play(self) -> None:
-        import ray
         from ray._raylet import GcsClient
-        from ray.core.generated import common_pb2, gcs_pb2
 
         first = self.run_dir / f"checkpoint_{CHECKPOINT_EVERY:08d}" / "state.json"
         self._wait(first.exists, f"the first periodic checkpoint {first}", time.time() + 240)
@@ -139,9 +164,18 @@ class Cloud:
         self.found["at_kill"] = checkpoints_on_storage(self.run_dir)  # retention deletes the emergency one later
         self.cluster.remove_node(self.spot)  # the instance shuts down (SIGTERM first, as an EC2 termination does)
         self._at("removed_at")
+        self._wait_dead()
+
+    def _wait_dead(self) -> None:
+        """Until the GCS marks the spot node dead: when the cluster stops counting it (nor the meter charging it)."""
+        import ray
+        from ray._raylet import GcsClient
+        from ray.core.generated import common_pb2, gcs_pb2
+
+        client = GcsClient(address=self.cluster.address)
         node = ray.NodeID.from_hex(self.spot.node_id)
         info = client.get_all_node_info(timeout=10)[node]
-        until = time.time() + 30
+        until = time.time() + 60
         while info.state != gcs_pb2.GcsNodeInfo.GcsNodeState.DEAD and time.time() < until:
             time.sleep(0.1)
             info = client.get_all_node_info(timeout=10)[node]
@@ -150,7 +184,10 @@ class Cloud:
         self.found["spot_death_reason"] = common_pb2.NodeDeathInfo.Reason.Name(info.death_info.reason)
 
 
-def main(workdir: Path) -> dict:
+def main(workdir: Path, notice: bool = True) -> dict:
+    if not notice:  # a node killed outright is found dead by the GCS's health checks (default: 3 s x 5 misses)
+        os.environ["RAY_health_check_period_ms"] = "500"
+        os.environ["RAY_health_check_failure_threshold"] = "4"
     from ray.cluster_utils import Cluster
 
     from mmray.data.prepare import prepare_synthetic
@@ -169,7 +206,7 @@ def main(workdir: Path) -> dict:
     cfg = tiny_cfg(str(data), str(workdir / "runs"), "run.name=spot", f"train.num_workers={WORKERS}",
                    f"train.micro_batch_size={MICRO}", f"train.max_steps={MAX_STEPS}", "train.log_every=1",
                    f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.max_preemption_failures=1",
-                   "train.max_failures=0", "eval.max_samples=32", f"budget.prices={prices}",
+                   f"train.max_failures={0 if notice else 1}", "eval.max_samples=32", f"budget.prices={prices}",
                    f"budget.meter_interval_s={METER_INTERVAL_S}")
     run_dir = workdir / "runs" / "spot"
 
@@ -181,7 +218,8 @@ def main(workdir: Path) -> dict:
         spot = cluster.add_node(num_cpus=WORKERS + 1, labels=SPOT_LABELS)
         cluster.wait_for_nodes()
         found.update(spot_id=spot.node_id, head_id=cluster.head_node.node_id,
-                     cluster_up_s=round(time.monotonic() - t0, 1))
+                     cluster_up_s=round(time.monotonic() - t0, 1), notice=notice)
+        session_dir = Path(cluster.head_node.get_session_dir_path())
         # The node-side watcher, as ray-cluster.yaml starts it on a spot worker (here told which raylet is its own).
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         watcher = subprocess.Popen(
@@ -201,7 +239,8 @@ def main(workdir: Path) -> dict:
         trainer = threading.Thread(target=training, name="training", daemon=True)
         trainer.start()
         try:
-            Cloud(cluster, spot, imds, run_dir, found, t0, trainer).play()
+            cloud = Cloud(cluster, spot, imds, run_dir, found, t0, trainer, session_dir)
+            cloud.play() if notice else cloud.kill_without_notice()
         except Exception:
             found["cloud_error"] = traceback.format_exc()
         trainer.join(timeout=300)
@@ -221,7 +260,6 @@ def main(workdir: Path) -> dict:
         # What storage holds: every checkpoint's state and when its files were last written.
         found["checkpoints"] = checkpoints_on_storage(run_dir)
         found["cost"] = json.loads((run_dir / "cost.json").read_text())
-        session_dir = Path(cluster.head_node.get_session_dir_path())
         found["loop_logs"] = loop_logs(session_dir)
         found["worker_nodes"] = worker_nodes(session_dir)
     finally:
@@ -234,4 +272,4 @@ def main(workdir: Path) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(Path(sys.argv[1]))), flush=True)
+    print(json.dumps(main(Path(sys.argv[1]), notice="--no-notice" not in sys.argv[2:])), flush=True)

@@ -7,7 +7,8 @@ The scenario (tests/integration/preemption_scenario.py) runs in a subprocess, si
 (labels `ray.io/market-type=spot`, `mmray/instance-type=g5.xlarge`) that is the only node with CPUs, the real
 watcher (`python -m mmray.node.spot`) polling the fake IMDSv2 server of the unit tests, and a 1-worker DeepSpeed run
 of mmray's trainer. Once the run has written its first checkpoint, the fake server announces an interruption 10 s
-ahead; an on-demand raylet joins; at the deadline the spot node is removed.
+ahead; an on-demand raylet joins; at the deadline the spot node is removed. The same scenario with ``--no-notice``
+kills the spot node outright, a step or more past a checkpoint.
 """
 from __future__ import annotations
 
@@ -24,17 +25,25 @@ REPO = Path(__file__).resolve().parents[2]
 SCENARIO = Path(__file__).with_name("preemption_scenario.py")
 
 
-@pytest.fixture(scope="module")
-def found(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("preemption")
+def _scenario(workdir: Path, *flags: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, str(SCENARIO), str(workdir)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(SCENARIO), str(workdir), *flags], capture_output=True, text=True,
                           timeout=400, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     problems = {k: result.get(k) for k in ("cloud_error", "train_error") if result.get(k)}
     assert not problems, "\n".join(f"{k}:\n{v}" for k, v in problems.items()) + proc.stderr[-4000:]
     return result
+
+
+@pytest.fixture(scope="module")
+def found(tmp_path_factory):
+    return _scenario(tmp_path_factory.mktemp("preemption"))
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    return _scenario(tmp_path_factory.mktemp("killed"), "--no-notice")
 
 
 def _steps(lines: list[str]) -> list[int]:
@@ -113,3 +122,40 @@ def test_cost_meter_charges_the_spot_node_only_while_it_was_up(found):
     assert {k: kept[k] for k in record} == record
     assert kept["steps_lost"] == 0 and kept["before_deadline"] is True
     assert kept["usd_per_hour"] == pytest.approx(prices["spot"]) and kept["markets"] == ["spot"]
+
+
+def test_a_node_killed_without_notice_costs_at_most_one_checkpoint_interval(killed):
+    summary, metrics = killed["summary"], killed["summary"]["metrics"]
+    every = 3  # preemption_scenario.CHECKPOINT_EVERY
+    # Finished with exactly the samples of an uninterrupted run, with no notice recorded and no emergency checkpoint.
+    assert summary["steps"] == killed["max_steps"]
+    assert summary["samples_seen"] == killed["max_steps"] * killed["global_batch"]
+    assert metrics["preemptions"] == [] and metrics["emergency_checkpoints"] == 0
+    assert killed["spot_death_reason"] == "UNEXPECTED_TERMINATION"
+
+    # Resumed from the newest checkpoint on storage at the kill, on the on-demand node.
+    newest = max(killed["at_kill"], key=lambda name: killed["at_kill"][name]["state"]["step"])
+    resumed = killed["at_kill"][newest]["state"]["step"]
+    assert metrics["restored_from"] == newest and metrics["resumed_from_step"] == resumed >= every
+    logs = killed["loop_logs"]
+    (before,) = [pid for pid, lines in logs.items() if not any(line.startswith("resumed at step") for line in lines)
+                 and _steps(lines)]
+    (after,) = [pid for pid, lines in logs.items() if any(line.startswith("resumed at step") for line in lines)]
+    assert killed["worker_nodes"][before] == killed["spot_id"]
+    assert killed["worker_nodes"][after] == killed["on_demand_id"]
+    # The steps trained on the spot node past that checkpoint are lost: at least one (the kill came after a step
+    # past a checkpoint), at most one checkpoint interval.
+    lost = max(_steps(logs[before])) - resumed
+    assert 1 <= lost <= every
+    assert _steps(logs[after]) == list(range(resumed + 1, killed["max_steps"] + 1))
+
+    # The meter charged the spot node until about when the cluster found it dead, and the on-demand node after.
+    cost, prices = killed["cost"], killed["prices"]
+    interval = cost["interval_s"]
+    spot, on_demand = cost["nodes"][killed["spot_id"]], cost["nodes"][killed["on_demand_id"]]
+    assert not spot["alive"] and killed["kill_at"] - 2 * interval - 0.5 <= spot["charged_until"]
+    assert spot["charged_until"] <= killed["spot_dead_at"] + interval + 0.5
+    assert spot["usd"] == pytest.approx(prices["spot"] * (spot["charged_until"] - spot["first_seen"]) / 3600,
+                                        rel=1e-6)
+    assert on_demand["first_seen"] >= killed["on_demand_adding_at"] and on_demand["usd"] > 0
+    assert cost["spent_usd"] == pytest.approx(sum(n["usd"] for n in cost["nodes"].values()), rel=1e-9)
