@@ -7,12 +7,17 @@ Layout under DEST (local or ``s3://``)::
     DEST/tokenizer.json
     DEST/dataset.json      written last: its presence means the data set is complete
 
+``dataset.json`` holds, per split, the sample and shard counts and every shard file with its sample count and the
+sha256 of its bytes: ``"train": {"samples": N, "shards": K, "files": [{"path": "train/00000.tar", "samples": 1000,
+"sha256": "..."}, ...]}``.
+
 The output is a pure function of the arguments (save the timings in ``*_stats.json``): same seed, same bytes.
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 
@@ -59,8 +64,9 @@ def _check_args(samples: int, val_samples: int, samples_per_shard: int, image_si
 
 
 def _write_split(dest_dir: str, indices: range, seed: int, image_size: int, samples_per_shard: int,
-                 report: Callable[[ShardInfo], None]) -> tuple[int, list[str]]:
-    """Generate and write the samples ``indices``; returns the shard count and the texts seen (for the tokenizer)."""
+                 report: Callable[[ShardInfo], None]) -> tuple[list[ShardInfo], list[str]]:
+    """Generate and write the samples ``indices``; returns the shards written and the texts seen (for the
+    tokenizer)."""
     texts: list[str] = []
     with ShardWriter(dest_dir, samples_per_shard, on_shard=report) as writer:
         for index in indices:
@@ -69,7 +75,7 @@ def _write_split(dest_dir: str, indices: range, seed: int, image_size: int, samp
                          {"seed": seed, "index": index, "objects": sample.objects, "qa": sample.qa})
             texts.append(sample.caption)
             texts += [f"{qa['question']} {qa['answer']}" for qa in sample.qa]
-    return len(writer.shards), texts
+    return writer.shards, texts
 
 
 def _shard_reporter(say: Callable[[str], None], split: str, samples: int,
@@ -84,16 +90,27 @@ def _shard_reporter(say: Callable[[str], None], split: str, samples: int,
     return report
 
 
-def _remove_stale_shards(dest_dir: str, shards: int) -> None:
-    """Delete shards numbered ``shards`` and up left by an earlier, larger run, so a directory listing is exact."""
+_SHARD_FILE = re.compile(r"^(\d+)(\.tar|\.parquet|_stats\.json)$")
+
+
+def remove_stale_shards(dest_dir: str, shards: int, suffix: str = ".tar") -> None:
+    """Delete the shard files an earlier run left that this one did not write: numbered ``shards`` and up, and any
+    numbered shard of the other format (``suffix`` is this run's: ``.tar`` or ``.parquet``), so a listing is exact."""
     if not storage.exists(dest_dir):
         return
     keep = {shard_name(i) for i in range(shards)}
     for path in storage.list_files(dest_dir):
-        name = path.rsplit("/", 1)[-1]
-        stem = name.removesuffix(".tar").removesuffix("_stats.json")
-        if stem != name and stem.isdigit() and stem not in keep:
+        match = _SHARD_FILE.match(path.rsplit("/", 1)[-1])
+        if match and (match.group(1) not in keep or match.group(2) not in (suffix, "_stats.json")):
             storage.delete(path)
+
+
+def split_manifest(split: str, shards: list[ShardInfo]) -> dict:
+    """A split's entry in dataset.json: sample and shard counts, and each shard file (its path relative to the data
+    set, with ``/``) with its sample count and the sha256 of its bytes."""
+    files = [{"path": f"{split}/{info.path.rsplit('/', 1)[-1]}", "samples": info.count, "sha256": info.sha256}
+             for info in shards]
+    return {"samples": sum(info.count for info in shards), "shards": len(shards), "files": files}
 
 
 def prepare_synthetic(dest: str, samples: int, seed: int = 0, val_samples: int | None = None,
@@ -118,8 +135,8 @@ def prepare_synthetic(dest: str, samples: int, seed: int = 0, val_samples: int |
         split_dir = storage.join(dest, split)
         report = _shard_reporter(say, split, len(indices), samples_per_shard)
         shards, texts = _write_split(split_dir, indices, seed, image_size, samples_per_shard, report)
-        _remove_stale_shards(split_dir, shards)
-        splits[split] = {"samples": len(indices), "shards": shards, "texts": texts}
+        remove_stale_shards(split_dir, len(shards))
+        splits[split] = {"entry": split_manifest(split, shards), "texts": texts}
 
     tokenizer = TextTokenizer(train_tokenizer(splits["train"]["texts"], vocab_size=vocab_size))
     tokenizer.save(storage.join(dest, TOKENIZER))
@@ -131,8 +148,8 @@ def prepare_synthetic(dest: str, samples: int, seed: int = 0, val_samples: int |
         "seed": seed,
         "image_size": image_size,
         "samples_per_shard": samples_per_shard,
-        "train": {"samples": n_train, "shards": splits["train"]["shards"]},
-        "val": {"samples": n_val, "shards": splits["val"]["shards"]},
+        "train": splits["train"]["entry"],
+        "val": splits["val"]["entry"],
         "tokenizer": TOKENIZER,
     }
     storage.write_text(manifest_path, json.dumps(manifest, indent=2))
@@ -140,8 +157,8 @@ def prepare_synthetic(dest: str, samples: int, seed: int = 0, val_samples: int |
         "dest": dest,
         "train_samples": n_train,
         "val_samples": n_val,
-        "train_shards": splits["train"]["shards"],
-        "val_shards": splits["val"]["shards"],
+        "train_shards": splits["train"]["entry"]["shards"],
+        "val_shards": splits["val"]["entry"]["shards"],
         "tokenizer": storage.join(dest, TOKENIZER),
         "wall_s": round(time.perf_counter() - started, 3),
     }
