@@ -2,7 +2,7 @@
 
 Layout under DEST (local or ``s3://``)::
 
-    DEST/train/00000.tar, 00000_stats.json, 00001.tar, ...
+    DEST/train/00000.tar, 00000_stats.json, 00001.tar, ...   (or 00000.parquet, ... for --format parquet)
     DEST/val/00000.tar, 00000_stats.json, ...
     DEST/tokenizer.json
     DEST/dataset.json      written last: its presence means the data set is complete
@@ -11,7 +11,9 @@ Layout under DEST (local or ``s3://``)::
 sha256 of its bytes: ``"train": {"samples": N, "shards": K, "files": [{"path": "train/00000.tar", "samples": 1000,
 "sha256": "..."}, ...]}``.
 
-The output is a pure function of the arguments (save the timings in ``*_stats.json``): same seed, same bytes.
+This module writes the built-in synthetic generator; :mod:`mmray.data.ingest` writes the same layout from a folder of
+images with captions or a CSV/JSONL index. The output is a pure function of the arguments (save the timings in
+``*_stats.json``): same seed, same bytes.
 """
 from __future__ import annotations
 
@@ -32,11 +34,33 @@ TOKENIZER = "tokenizer.json"
 MIN_VAL_SAMPLES = 256
 
 
+SYNTHETIC_PREFIX = "synthetic:"
+
+
+def is_generator(spec: str) -> bool:
+    """True for a built-in generator spec such as ``synthetic:shapes`` (as opposed to a folder or index file)."""
+    return spec.startswith(SYNTHETIC_PREFIX)
+
+
 def parse_source(spec: str) -> str:
-    """Validate a data source spec; today only the built-in generator ``synthetic:shapes`` exists."""
-    if spec not in SOURCES:
-        supported = ", ".join(f"{name} ({what})" for name, what in SOURCES.items())
-        raise ValueError(f"unknown data source {spec!r}; supported generators: {supported}")
+    """Validate a data source spec and return it.
+
+    A source is a built-in generator (``synthetic:shapes``), or a folder of images with captions or a ``.csv`` /
+    ``.jsonl`` index (local or ``s3://``, see :mod:`mmray.data.ingest`). Raises ValueError naming the problem: an
+    unknown generator, or a path that does not exist.
+    """
+    supported = ", ".join(f"{name} ({what})" for name, what in SOURCES.items())
+    if is_generator(spec):
+        if spec not in SOURCES:
+            raise ValueError(f"unknown data source {spec!r}; supported generators: {supported}")
+        return spec
+    from mmray.data.ingest import find_source
+
+    try:
+        find_source(spec)
+    except ValueError as e:
+        raise ValueError(f"{e}. A data source is a generator ({supported}), a folder of images with .txt captions, "
+                         "or a .csv / .jsonl index of image paths and captions (local or s3://)") from None
     return spec
 
 
