@@ -56,15 +56,35 @@ def cmd_config(args: argparse.Namespace) -> dict:
     return {"keys": config_lib.all_keys()}
 
 
+def _only_for(args: argparse.Namespace, sources: str, **flags: str) -> None:
+    """Refuse options given for a source they do not apply to (flag name -> attribute)."""
+    given = [flag for flag, attr in flags.items() if getattr(args, attr) is not None]
+    if given:
+        raise config_lib.ConfigError(f"{', '.join(given)} only apply to {sources}, not to {args.src}")
+
+
 def cmd_data_prepare(args: argparse.Namespace) -> dict:
-    from mmray.data.prepare import parse_source, prepare_synthetic
+    from mmray.data.prepare import is_generator, parse_source, prepare_synthetic
 
     log = logging.getLogger("mmray")
     try:
         parse_source(args.src)
-        return prepare_synthetic(args.dest, samples=args.samples, seed=args.seed, val_samples=args.val_samples,
-                                 samples_per_shard=args.shard_size, image_size=args.image_size, progress=log.info)
-    except ValueError as e:  # bad source, counts or destination: the message names which
+        if is_generator(args.src):
+            _only_for(args, "folder and .csv/.jsonl sources", **{
+                "--format": "format", "--tokenizer": "tokenizer", "--image-column": "image_column",
+                "--caption-column": "caption_column"})
+            return prepare_synthetic(args.dest, samples=args.samples or 10000, seed=args.seed,
+                                     val_samples=args.val_samples, samples_per_shard=args.shard_size,
+                                     image_size=args.image_size or 64, vocab_size=args.vocab_size,
+                                     progress=log.info)
+        from mmray.data.ingest import prepare_ingest
+
+        _only_for(args, "generators (synthetic:shapes)", **{"--samples": "samples", "--image-size": "image_size"})
+        return prepare_ingest(args.src, args.dest, format=args.format or "webdataset",
+                              samples_per_shard=args.shard_size, val_samples=args.val_samples, seed=args.seed,
+                              tokenizer=args.tokenizer, vocab_size=args.vocab_size, image_column=args.image_column,
+                              caption_column=args.caption_column, progress=log.info)
+    except ValueError as e:  # bad source, counts, columns or destination: the message names which
         raise config_lib.ConfigError(str(e)) from None
 
 
@@ -125,6 +145,22 @@ are skipped and counted in `bad`, as in training.
 """
 
 
+PREPARE_HELP = """\
+Write SRC into DEST (a local directory or s3://bucket/prefix) as img2dataset-style shards: DEST/train/ and DEST/val/
+(NNNNN.tar WebDataset shards with NNNNN_stats.json, or NNNNN.parquet), DEST/tokenizer.json (trained on the training
+captions, or --tokenizer) and DEST/dataset.json, written last, with every shard's sample count and sha256.
+
+SRC is one of:
+  synthetic:shapes        generated images of coloured shapes with captions and QA pairs (--samples, --image-size)
+  a folder                images (.jpg .jpeg .png .webp), searched recursively, each with a same-named .txt
+                          caption and optionally a .json of metadata (cats/001.jpg + cats/001.txt)
+  a .csv or .jsonl index  one image path and caption per row (--image-column, --caption-column); relative
+                          paths are relative to the index file
+Images are stored as their original bytes. Bad samples (no caption, missing or corrupt image, ...) are skipped and
+counted per reason in the JSON summary. Validation takes --val-samples samples chosen by --seed.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmray", description="Multimodal training on Ray Train + DeepSpeed. "
                                 "Logs go to stderr; the last stdout line is a JSON summary. "
@@ -149,18 +185,30 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.set_defaults(fn=cmd_config)
 
     data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_command", required=True)
-    prep = data.add_parser("prepare", help="write a data set as WebDataset shards with its tokenizer",
-                           description="Generate SRC into DEST (a local directory or s3://bucket/prefix) as "
-                                       "img2dataset-style WebDataset shards (train/ and val/), plus tokenizer.json "
-                                       "trained on the training captions and dataset.json.")
-    prep.add_argument("src", help="the source; supported: synthetic:shapes")
+    prep = data.add_parser("prepare", help="write a data set as WebDataset or Parquet shards with its tokenizer",
+                           description=PREPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    prep.add_argument("src", help="synthetic:shapes, a folder of images with .txt captions, or a .csv / .jsonl "
+                                  "index (local or s3://)")
     prep.add_argument("dest", help="local directory or s3://bucket/prefix")
-    prep.add_argument("--samples", type=int, default=10000, help="total samples, train + val (default 10000)")
+    prep.add_argument("--format", choices=("webdataset", "parquet"), default=None,
+                      help="shard format for folder and index sources (default webdataset)")
     prep.add_argument("--val-samples", type=int, default=None,
-                      help="held-out validation samples (default max(256, samples/10))")
-    prep.add_argument("--seed", type=int, default=0, help="generator seed; output is deterministic for a seed")
+                      help="held-out validation samples (default min(max(256, samples/10), samples/2))")
+    prep.add_argument("--seed", type=int, default=0,
+                      help="generator seed / which samples go to validation; output is deterministic for a seed")
     prep.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    prep.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+    prep.add_argument("--tokenizer", default=None, metavar="PATH",
+                      help="attach this tokenizer.json (local or s3://) instead of training one")
+    prep.add_argument("--vocab-size", type=int, default=512,
+                      help="size of the tokenizer trained on the training captions (default 512)")
+    prep.add_argument("--image-column", default=None,
+                      help="index column/field of the image path (default image, else path, else filepath)")
+    prep.add_argument("--caption-column", default=None,
+                      help="index column/field of the caption (default caption, else text)")
+    prep.add_argument("--samples", type=int, default=None,
+                      help="synthetic:shapes only: total samples, train + val (default 10000)")
+    prep.add_argument("--image-size", type=int, default=None,
+                      help="synthetic:shapes only: image side in pixels (default 64)")
     prep.set_defaults(fn=cmd_data_prepare)
     insp = data.add_parser("inspect", help="decode every sample of a data set and count the usable and bad ones",
                            description="Stream SRC (a prepared data set, or a directory / s3:// prefix of .tar or "

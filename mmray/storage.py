@@ -187,18 +187,20 @@ def delete(path: str, *, endpoint_url: str | None = None) -> None:
             pass
 
 
-def list_files(prefix: str, suffix: str | None = None, *, endpoint_url: str | None = None) -> list[str]:
-    """Files directly under the directory ``prefix`` (not recursive), as full paths/URIs, sorted by name.
+def list_files(prefix: str, suffix: str | None = None, *, recursive: bool = False,
+               endpoint_url: str | None = None) -> list[str]:
+    """Files under the directory ``prefix``, as full paths/URIs, sorted.
 
+    Only the files directly under it (sorted by name), or with ``recursive`` every file below it (sorted by path).
     ``suffix`` keeps only names ending with it (e.g. ``".tar"``). A missing directory, prefix or bucket raises
     StorageError naming it.
     """
     fs, inner = resolve(prefix, endpoint_url)
     with _named_errors(prefix, fs, inner, "directory"):
-        infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False))
-    names = sorted(
-        info.base_name for info in infos
-        if info.type == pafs.FileType.File and (suffix is None or info.base_name.endswith(suffix))
-    )
+        infos = fs.get_file_info(pafs.FileSelector(inner, recursive=recursive))
+    files = [info for info in infos
+             if info.type == pafs.FileType.File and (suffix is None or info.base_name.endswith(suffix))]
+    if recursive:
+        return sorted(S3_SCHEME + info.path if is_s3(prefix) else info.path for info in files)
     base = prefix if is_s3(prefix) else inner
-    return [join(base, name) for name in names]
+    return [join(base, name) for name in sorted(info.base_name for info in files)]

@@ -2,17 +2,24 @@
 
 Layout under DEST (local or ``s3://``)::
 
-    DEST/train/00000.tar, 00000_stats.json, 00001.tar, ...
+    DEST/train/00000.tar, 00000_stats.json, 00001.tar, ...   (or 00000.parquet, ... for --format parquet)
     DEST/val/00000.tar, 00000_stats.json, ...
     DEST/tokenizer.json
     DEST/dataset.json      written last: its presence means the data set is complete
 
-The output is a pure function of the arguments (save the timings in ``*_stats.json``): same seed, same bytes.
+``dataset.json`` holds, per split, the sample and shard counts and every shard file with its sample count and the
+sha256 of its bytes: ``"train": {"samples": N, "shards": K, "files": [{"path": "train/00000.tar", "samples": 1000,
+"sha256": "..."}, ...]}``.
+
+This module writes the built-in synthetic generator; :mod:`mmray.data.ingest` writes the same layout from a folder of
+images with captions or a CSV/JSONL index. The output is a pure function of the arguments (save the timings in
+``*_stats.json``): same seed, same bytes.
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 
@@ -27,11 +34,33 @@ TOKENIZER = "tokenizer.json"
 MIN_VAL_SAMPLES = 256
 
 
+SYNTHETIC_PREFIX = "synthetic:"
+
+
+def is_generator(spec: str) -> bool:
+    """True for a built-in generator spec such as ``synthetic:shapes`` (as opposed to a folder or index file)."""
+    return spec.startswith(SYNTHETIC_PREFIX)
+
+
 def parse_source(spec: str) -> str:
-    """Validate a data source spec; today only the built-in generator ``synthetic:shapes`` exists."""
-    if spec not in SOURCES:
-        supported = ", ".join(f"{name} ({what})" for name, what in SOURCES.items())
-        raise ValueError(f"unknown data source {spec!r}; supported generators: {supported}")
+    """Validate a data source spec and return it.
+
+    A source is a built-in generator (``synthetic:shapes``), or a folder of images with captions or a ``.csv`` /
+    ``.jsonl`` index (local or ``s3://``, see :mod:`mmray.data.ingest`). Raises ValueError naming the problem: an
+    unknown generator, or a path that does not exist.
+    """
+    supported = ", ".join(f"{name} ({what})" for name, what in SOURCES.items())
+    if is_generator(spec):
+        if spec not in SOURCES:
+            raise ValueError(f"unknown data source {spec!r}; supported generators: {supported}")
+        return spec
+    from mmray.data.ingest import find_source
+
+    try:
+        find_source(spec)
+    except ValueError as e:
+        raise ValueError(f"{e}. A data source is a generator ({supported}), a folder of images with .txt captions, "
+                         "or a .csv / .jsonl index of image paths and captions (local or s3://)") from None
     return spec
 
 
@@ -59,8 +88,9 @@ def _check_args(samples: int, val_samples: int, samples_per_shard: int, image_si
 
 
 def _write_split(dest_dir: str, indices: range, seed: int, image_size: int, samples_per_shard: int,
-                 report: Callable[[ShardInfo], None]) -> tuple[int, list[str]]:
-    """Generate and write the samples ``indices``; returns the shard count and the texts seen (for the tokenizer)."""
+                 report: Callable[[ShardInfo], None]) -> tuple[list[ShardInfo], list[str]]:
+    """Generate and write the samples ``indices``; returns the shards written and the texts seen (for the
+    tokenizer)."""
     texts: list[str] = []
     with ShardWriter(dest_dir, samples_per_shard, on_shard=report) as writer:
         for index in indices:
@@ -69,7 +99,7 @@ def _write_split(dest_dir: str, indices: range, seed: int, image_size: int, samp
                          {"seed": seed, "index": index, "objects": sample.objects, "qa": sample.qa})
             texts.append(sample.caption)
             texts += [f"{qa['question']} {qa['answer']}" for qa in sample.qa]
-    return len(writer.shards), texts
+    return writer.shards, texts
 
 
 def _shard_reporter(say: Callable[[str], None], split: str, samples: int,
@@ -84,16 +114,27 @@ def _shard_reporter(say: Callable[[str], None], split: str, samples: int,
     return report
 
 
-def _remove_stale_shards(dest_dir: str, shards: int) -> None:
-    """Delete shards numbered ``shards`` and up left by an earlier, larger run, so a directory listing is exact."""
+_SHARD_FILE = re.compile(r"^(\d+)(\.tar|\.parquet|_stats\.json)$")
+
+
+def remove_stale_shards(dest_dir: str, shards: int, suffix: str = ".tar") -> None:
+    """Delete the shard files an earlier run left that this one did not write: numbered ``shards`` and up, and any
+    numbered shard of the other format (``suffix`` is this run's: ``.tar`` or ``.parquet``), so a listing is exact."""
     if not storage.exists(dest_dir):
         return
     keep = {shard_name(i) for i in range(shards)}
     for path in storage.list_files(dest_dir):
-        name = path.rsplit("/", 1)[-1]
-        stem = name.removesuffix(".tar").removesuffix("_stats.json")
-        if stem != name and stem.isdigit() and stem not in keep:
+        match = _SHARD_FILE.match(path.rsplit("/", 1)[-1])
+        if match and (match.group(1) not in keep or match.group(2) not in (suffix, "_stats.json")):
             storage.delete(path)
+
+
+def split_manifest(split: str, shards: list[ShardInfo]) -> dict:
+    """A split's entry in dataset.json: sample and shard counts, and each shard file (its path relative to the data
+    set, with ``/``) with its sample count and the sha256 of its bytes."""
+    files = [{"path": f"{split}/{info.path.rsplit('/', 1)[-1]}", "samples": info.count, "sha256": info.sha256}
+             for info in shards]
+    return {"samples": sum(info.count for info in shards), "shards": len(shards), "files": files}
 
 
 def prepare_synthetic(dest: str, samples: int, seed: int = 0, val_samples: int | None = None,
@@ -118,8 +159,8 @@ def prepare_synthetic(dest: str, samples: int, seed: int = 0, val_samples: int |
         split_dir = storage.join(dest, split)
         report = _shard_reporter(say, split, len(indices), samples_per_shard)
         shards, texts = _write_split(split_dir, indices, seed, image_size, samples_per_shard, report)
-        _remove_stale_shards(split_dir, shards)
-        splits[split] = {"samples": len(indices), "shards": shards, "texts": texts}
+        remove_stale_shards(split_dir, len(shards))
+        splits[split] = {"entry": split_manifest(split, shards), "texts": texts}
 
     tokenizer = TextTokenizer(train_tokenizer(splits["train"]["texts"], vocab_size=vocab_size))
     tokenizer.save(storage.join(dest, TOKENIZER))
@@ -131,8 +172,8 @@ def prepare_synthetic(dest: str, samples: int, seed: int = 0, val_samples: int |
         "seed": seed,
         "image_size": image_size,
         "samples_per_shard": samples_per_shard,
-        "train": {"samples": n_train, "shards": splits["train"]["shards"]},
-        "val": {"samples": n_val, "shards": splits["val"]["shards"]},
+        "train": splits["train"]["entry"],
+        "val": splits["val"]["entry"],
         "tokenizer": TOKENIZER,
     }
     storage.write_text(manifest_path, json.dumps(manifest, indent=2))
@@ -140,8 +181,8 @@ def prepare_synthetic(dest: str, samples: int, seed: int = 0, val_samples: int |
         "dest": dest,
         "train_samples": n_train,
         "val_samples": n_val,
-        "train_shards": splits["train"]["shards"],
-        "val_shards": splits["val"]["shards"],
+        "train_shards": splits["train"]["entry"]["shards"],
+        "val_shards": splits["val"]["entry"]["shards"],
         "tokenizer": storage.join(dest, TOKENIZER),
         "wall_s": round(time.perf_counter() - started, 3),
     }

@@ -1,6 +1,7 @@
 """Storage and prepare_synthetic against a real S3 endpoint over HTTP (moto's server)."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import boto3
@@ -34,7 +35,11 @@ def test_prepare_to_s3_matches_local_prepare(s3_bucket, tmp_path):
                      "train/00000.tar", "train/00000_stats.json", "train/00001.tar", "train/00001_stats.json",
                      "train/00002.tar", "train/00002_stats.json", "val/00000.tar", "val/00000_stats.json"]
     manifest = json.loads(objects["datasets/shapes/dataset.json"])
-    assert manifest["train"] == {"samples": 24, "shards": 3} and manifest["val"] == {"samples": 6, "shards": 1}
+    assert (manifest["train"]["samples"], manifest["train"]["shards"]) == (24, 3)
+    assert (manifest["val"]["samples"], manifest["val"]["shards"]) == (6, 1)
+    for entry in manifest["train"]["files"] + manifest["val"]["files"]:
+        assert entry["sha256"] == hashlib.sha256(objects[f"datasets/shapes/{entry['path']}"]).hexdigest()
+    assert [f["samples"] for f in manifest["train"]["files"]] == [10, 10, 4]
     counts = [len(list(iter_tar_samples(objects[f"datasets/shapes/train/0000{i}.tar"]))) for i in range(3)]
     assert counts == [10, 10, 4]
     assert json.loads(objects["datasets/shapes/val/00000_stats.json"])["count"] == 6

@@ -1,6 +1,7 @@
 """prepare_synthetic on local disk: layout, exact counts, disjoint splits, reproducible bytes."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -35,9 +36,16 @@ def test_layout_and_summary(prepared):
     assert {k: v for k, v in summary.items() if k != "wall_s"} == {
         "dest": str(dest), "train_samples": 40, "val_samples": 10, "train_shards": 3, "val_shards": 1,
         "tokenizer": str(dest / "tokenizer.json")}
-    assert json.loads((dest / "dataset.json").read_text()) == {
+    manifest = json.loads((dest / "dataset.json").read_text())
+    files = {split: manifest[split].pop("files") for split in ("train", "val")}
+    assert manifest == {
         "name": "synthetic:shapes", "format": "webdataset", "seed": 3, "image_size": 64, "samples_per_shard": 16,
         "train": {"samples": 40, "shards": 3}, "val": {"samples": 10, "shards": 1}, "tokenizer": "tokenizer.json"}
+    assert [(f["path"], f["samples"]) for f in files["train"]] == [
+        ("train/00000.tar", 16), ("train/00001.tar", 16), ("train/00002.tar", 8)]
+    assert [(f["path"], f["samples"]) for f in files["val"]] == [("val/00000.tar", 10)]
+    for f in files["train"] + files["val"]:
+        assert f["sha256"] == hashlib.sha256((dest / f["path"]).read_bytes()).hexdigest()
     assert is_prepared(str(dest)) and not is_prepared(str(dest / "train"))
 
 
@@ -100,7 +108,7 @@ def test_rewrite_with_fewer_shards_removes_stale_ones(tmp_path):
     assert sorted(os.listdir(tmp_path / "train")) == [
         "00000.tar", "00000_stats.json", "00001.tar", "00001_stats.json", "00002.tar", "00002_stats.json"]
     assert os.listdir(tmp_path / "val") == []
-    assert json.loads((tmp_path / "dataset.json").read_text())["val"] == {"samples": 0, "shards": 0}
+    assert json.loads((tmp_path / "dataset.json").read_text())["val"] == {"samples": 0, "shards": 0, "files": []}
 
 
 def test_default_validation_hold_out():

@@ -54,6 +54,8 @@ def test_exists_list_and_delete(tmp_path):
     storage.write_bytes(str(tmp_path / "sub" / "c.tar"), b"x")
     assert storage.list_files(str(tmp_path)) == [str(tmp_path / n) for n in ("a.tar", "a_stats.json", "b.tar")]
     assert storage.list_files(str(tmp_path), suffix=".tar") == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+    assert storage.list_files(str(tmp_path), suffix=".tar", recursive=True) == [
+        str(tmp_path / n) for n in ("a.tar", "b.tar", "sub/c.tar")]
     assert storage.exists(str(tmp_path / "sub")) and storage.exists(str(tmp_path / "a.tar"))
     storage.delete(str(tmp_path / "a.tar"))
     storage.delete(str(tmp_path / "a.tar"))  # idempotent

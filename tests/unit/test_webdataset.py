@@ -10,6 +10,7 @@ import tarfile
 import pytest
 from PIL import Image
 
+from mmray.data.reader import iter_parquet, iter_tar
 from mmray.data.shapes import generate_sample
 from mmray.data.webdataset import (
     ShardWriter, build_tar, iter_tar_samples, make_key, split_member_name,
@@ -105,3 +106,44 @@ def test_reader_rejects_samples_split_across_the_tar():
         list(iter_tar_samples(data))
     grouped = list(iter_tar_samples(build_tar([("k1.jpg", b"1"), ("k1.txt", b"t"), ("k2.jpg", b"2")])))
     assert grouped == [{"__key__": "k1", "jpg": b"1", "txt": b"t"}, {"__key__": "k2", "jpg": b"2"}]
+
+
+def _png(size=(5, 3)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (1, 2, 3)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_encoded_images_are_stored_as_they_are_with_their_extension(tmp_path):
+    png = _png()
+    seen = []
+    with ShardWriter(str(tmp_path), 10, on_shard=seen.append) as writer:
+        writer.write_encoded(png, ".PNG", "a png", 5, 3, {"source": "x.png"})
+    (sample,) = iter_tar_samples((tmp_path / "00000.tar").read_bytes())
+    assert sorted(sample) == ["__key__", "json", "png", "txt"] and sample["png"] == png
+    meta = json.loads(sample["json"])
+    assert (meta["width"], meta["height"], meta["source"]) == (5, 3, "x.png")
+    assert meta["sha256"] == hashlib.sha256(png).hexdigest()
+    assert seen[0].sha256 == hashlib.sha256((tmp_path / "00000.tar").read_bytes()).hexdigest()
+    with open(tmp_path / "00000.tar", "rb") as f:  # mmray's reader takes the .png member as the image
+        (row,) = [r for block in iter_tar(f, "00000.tar", 8) for r in block.to_pylist()]
+    assert (row["image"], row["caption"], row["error"]) == (png, b"a png", "")
+    with pytest.raises(ValueError, match="extension"):
+        writer.write_encoded(png, "", "no extension", 5, 3)
+
+
+def test_parquet_shards_in_the_columns_the_reader_expects(tmp_path):
+    png = _png()
+    with ShardWriter(str(tmp_path), 2, format="parquet") as writer:
+        for i in range(3):
+            writer.write_encoded(png, "png", f"caption {i}", 5, 3, {"i": i})
+    assert sorted(os.listdir(tmp_path)) == ["00000.parquet", "00000_stats.json", "00001.parquet", "00001_stats.json"]
+    assert [(s.count, s.size) for s in writer.shards] == [
+        (2, os.path.getsize(tmp_path / "00000.parquet")), (1, os.path.getsize(tmp_path / "00001.parquet"))]
+    rows = [r for block in iter_parquet((tmp_path / "00000.parquet").read_bytes(), "00000.parquet", 8,
+                                        "jpg", "txt", "key") for r in block.to_pylist()]
+    assert [(r["key"], r["image"], r["caption"], r["error"]) for r in rows] == [
+        ("000000000", png, b"caption 0", ""), ("000000001", png, b"caption 1", "")]
+    assert json.loads(rows[1]["meta"])["i"] == 1
+    with pytest.raises(ValueError, match="format"):
+        ShardWriter(str(tmp_path), 2, format="zip")

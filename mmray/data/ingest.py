@@ -1,0 +1,495 @@
+"""`mmray data prepare` from real data: a folder of images with captions, or a CSV / JSONL index of them.
+
+Sources (local or ``s3://``):
+
+- a folder, searched recursively, of images (``.jpg``, ``.jpeg``, ``.png``, ``.webp``, any case) each with a
+  same-named ``.txt`` caption (``cats/001.jpg`` + ``cats/001.txt``) and optionally a same-named ``.json`` object of
+  metadata. Hidden files and folders (``.name``) are skipped. Samples are taken in order of their path.
+- a ``.csv`` (with a header row) or ``.jsonl`` index with one sample per row: the image path in column ``image``
+  (else ``path``, else ``filepath``; or ``image_column``) and the caption in ``caption`` (else ``text``; or
+  ``caption_column``). Relative paths resolve against the index file's directory; absolute local paths and
+  ``s3://`` URIs are used as they are. The row's other fields are kept in the sample's metadata. Samples are taken
+  in row order. A malformed row is an error that names the file and line.
+
+A sample that cannot be used is skipped and counted by reason, with a few examples: ``missing_caption``,
+``missing_image``, ``corrupt_image`` (it does not decode with Pillow), ``image_too_large``, ``empty_caption``,
+``non_utf8_caption``, ``bad_metadata`` (its ``.json`` is not a JSON object), ``unsupported_image_type``,
+``unsupported_url`` (http(s) images are not downloaded).
+
+Output: the layout of :mod:`mmray.data.prepare` (train/ and val/ shards, tokenizer.json, dataset.json written last),
+as WebDataset tars or Parquet files. Images are stored as their original bytes, never re-encoded. Validation takes
+``val_samples`` usable samples chosen by a shuffle of the samples seeded with ``seed`` (written in that shuffled
+order); training takes all other usable samples, in source order. The output is a pure function of the source and
+the arguments (save the timings in ``*_stats.json``).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import posixpath
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass, field
+
+import pyarrow.fs as pafs
+from PIL import Image
+
+from mmray import storage
+from mmray.data.pipeline import MAX_IMAGE_PIXELS
+from mmray.data.prepare import (MANIFEST, TOKENIZER, default_val_samples, remove_stale_shards, split_manifest)
+from mmray.data.tokenizer import MIN_VOCAB_SIZE, TextTokenizer, train_tokenizer
+from mmray.data.webdataset import FORMATS, ShardInfo, ShardWriter
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+INDEX_KINDS = {".csv": "csv", ".jsonl": "jsonl"}
+IMAGE_COLUMNS = ("image", "path", "filepath")
+CAPTION_COLUMNS = ("caption", "text")
+EXAMPLES_PER_REASON = 5
+READ_THREADS = 16  # images are read (S3 round trips) and decode-checked in threads, in order
+READ_AHEAD = 64
+# Metadata fields the shard writer sets itself; a source's own fields of these names are dropped.
+RESERVED_META = ("key", "caption", "status", "error_message", "width", "height", "original_width",
+                 "original_height", "sha256", "source")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One sample as the source lists it, before anything is read."""
+
+    ref: str                          # how a bad example names it: the image path, or ``index.csv:12: path``
+    image: str                        # path or URI of the image ("" when the row has none)
+    ext: str = ""                     # image extension, lowercase, no dot
+    caption: str | None = None        # the caption text (index sources) ...
+    caption_path: str | None = None   # ... or the file that holds it (folder sources)
+    meta_path: str | None = None      # a folder sample's .json
+    extra: dict = field(default_factory=dict)  # an index row's other fields
+    bad: str = ""                     # a reason already known from the listing
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A usable sample: its image bytes (as stored in the source), caption and metadata."""
+
+    image: bytes
+    ext: str
+    caption: str
+    width: int
+    height: int
+    meta: dict
+
+
+# ---------------------------------------------------------------------------------------------------- discovery
+
+
+def find_source(src: str) -> str:
+    """The kind of source at ``src``: ``folder``, ``csv`` or ``jsonl``. ValueError (StorageError) naming the path
+    when it does not exist or is a file of another kind."""
+    fs, inner = storage.resolve(src)
+    kind = fs.get_file_info(inner).type
+    if kind == pafs.FileType.Directory:
+        return "folder"
+    if kind == pafs.FileType.File:
+        suffix = os.path.splitext(src)[1].lower()
+        if suffix in INDEX_KINDS:
+            return INDEX_KINDS[suffix]
+        raise storage.StorageError(f"data source {src} is a file but not a .csv or .jsonl index")
+    raise storage.StorageError(f"data source does not exist: {src}")
+
+
+def _ext(path: str) -> str:
+    """The lowercase extension of a path's file name, without its dot ("" when it has none)."""
+    name = path.rsplit("/", 1)[-1]
+    return name.rpartition(".")[2].lower() if "." in name else ""
+
+
+def discover_folder(src: str) -> list[Candidate]:
+    """Every image under ``src`` (recursively, hidden files skipped), in path order, with its caption and metadata
+    files. An image without a ``.txt`` is a candidate already marked ``missing_caption``."""
+    fs, inner = storage.resolve(src)
+    root = storage.S3_SCHEME + inner if storage.is_s3(src) else inner
+    groups: dict[str, dict[str, str]] = {}  # path without extension -> {lowercase extension: path}
+    for path in storage.list_files(src, recursive=True):
+        rel = path[len(root):].lstrip("/")
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        stem, dot, ext = rel.rpartition(".")
+        if dot and "/" not in ext:
+            groups.setdefault(stem, {})[ext.lower()] = path
+    candidates = []
+    for stem in sorted(groups):
+        files = groups[stem]
+        for ext in sorted(e for e in files if e in IMAGE_EXTENSIONS):
+            caption = files.get("txt")
+            candidates.append(Candidate(ref=files[ext], image=files[ext], ext=ext, caption_path=caption,
+                                        meta_path=files.get("json"), bad="" if caption else "missing_caption"))
+    if not candidates:
+        raise ValueError(f"no images ({', '.join('.' + e for e in IMAGE_EXTENSIONS)}) found under {src}")
+    return candidates
+
+
+def _pick_column(where: str, names: Iterable[str], explicit: str | None, fallbacks: tuple[str, ...], what: str,
+                 flag: str) -> str:
+    names = list(names)
+    if explicit is not None:
+        if explicit in names:
+            return explicit
+        raise ValueError(f"{where}: no {what} column {explicit!r} ({flag}); it has {names}")
+    for name in fallbacks:
+        if name in names:
+            return name
+    looked = " or ".join(repr(n) for n in fallbacks)
+    raise ValueError(f"{where}: no {what} column: looked for {looked}; it has {names}. Name it with {flag}")
+
+
+def _csv_rows(src: str, text: str, image_column: str | None,
+              caption_column: str | None) -> Iterator[tuple[int, str, str | None, dict]]:
+    """(line, image, caption, other fields) per data row of a CSV file with a header row."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise ValueError(f"{src} is empty: expected a header row naming the image and caption columns") from None
+    except csv.Error as e:
+        raise ValueError(f"{src}:{reader.line_num}: malformed CSV header: {e}") from None
+    image_col = _pick_column(src, header, image_column, IMAGE_COLUMNS, "image", "--image-column")
+    caption_col = _pick_column(src, header, caption_column, CAPTION_COLUMNS, "caption", "--caption-column")
+    line = reader.line_num + 1  # where the next record starts (a quoted field may span lines)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise ValueError(f"{src}:{line}: malformed CSV row: {e}") from None
+        start, line = line, reader.line_num + 1
+        if not row:
+            continue  # a blank line
+        if len(row) != len(header):
+            raise ValueError(f"{src}:{start}: malformed CSV row: {len(row)} fields, the header has {len(header)}")
+        record = dict(zip(header, row))
+        extra = {k: v for k, v in record.items() if k not in (image_col, caption_col)}
+        yield start, record[image_col], record[caption_col], extra
+
+
+def _jsonl_rows(src: str, text: str, image_column: str | None,
+                caption_column: str | None) -> Iterator[tuple[int, str, str | None, dict]]:
+    """(line, image, caption, other fields) per non-blank line of a JSON Lines file."""
+    for number, raw in enumerate(text.split("\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{src}:{number}: malformed JSON line: {e.msg} (column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{src}:{number}: malformed JSON line: expected an object, got {type(record).__name__}")
+        where = f"{src}:{number}"
+        image_col = _pick_column(where, record, image_column, IMAGE_COLUMNS, "image", "--image-column")
+        caption_col = _pick_column(where, record, caption_column, CAPTION_COLUMNS, "caption", "--caption-column")
+        image, caption = record[image_col], record[caption_col]
+        if not isinstance(image, str) and image is not None:
+            raise ValueError(f"{where}: {image_col!r} must be a path (a string), got {json.dumps(image)[:80]}")
+        if not isinstance(caption, str) and caption is not None:
+            raise ValueError(f"{where}: {caption_col!r} must be a string, got {json.dumps(caption)[:80]}")
+        extra = {k: v for k, v in record.items() if k not in (image_col, caption_col)}
+        yield number, image or "", caption, extra
+
+
+def resolve_path(index: str, path: str) -> str:
+    """An index row's image path: ``s3://`` and absolute local paths as they are, others relative to the index."""
+    if storage.is_s3(path) or os.path.isabs(path):
+        return path
+    if storage.is_s3(index):
+        base = posixpath.dirname(index[len(storage.S3_SCHEME):])
+        return storage.S3_SCHEME + posixpath.normpath(posixpath.join(base, path))
+    return os.path.normpath(os.path.join(os.path.dirname(storage.resolve(index)[1]), path))
+
+
+def discover_index(src: str, kind: str, image_column: str | None = None,
+                   caption_column: str | None = None) -> list[Candidate]:
+    """The samples a ``.csv`` / ``.jsonl`` index lists, in row order."""
+    try:
+        text = storage.read_bytes(src).decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{src} is not UTF-8 text: {e}") from None
+    rows = (_csv_rows if kind == "csv" else _jsonl_rows)(src, text, image_column, caption_column)
+    candidates = []
+    for line, image, caption, extra in rows:
+        image = image.strip()
+        ref = f"{src}:{line}: {image}"
+        path = resolve_path(src, image) if image else ""
+        ext = _ext(path)
+        bad = ("missing_image" if not image else
+               "unsupported_url" if image.lower().startswith(("http://", "https://")) else
+               "unsupported_image_type" if ext not in IMAGE_EXTENSIONS else
+               "missing_caption" if caption is None else "")
+        candidates.append(Candidate(ref=ref, image=path, ext=ext, caption=caption, extra=extra, bad=bad))
+    if not candidates:
+        raise ValueError(f"{src} lists no samples")
+    return candidates
+
+
+# -------------------------------------------------------------------------------------------------- reading
+
+
+def check_image(data: bytes) -> tuple[int, int]:
+    """(width, height) of an encoded image that Pillow decodes whole; ValueError ``corrupt_image`` /
+    ``image_too_large`` / ``empty_image`` otherwise. JPEGs are decoded at reduced scale (every byte is still read)."""
+    if not data:
+        raise ValueError("empty_image")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ValueError("image_too_large")
+            img.verify()
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format == "JPEG":
+                img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            img.load()
+    except ValueError as e:
+        if str(e) == "image_too_large":
+            raise
+        raise ValueError("corrupt_image") from None
+    except Image.DecompressionBombError:
+        raise ValueError("image_too_large") from None
+    except Exception:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) for broken files
+        raise ValueError("corrupt_image") from None
+    return width, height
+
+
+def load(candidate: Candidate) -> Loaded | str:
+    """Read and check one sample: a Loaded, or the reason it is bad."""
+    if candidate.bad:
+        return candidate.bad
+    try:
+        data = storage.read_bytes(candidate.image)
+    except storage.StorageError:
+        return "missing_image"
+    caption = candidate.caption
+    if candidate.caption_path is not None:
+        try:
+            caption = storage.read_bytes(candidate.caption_path).decode("utf-8")
+        except storage.StorageError:
+            return "missing_caption"
+        except UnicodeDecodeError:
+            return "non_utf8_caption"
+    caption = (caption or "").strip()
+    if not caption:
+        return "empty_caption"
+    meta = dict(candidate.extra)
+    if candidate.meta_path is not None:
+        try:
+            own = json.loads(storage.read_bytes(candidate.meta_path))
+        except (storage.StorageError, ValueError):
+            return "bad_metadata"
+        if not isinstance(own, dict):
+            return "bad_metadata"
+        meta.update(own)
+    try:
+        width, height = check_image(data)
+    except ValueError as e:
+        return str(e)
+    meta = {k: v for k, v in meta.items() if k not in RESERVED_META}
+    meta["source"] = candidate.image
+    return Loaded(image=data, ext=candidate.ext, caption=caption, width=width, height=height, meta=meta)
+
+
+def _ordered_map(items: Iterable[tuple[int, Candidate]], threads: int) -> Iterator[tuple[int, Loaded | str]]:
+    """``(i, load(candidate))`` for each item, in input order, with up to READ_AHEAD loads running in threads.
+    Stopping early cancels the loads not yet started."""
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        pending: deque = deque()
+        try:
+            for i, candidate in items:
+                pending.append((i, pool.submit(load, candidate)))
+                if len(pending) >= READ_AHEAD:
+                    i, future = pending.popleft()
+                    yield i, future.result()
+            while pending:
+                i, future = pending.popleft()
+                yield i, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+# -------------------------------------------------------------------------------------------------- writing
+
+
+def _inside(child: str, parent: str) -> bool:
+    """Whether ``child`` is ``parent`` or below it (both local, or both S3)."""
+    if storage.is_s3(child) != storage.is_s3(parent):
+        return False
+    if storage.is_s3(child):
+        return (child.rstrip("/") + "/").startswith(parent.rstrip("/") + "/")
+    c, p = os.path.realpath(storage.resolve(child)[1]), os.path.realpath(storage.resolve(parent)[1])
+    return c == p or c.startswith(p.rstrip(os.sep) + os.sep)
+
+
+def _check_args(fmt: str, samples_per_shard: int, val_samples: int | None, vocab_size: int,
+                tokenizer: str | None) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; supported: {', '.join(FORMATS)}")
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be at least 1, got {samples_per_shard}")
+    if val_samples is not None and val_samples < 0:
+        raise ValueError(f"val_samples must be at least 0, got {val_samples}")
+    if tokenizer is None and vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE}, got {vocab_size}")
+
+
+class _Bad:
+    """Bad samples: a count per reason and the first few examples of each."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, reason: str, candidate: Candidate) -> None:
+        self.counts[reason] += 1
+        kept = self.examples.setdefault(reason, [])
+        if len(kept) < EXAMPLES_PER_REASON:
+            kept.append(candidate.ref)
+
+    def __str__(self) -> str:
+        return ", ".join(f"{reason}: {n}" for reason, n in sorted(self.counts.items())) or "none"
+
+
+def _writer(dest: str, split: str, fmt: str, samples_per_shard: int, say: Callable[[str], None]) -> ShardWriter:
+    done = [0]
+
+    def report(info: ShardInfo) -> None:
+        done[0] += info.count
+        say(f"{split}: shard {info.shard_id + 1} written ({info.count} samples, {done[0]} in {split} so far)")
+
+    return ShardWriter(storage.join(dest, split), samples_per_shard, on_shard=report, format=fmt)
+
+
+def _write(writer: ShardWriter, sample: Loaded) -> None:
+    writer.write_encoded(sample.image, sample.ext, sample.caption, sample.width, sample.height, sample.meta)
+
+
+def _texts(sample: Loaded) -> list[str]:
+    """The text a sample gives the tokenizer: its caption, and its metadata's questions and answers if any."""
+    qa = sample.meta.get("qa")
+    pairs = [q for q in qa if isinstance(q, dict)] if isinstance(qa, list) else []
+    return [sample.caption] + [f"{q.get('question', '')} {q.get('answer', '')}".strip() for q in pairs]
+
+
+def prepare_ingest(src: str, dest: str, format: str = "webdataset", samples_per_shard: int = 1000,
+                   val_samples: int | None = None, seed: int = 0, tokenizer: str | None = None,
+                   vocab_size: int = 512, image_column: str | None = None, caption_column: str | None = None,
+                   progress: Callable[[str], None] | None = None, threads: int = READ_THREADS) -> dict:
+    """Write the images and captions of ``src`` (a folder, or a .csv / .jsonl index) to ``dest`` and return a
+    summary. See the module docstring for the sources, the bad-sample reasons and the split.
+
+    ``val_samples`` defaults to ``default_val_samples`` of the samples that have a caption. ``tokenizer`` is an
+    existing tokenizer.json (local or s3://) copied as DEST/tokenizer.json; without it a tokenizer of at most
+    ``vocab_size`` tokens is trained on the training captions. Everything that can be checked before writing (the
+    source, the columns of an index, the tokenizer, DEST outside SRC) is, and raises ValueError naming the problem.
+    """
+    started = time.perf_counter()
+    say = progress or (lambda message: None)
+    _check_args(format, samples_per_shard, val_samples, vocab_size, tokenizer)
+    kind = find_source(src)
+    if kind == "folder":
+        if image_column is not None or caption_column is not None:
+            raise ValueError("image_column / caption_column apply to a .csv or .jsonl index, not to a folder")
+        if _inside(dest, src):
+            raise ValueError(f"DEST {dest} is inside SRC {src}: choose a DEST outside the source folder")
+    tokenizer_bytes = None
+    if tokenizer is not None:
+        TextTokenizer.from_file(tokenizer)  # a missing or invalid file is an error naming it, before any writing
+        tokenizer_bytes = storage.read_bytes(tokenizer)
+
+    candidates = discover_folder(src) if kind == "folder" else discover_index(src, kind, image_column, caption_column)
+    eligible = sum(1 for c in candidates if not c.bad)
+    say(f"{src}: {len(candidates)} samples listed ({kind}), {len(candidates) - eligible} without a usable listing")
+    if not eligible:
+        reasons = Counter(c.bad for c in candidates)
+        raise ValueError(f"no usable samples in {src}: {dict(reasons)}; e.g. {candidates[0].ref}")
+    n_val = default_val_samples(eligible) if val_samples is None else val_samples
+    if n_val >= eligible:
+        raise ValueError(f"val_samples={n_val} leaves no training sample: {src} has {eligible} samples with captions")
+
+    manifest_path = storage.join(dest, MANIFEST)
+    storage.delete(manifest_path)  # while we rewrite, the data set is not complete
+    bad = _Bad()
+    suffix = FORMATS[format]
+
+    # Validation: the first n_val usable samples in a seeded shuffle of the listing.
+    order = list(range(len(candidates)))
+    random.Random(seed).shuffle(order)
+    taken: set[int] = set()  # read in this pass: chosen for validation, or found bad
+    eligible_order = ((i, candidates[i]) for i in order if not candidates[i].bad)
+    with _writer(dest, "val", format, samples_per_shard, say) as val, \
+            closing(_ordered_map(eligible_order if n_val else (), threads)) as results:
+        for i, result in results:
+            taken.add(i)
+            if isinstance(result, str):
+                bad.add(result, candidates[i])
+                continue
+            _write(val, result)
+            if val.samples == n_val:
+                break
+    if val.samples < n_val:
+        raise ValueError(f"only {val.samples} usable samples in {src} (bad: {bad}); val_samples={n_val} needs more")
+
+    # Training: every other sample, in listing order.
+    texts: list[str] = []
+    rest = ((i, c) for i, c in enumerate(candidates) if i not in taken)
+    with _writer(dest, "train", format, samples_per_shard, say) as train, \
+            closing(_ordered_map(rest, threads)) as results:
+        for i, result in results:
+            if isinstance(result, str):
+                bad.add(result, candidates[i])
+                continue
+            _write(train, result)
+            texts += _texts(result)
+    if not train.samples:
+        raise ValueError(f"no usable training samples in {src} (bad: {bad}); examples: {bad.examples}")
+    for split, writer in (("train", train), ("val", val)):
+        remove_stale_shards(storage.join(dest, split), len(writer.shards), suffix)
+
+    tokenizer_path = storage.join(dest, TOKENIZER)
+    if tokenizer_bytes is not None:
+        storage.write_bytes(tokenizer_path, tokenizer_bytes)
+        say(f"tokenizer: copied {tokenizer}")
+    else:
+        trained = TextTokenizer(train_tokenizer(texts, vocab_size=vocab_size))
+        trained.save(tokenizer_path)
+        say(f"tokenizer: {trained.vocab_size} tokens trained on the training captions")
+
+    manifest = {
+        "name": src,
+        "source": src,
+        "format": format,
+        "seed": seed,
+        "samples_per_shard": samples_per_shard,
+        "train": split_manifest("train", train.shards),
+        "val": split_manifest("val", val.shards),
+        "tokenizer": TOKENIZER,
+        "bad": dict(sorted(bad.counts.items())),
+    }
+    storage.write_text(manifest_path, json.dumps(manifest, indent=2))
+    say(f"done: {train.samples} train + {val.samples} val samples written to {dest}; bad samples: {bad}")
+    return {
+        "src": src,
+        "dest": dest,
+        "format": format,
+        "train_samples": train.samples,
+        "val_samples": val.samples,
+        "train_shards": len(train.shards),
+        "val_shards": len(val.shards),
+        "bad": dict(sorted(bad.counts.items())),
+        "bad_examples": {reason: bad.examples[reason] for reason in sorted(bad.examples)},
+        "tokenizer": tokenizer_path,
+        "wall_s": round(time.perf_counter() - started, 3),
+    }
