@@ -390,6 +390,15 @@ def parse(sweep: Any, base: Mapping[str, Any]) -> SweepSpec:
     scheduler = _typed("scheduler", sweep.get("scheduler"), SchedulerSpec)
     scheduler = _check_scheduler(scheduler, cfg, metric, space)
     budget = _typed("budget", sweep.get("budget"), BudgetSpec)
+    if cfg.budget.usd:
+        # budget.usd caps a run; a sweep is one run for the budget: its cap is the sweep's (trials are not capped
+        # one by one, since each trial's own meter prices the whole cluster, the other trials included).
+        if budget.usd and budget.usd != cfg.budget.usd:
+            raise ConfigError(f"budget.usd={cfg.budget.usd:g} and sweep.budget.usd={budget.usd:g} disagree: in a "
+                              "sweep, budget.usd is the cap of the whole sweep; set one of them.")
+        budget = dataclasses.replace(budget, usd=cfg.budget.usd)
+        base.setdefault("budget", {})["usd"] = 0.0
+        cfg = config_lib.from_dict(base)
     _check_budget(budget, cfg)
 
     name = sweep.get("name", "")

@@ -381,3 +381,13 @@ def test_ledger_charges_the_metered_cluster_when_it_costs_more_than_its_trials()
     ledger.cost_source = _Meter(spent=0.99, burn=3.6 * 2)  # $0.99 + $0.02 >= $1
     stop, why = ledger.must_stop(2.0)
     assert stop and "$0.9900 spent" in why
+
+
+def test_budget_usd_of_a_sweep_config_caps_the_whole_sweep():
+    s = spec.from_mapping({**_sweep(), "budget": {"usd": 7}})
+    assert s.budget.usd == 7 and s.config.budget.usd == 0  # the sweep's cap; trials are not capped one by one
+    assert s.trial_config({"model.fusion": "late", "run.name": "t1"}).budget.usd == 0
+    assert spec.from_mapping({**_sweep(budget={"usd": 7}), "budget": {"usd": 7}}).budget.usd == 7
+    with pytest.raises(config.ConfigError, match="disagree"):
+        spec.from_mapping({**_sweep(budget={"usd": 5}), "budget": {"usd": 7}})
+    assert spec.from_mapping(_sweep(), ["budget.usd=3"]).budget.usd == 3
