@@ -11,8 +11,9 @@ import logging
 from mmray.infer import DEVICES, FORMATS, TASKS
 
 EMBED_HELP = """\
-Stream SRC (one or more prepared data sets, directories or s3:// prefixes of .tar / .parquet shards, or shard
-files) through the exported model EXPORT with Ray Data, on a pool of actors that each load the model once (one per
+Stream SRC (one or more prepared data sets, directories or s3:// prefixes of .tar / .parquet shards, shard
+files, folders of images with same-named .txt captions, or .csv / .jsonl indexes of image path and caption; the
+last two are written as shards under OUT/_staged once, as `mmray data prepare` would) through the exported model EXPORT with Ray Data, on a pool of actors that each load the model once (one per
 GPU when the cluster has GPUs, else CPU actors), and write one Parquet file per input shard to OUT with the columns
 key, shard, caption, image_embedding and text_embedding (L2-normalised list<float32>). Only exports whose
 model.fusion keeps separate towers (late, attention) have embeddings. Bad samples are skipped and counted as in

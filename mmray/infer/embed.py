@@ -12,8 +12,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from mmray import storage
 from mmray.config import Config, ConfigError
-from mmray.infer.inputs import Rows, find_sources
+from mmray.infer.inputs import Rows, find_sources, merge_staged, stage_sources
 from mmray.infer.outputs import OutputDir, float_lists
 from mmray.infer.runner import Job, load_model, read_export, run
 
@@ -91,11 +92,14 @@ def embed(export_dir: str, srcs: list[str], out: str, *, batch_size: int = 256, 
     """Embed every shard of ``srcs`` that ``out`` does not hold yet; returns the summary `mmray embed` prints."""
     info = read_export(export_dir)
     check_can_embed(info.cfg)
-    job = Job("embed", info, find_sources(srcs), OutputDir(out, "parquet"), EmbedWorker, (export_dir,), to_table,
+    job = Job("embed", info, [], OutputDir(out, "parquet"), EmbedWorker, (export_dir,), to_table,
               Rows(), batch_size, device, actors, cpus_per_actor, max_bad_fraction)
     job.outputs.claim({"kind": "embeddings", "export": export_dir, "weights_sha256": info.weights_sha256,
                        "fusion": info.cfg.model.fusion, "embed_dim": info.cfg.model.embed_dim,
                        "image_size": info.cfg.data.image_size, "src": srcs, "columns": OUTPUT_SCHEMA.names},
                       same=("kind", "weights_sha256"))
-    summary = run(job, progress)
+    # Folders of images and CSV / JSONL indexes are written as shards under OUT/_staged first (once).
+    read, staged = stage_sources(srcs, out, storage.join(export_dir, "tokenizer.json"), progress)
+    job.sources = find_sources(read)
+    summary = merge_staged(run(job, progress), staged)
     return {"command": "embed", "export": export_dir, "src": srcs, **summary}

@@ -19,9 +19,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from mmray import storage
 from mmray.config import Config, ConfigError
 from mmray.data.tokenizer import BOS, EOS, TextTokenizer
-from mmray.infer.inputs import Rows, find_sources
+from mmray.infer.inputs import Rows, find_sources, merge_staged, stage_sources
 from mmray.infer.outputs import OutputDir
 from mmray.infer.runner import ExportInfo, Job, load_model, read_export, run
 
@@ -152,13 +153,16 @@ def generate(export_dir: str, srcs: list[str], out: str, *, task: str = "caption
         columns = {name: [str(v) for v in rows[name]] for name in ("key", *spec.references, "generated")}
         return pa.table({**columns, "shard": [shard] * n}, schema=spec.schema)
 
-    job = Job("generate", info, find_sources(srcs), OutputDir(out, fmt), GenerateWorker,
+    job = Job("generate", info, [], OutputDir(out, fmt), GenerateWorker,
               (export_dir, task, max_new, beam), to_table, spec.rows(info), batch_size, device, actors,
               cpus_per_actor, max_bad_fraction)
     job.outputs.claim({"kind": f"generate:{task}", "export": export_dir, "weights_sha256": info.weights_sha256,
                        "task": task, "beam": beam, "max_new_tokens": max_new, "format": fmt, "src": srcs,
                        "columns": spec.schema.names},
                       same=("kind", "weights_sha256", "beam", "max_new_tokens", "format"))
-    summary = run(job, progress)
+    # Folders of images and CSV / JSONL indexes are written as shards under OUT/_staged first (once).
+    read, staged = stage_sources(srcs, out, storage.join(export_dir, "tokenizer.json"), progress)
+    job.sources = find_sources(read)
+    summary = merge_staged(run(job, progress), staged)
     return {"command": "generate", "task": task, "export": export_dir, "src": srcs, "beam": beam,
             "max_new_tokens": max_new, "format": fmt, **summary}

@@ -20,6 +20,7 @@ Batch schema of :class:`Decode` (numpy, one row per usable sample or tally):
 """
 from __future__ import annotations
 
+import json
 import posixpath
 from typing import Iterator
 
@@ -38,6 +39,66 @@ def _relative_name(path: str, root: str) -> str:
     """``root/train/00000.tar`` -> ``train__00000.tar``: a flat, unique output name that says where it came from."""
     rel = posixpath.relpath(path.replace("\\", "/"), root.replace("\\", "/").rstrip("/"))
     return rel.replace("/", "__") if not rel.startswith("..") else posixpath.basename(path)
+
+
+STAGED = "_staged"  # under OUT: folders and CSV/JSONL indexes written as shards (mmray.data.ingest)
+
+
+def _needs_staging(src: str) -> bool:
+    """A folder of images with captions, or a .csv / .jsonl index, rather than shards or a prepared data set."""
+    if src.endswith(SHARD_SUFFIXES):
+        return False
+    if not _is_dir(src):
+        return src.lower().endswith((".csv", ".jsonl"))
+    try:
+        find_shards(src)
+        return False
+    except storage.StorageError:  # a directory without shards: a folder of images (ingest says if it is not)
+        return True
+
+
+def stage_sources(srcs: list[str], out: str, tokenizer: str, progress=None) -> tuple[list[str], dict]:
+    """Replace each folder / CSV / JSONL source by its shards, written once under ``OUT/_staged/<hash>`` by
+    :func:`mmray.data.ingest.prepare_ingest` (all samples in train/, with the export's tokenizer); a rerun reuses
+    them. Returns the sources to read and the staging's bad-sample counts and examples (missing captions or images,
+    unreadable images), which the reader never sees."""
+    import hashlib
+
+    from mmray.data.ingest import prepare_ingest
+    from mmray.data.prepare import MANIFEST, is_prepared
+
+    read, bad, examples = [], {}, {}
+    for src in srcs:
+        if not _needs_staging(src):
+            read.append(src)
+            continue
+        where = src if storage.is_s3(src) else storage.resolve(src)[1]
+        dest = storage.join(out, STAGED, hashlib.sha256(where.encode()).hexdigest()[:16])
+        if is_prepared(dest):
+            manifest = json.loads(storage.read_text(storage.join(dest, MANIFEST)))
+            staged_bad = manifest.get("bad", {})
+            if progress:
+                progress(f"{src}: using the shards staged in {dest}")
+        else:
+            if progress:
+                progress(f"{src}: writing it as shards to {dest} first")
+            summary = prepare_ingest(src, dest, val_samples=0, tokenizer=tokenizer, progress=progress)
+            staged_bad = summary["bad"]
+            for reason, refs in summary["bad_examples"].items():
+                examples.setdefault(reason, []).extend(refs)
+        for reason, n in staged_bad.items():
+            bad[reason] = bad.get(reason, 0) + n
+        read.append(dest)
+    return read, {"bad": bad, "bad_examples": examples}
+
+
+def merge_staged(summary: dict, staged: dict) -> dict:
+    """Add the staging's bad samples to a run's summary."""
+    bad = dict(summary.get("bad", {}))
+    for reason, n in staged["bad"].items():
+        bad[reason] = bad.get(reason, 0) + n
+    examples = {**staged["bad_examples"], **summary.get("bad_examples", {})}
+    return {**summary, "bad": bad, "bad_examples": examples}
 
 
 def find_sources(srcs: list[str]) -> list[tuple[str, str]]:

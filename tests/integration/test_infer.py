@@ -299,3 +299,39 @@ def test_search_retrieval_matches_mmray_eval(embedded, exports, src):
             hits = [any(h["caption"] == row["caption"] for h in
                         search_vector(out, np.array(row[query]), against, k=k)) for row in rows]
             assert sum(hits) / len(rows) == pytest.approx(evaluated[f"{direction}_r@{k}"]), (direction, k)
+
+
+def test_embed_and_generate_from_a_folder_and_a_csv_index(ray_session, exports, src, tmp_path):
+    """A folder of images with same-named captions, and a CSV index of path and caption, go through the same
+    commands: written once as shards under OUT/_staged (reused by a rerun), the bad samples counted."""
+    import csv
+
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    samples = list(raw_samples(src).values())
+    usable = [s for s in samples if s["jpg"] != b"this is not a jpeg"][:6]
+    for i, s in enumerate(usable):
+        where = folder / "sub" if i % 2 else folder
+        (where / f"img{i}.jpg").write_bytes(s["jpg"])
+        (where / f"img{i}.txt").write_bytes(s["txt"])
+    (folder / "no_caption.jpg").write_bytes(usable[0]["jpg"])
+    out = str(tmp_path / "emb")
+    code, summary = mmray("embed", exports["late"], str(folder), out, *POOL)
+    assert code == 0, summary
+    assert summary["samples"] == 6 and summary["bad"] == {"missing_caption": 1} and summary["shards_written"] == 1
+    rows = read_rows(out)
+    assert sorted(r["caption"] for r in rows) == sorted(s["txt"].decode() for s in usable)
+    code, again = mmray("embed", exports["late"], str(folder), out, *POOL)
+    assert code == 0 and (again["shards_written"], again["shards_skipped"]) == (0, 1)
+
+    index = tmp_path / "index.csv"
+    with open(index, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption"])
+        for i in range(4):
+            w.writerow([f"photos/{'sub/' if i % 2 else ''}img{i}.jpg", usable[i]["txt"].decode()])
+        w.writerow(["photos/missing.jpg", "a caption for nothing"])
+    code, summary = mmray("generate", exports["late"], str(index), str(tmp_path / "gen"), "--format", "jsonl",
+                          *POOL)
+    assert code == 0, summary
+    assert summary["rows"] == 4 and summary["bad"] == {"missing_image": 1}
