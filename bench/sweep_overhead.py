@@ -17,7 +17,8 @@ Runs a sweep at concurrency 1 with no early stopping (FIFO), one trial per fusio
 Prints one JSON object.
 
     python bench/sweep_overhead.py --steps 30 --baseline
-    python bench/sweep_overhead.py --fusion-check --steps 400 --samples 4000
+    python bench/sweep_overhead.py --fusion-check --steps 400 --samples 8000 --fusions late,hierarchical,attention \
+        --instance-type m6i.xlarge --out /path/to/keep
 """
 from __future__ import annotations
 
@@ -51,8 +52,17 @@ def sweep_config(args, root: str, data_dir: str) -> dict:
         "sweep": {"name": "bench", "storage_path": os.path.join(root, "sweeps"),
                   "metric": "val_vqa_acc_compositional" if check else "val_vqa_acc", "mode": "max",
                   "search": "grid", "max_concurrent": 1, "scheduler": {"name": "fifo"},
-                  "space": {"model.fusion": {"grid": list(FUSIONS[:args.trials])}}},
+                  "space": {"model.fusion": {"grid": fusions(args)}},
+                  "budget": {"instance_type": args.instance_type}},
     }
+
+
+def fusions(args) -> list[str]:
+    chosen = args.fusions.split(",") if args.fusions else list(FUSIONS[:args.trials])
+    unknown = set(chosen) - set(FUSIONS)
+    if unknown:
+        raise SystemExit(f"--fusions: unknown {sorted(unknown)}; choose from {', '.join(FUSIONS)}")
+    return chosen
 
 
 def trial_results(sweep_dir: str) -> dict[str, list[dict]]:
@@ -71,6 +81,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per trial")
     p.add_argument("--trials", type=int, default=4, choices=(1, 2, 3, 4), help="fusion strategies (one trial each)")
+    p.add_argument("--fusions", default="", help="comma-separated strategies instead of the first --trials")
+    p.add_argument("--instance-type", default="local",
+                   help="price-table entry the trials are priced at (their share of it), for the cost axis")
     p.add_argument("--samples", type=int, default=2000, help="generated shapes samples (train + 256 val)")
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial")
     p.add_argument("--baseline", action="store_true", help="also run the same trainings without Tune")

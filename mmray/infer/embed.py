@@ -14,7 +14,7 @@ import torch
 
 from mmray import storage
 from mmray.config import Config, ConfigError
-from mmray.infer.inputs import Rows, find_sources, merge_staged, stage_sources
+from mmray.infer.inputs import Rows, check_sources, find_sources, merge_staged, stage_sources
 from mmray.infer.outputs import OutputDir, float_lists
 from mmray.infer.runner import Job, load_model, read_export, run
 
@@ -94,6 +94,7 @@ def embed(export_dir: str, srcs: list[str], out: str, *, batch_size: int = 256, 
     check_can_embed(info.cfg)
     job = Job("embed", info, [], OutputDir(out, "parquet"), EmbedWorker, (export_dir,), to_table,
               Rows(), batch_size, device, actors, cpus_per_actor, max_bad_fraction)
+    check_sources(srcs)  # before OUT is claimed: a wrong SRC leaves nothing behind
     job.outputs.claim({"kind": "embeddings", "export": export_dir, "weights_sha256": info.weights_sha256,
                        "fusion": info.cfg.model.fusion, "embed_dim": info.cfg.model.embed_dim,
                        "image_size": info.cfg.data.image_size, "src": srcs, "columns": OUTPUT_SCHEMA.names},

@@ -22,7 +22,7 @@ import torch
 from mmray import storage
 from mmray.config import Config, ConfigError
 from mmray.data.tokenizer import BOS, EOS, TextTokenizer
-from mmray.infer.inputs import Rows, find_sources, merge_staged, stage_sources
+from mmray.infer.inputs import Rows, check_sources, find_sources, merge_staged, stage_sources
 from mmray.infer.outputs import OutputDir
 from mmray.infer.runner import ExportInfo, Job, load_model, read_export, run
 
@@ -156,6 +156,7 @@ def generate(export_dir: str, srcs: list[str], out: str, *, task: str = "caption
     job = Job("generate", info, [], OutputDir(out, fmt), GenerateWorker,
               (export_dir, task, max_new, beam), to_table, spec.rows(info), batch_size, device, actors,
               cpus_per_actor, max_bad_fraction)
+    check_sources(srcs)  # before OUT is claimed: a wrong SRC leaves nothing behind
     job.outputs.claim({"kind": f"generate:{task}", "export": export_dir, "weights_sha256": info.weights_sha256,
                        "task": task, "beam": beam, "max_new_tokens": max_new, "format": fmt, "src": srcs,
                        "columns": spec.schema.names},

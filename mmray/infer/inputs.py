@@ -57,6 +57,18 @@ def _needs_staging(src: str) -> bool:
         return True
 
 
+def check_sources(srcs: list[str]) -> None:
+    """Fail (naming the path) before anything is written to OUT when a source is missing or holds nothing to
+    read: shards and data sets are listed, folders and indexes recognised (their samples are checked when staged)."""
+    from mmray.data.ingest import find_source
+
+    for src in srcs:
+        if _needs_staging(src):
+            find_source(src)
+        else:
+            find_sources([src])
+
+
 def stage_sources(srcs: list[str], out: str, tokenizer: str, progress=None) -> tuple[list[str], dict]:
     """Replace each folder / CSV / JSONL source by its shards, written once under ``OUT/_staged/<hash>`` by
     :func:`mmray.data.ingest.prepare_ingest` (all samples in train/, with the export's tokenizer); a rerun reuses

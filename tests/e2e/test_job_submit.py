@@ -22,8 +22,8 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@pytest.fixture(scope="module")
+def ray_head():
     """A one-node cluster on loopback with the dashboard's job server, token authentication on.
 
     `ray start --block` runs in the foreground of a child process, and stopping it (SIGTERM) stops this cluster
