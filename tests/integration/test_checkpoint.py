@@ -229,8 +229,8 @@ def test_eval_reproduces_the_training_evaluation(zero2_run, tiny_dataset, tmp_pa
     assert main(["eval", str(tmp_path / "nothing"), "--data", tiny_dataset]) == 2
 
 
-def test_resume_on_another_worker_count_explains_what_to_do(ray_session, tiny_dataset, tmp_path):
-    train(_cfg(tiny_dataset, tmp_path / "runs", "train.zero_stage=1", "train.max_steps=2"))
-    with pytest.raises(config.ConfigError, match=r"written by 2 workers under ZeRO-1.*train.num_workers=2"):
-        train(_cfg(tiny_dataset, tmp_path / "runs", "train.zero_stage=1", "train.max_steps=4",
+def test_resume_on_another_worker_count_explains_what_to_do(zero2_run, tiny_dataset, tmp_path):
+    _copy_run(zero2_run, tmp_path / "runs")
+    with pytest.raises(config.ConfigError, match=r"written by 2 workers under ZeRO-2.*train.num_workers=2"):
+        train(_cfg(tiny_dataset, tmp_path / "runs", "train.zero_stage=2", "train.max_steps=6",
                    "train.num_workers=1", "train.max_failures=0"))
