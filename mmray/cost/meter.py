@@ -296,8 +296,8 @@ class CostMeter:
             rec["usd_per_hour"] = sum(n["usd_per_hour"] for n in known) if known else None
             rec["markets"] = sorted({n["market"] for n in known})
             for i, old in enumerate(self._preemptions):
-                if old.get("notice_at") == rec.get("notice_at"):
-                    self._preemptions[i] = {**old, **rec}
+                if old.get("notice_at") == rec.get("notice_at"):  # a later report adds, never erases
+                    self._preemptions[i] = {**old, **{k: v for k, v in rec.items() if v is not None}}
                     break
             else:
                 self._preemptions.append(rec)

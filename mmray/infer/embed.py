@@ -94,13 +94,13 @@ def embed(export_dir: str, srcs: list[str], out: str, *, batch_size: int = 256, 
     check_can_embed(info.cfg)
     job = Job("embed", info, [], OutputDir(out, "parquet"), EmbedWorker, (export_dir,), to_table,
               Rows(), batch_size, device, actors, cpus_per_actor, max_bad_fraction)
-    check_sources(srcs)  # before OUT is claimed: a wrong SRC leaves nothing behind
+    check_sources(srcs, out)  # before OUT is claimed: a wrong SRC leaves nothing behind
     job.outputs.claim({"kind": "embeddings", "export": export_dir, "weights_sha256": info.weights_sha256,
                        "fusion": info.cfg.model.fusion, "embed_dim": info.cfg.model.embed_dim,
                        "image_size": info.cfg.data.image_size, "src": srcs, "columns": OUTPUT_SCHEMA.names},
                       same=("kind", "weights_sha256"))
     # Folders of images and CSV / JSONL indexes are written as shards under OUT/_staged first (once).
-    read, staged = stage_sources(srcs, out, storage.join(export_dir, "tokenizer.json"), progress)
-    job.sources = find_sources(read)
+    read, staged, prefixes = stage_sources(srcs, out, storage.join(export_dir, "tokenizer.json"), progress)
+    job.sources = find_sources(read, prefixes)
     summary = merge_staged(run(job, progress), staged)
     return {"command": "embed", "export": export_dir, "src": srcs, **summary}

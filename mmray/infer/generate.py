@@ -156,14 +156,14 @@ def generate(export_dir: str, srcs: list[str], out: str, *, task: str = "caption
     job = Job("generate", info, [], OutputDir(out, fmt), GenerateWorker,
               (export_dir, task, max_new, beam), to_table, spec.rows(info), batch_size, device, actors,
               cpus_per_actor, max_bad_fraction)
-    check_sources(srcs)  # before OUT is claimed: a wrong SRC leaves nothing behind
+    check_sources(srcs, out)  # before OUT is claimed: a wrong SRC leaves nothing behind
     job.outputs.claim({"kind": f"generate:{task}", "export": export_dir, "weights_sha256": info.weights_sha256,
                        "task": task, "beam": beam, "max_new_tokens": max_new, "format": fmt, "src": srcs,
                        "columns": spec.schema.names},
                       same=("kind", "weights_sha256", "beam", "max_new_tokens", "format"))
     # Folders of images and CSV / JSONL indexes are written as shards under OUT/_staged first (once).
-    read, staged = stage_sources(srcs, out, storage.join(export_dir, "tokenizer.json"), progress)
-    job.sources = find_sources(read)
+    read, staged, prefixes = stage_sources(srcs, out, storage.join(export_dir, "tokenizer.json"), progress)
+    job.sources = find_sources(read, prefixes)
     summary = merge_staged(run(job, progress), staged)
     return {"command": "generate", "task": task, "export": export_dir, "src": srcs, "beam": beam,
             "max_new_tokens": max_new, "format": fmt, **summary}

@@ -57,35 +57,41 @@ def _needs_staging(src: str) -> bool:
         return True
 
 
-def check_sources(srcs: list[str]) -> None:
+def check_sources(srcs: list[str], out: str) -> None:
     """Fail (naming the path) before anything is written to OUT when a source is missing or holds nothing to
-    read: shards and data sets are listed, folders and indexes recognised (their samples are checked when staged)."""
-    from mmray.data.ingest import find_source
+    read: shards and data sets are listed, folders and indexes recognised (their samples are checked when staged),
+    and OUT may not lie inside a folder it reads."""
+    from mmray.config import ConfigError
+    from mmray.data.ingest import _inside, find_source
 
     for src in srcs:
         if _needs_staging(src):
-            find_source(src)
+            if find_source(src) == "folder" and _inside(out, src):
+                raise ConfigError(f"OUT {out} is inside the source folder {src}: choose an OUT outside it")
         else:
             find_sources([src])
 
 
-def stage_sources(srcs: list[str], out: str, tokenizer: str, progress=None) -> tuple[list[str], dict]:
+def stage_sources(srcs: list[str], out: str, tokenizer: str, progress=None) -> tuple[list[str], dict, dict]:
     """Replace each folder / CSV / JSONL source by its shards, written once under ``OUT/_staged/<hash>`` by
     :func:`mmray.data.ingest.prepare_ingest` (all samples in train/, with the export's tokenizer); a rerun reuses
-    them. Returns the sources to read and the staging's bad-sample counts and examples (missing captions or images,
-    unreadable images), which the reader never sees."""
+    them (a changed folder is not noticed: delete OUT/_staged to stage it again). Returns the sources to read, the
+    staging's bad-sample counts and examples (missing captions or images, unreadable images: the reader never sees
+    them), and an output-name prefix for each staged source (its hash), so that staged shards never share a name."""
     import hashlib
 
+    from mmray.config import ConfigError
     from mmray.data.ingest import prepare_ingest
     from mmray.data.prepare import MANIFEST, is_prepared
 
-    read, bad, examples = [], {}, {}
+    read, bad, examples, prefixes = [], {}, {}, {}
     for src in srcs:
         if not _needs_staging(src):
             read.append(src)
             continue
         where = src if storage.is_s3(src) else storage.resolve(src)[1]
-        dest = storage.join(out, STAGED, hashlib.sha256(where.encode()).hexdigest()[:16])
+        digest = hashlib.sha256(where.encode()).hexdigest()[:16]
+        dest = storage.join(out, STAGED, digest)
         if is_prepared(dest):
             manifest = json.loads(storage.read_text(storage.join(dest, MANIFEST)))
             staged_bad = manifest.get("bad", {})
@@ -94,14 +100,18 @@ def stage_sources(srcs: list[str], out: str, tokenizer: str, progress=None) -> t
         else:
             if progress:
                 progress(f"{src}: writing it as shards to {dest} first")
-            summary = prepare_ingest(src, dest, val_samples=0, tokenizer=tokenizer, progress=progress)
+            try:
+                summary = prepare_ingest(src, dest, val_samples=0, tokenizer=tokenizer, progress=progress)
+            except ValueError as e:  # no usable samples, a bad index: bad input, named
+                raise ConfigError(f"{src}: {e}") from None
             staged_bad = summary["bad"]
             for reason, refs in summary["bad_examples"].items():
                 examples.setdefault(reason, []).extend(refs)
         for reason, n in staged_bad.items():
             bad[reason] = bad.get(reason, 0) + n
         read.append(dest)
-    return read, {"bad": bad, "bad_examples": examples}
+        prefixes[dest] = f"{STAGED}_{digest}__"
+    return read, {"bad": bad, "bad_examples": examples}, prefixes
 
 
 def merge_staged(summary: dict, staged: dict) -> dict:
@@ -113,7 +123,7 @@ def merge_staged(summary: dict, staged: dict) -> dict:
     return {**summary, "bad": bad, "bad_examples": examples}
 
 
-def find_sources(srcs: list[str]) -> list[tuple[str, str]]:
+def find_sources(srcs: list[str], prefixes: dict[str, str] | None = None) -> list[tuple[str, str]]:
     """``(shard path or URI, output name)`` for every shard that ``srcs`` name, in order.
 
     Each item may be a prepared data set (its train/ and val/ shards), a directory of ``.tar`` / ``.parquet``
@@ -130,7 +140,8 @@ a rerun from another directory finds the same shards.
             found.append((path, posixpath.basename(path.replace("\\", "/"))))
         else:
             root = src if storage.is_s3(src) else storage.resolve(src)[1]
-            found += [(path, _relative_name(path, root)) for path in find_shards(src)]
+            prefix = (prefixes or {}).get(src, "")
+            found += [(path, prefix + _relative_name(path, root)) for path in find_shards(src)]
     names: dict[str, str] = {}
     for path, name in found:
         if name in names and names[name] != path:

@@ -162,11 +162,6 @@ def run_sweep(spec: SweepSpec, resume: bool = False, callbacks: Sequence = ()) -
         cluster = ray.cluster_resources()
         max_concurrent = _concurrency(spec, cluster.get("CPU", 0))
         ledger = _ledger(spec, cluster.get("CPU", 0), cluster.get("GPU", 0) >= 1)
-        # The sweep's meter prices the whole cluster from its nodes' labels while the sweep runs, in
-        # SWEEP_DIR/cost.json (continued by --resume); the budget decisions read it through the ledger.
-        meter = cost_meter.start_meter(spec.sweep_dir, budget_usd=spec.budget.usd,
-                                       prices_path=spec.config.budget.prices,
-                                       interval_s=spec.config.budget.meter_interval_s)
         log.info("sweep %s: %s search over %s, %s, metric %s (%s), up to %d trial(s) at a time -> %s", spec.name,
                  spec.search, ", ".join(d.key for d in spec.space), spec.scheduler.name, spec.metric, spec.mode,
                  max_concurrent, spec.sweep_dir)
@@ -200,12 +195,22 @@ def run_sweep(spec: SweepSpec, resume: bool = False, callbacks: Sequence = ()) -
                     failure_config=tune.FailureConfig(max_failures=0), verbose=1),
             )
         release_placement_groups(pg_dir)  # left by trials of an interrupted run of this sweep in this Ray
+        # The sweep's meter prices the whole cluster from its nodes' labels while the sweep runs, in
+        # SWEEP_DIR/cost.json (continued by --resume); the budget decisions read it through the ledger.
+        meter = cost_meter.start_meter(spec.sweep_dir, budget_usd=spec.budget.usd,
+                                       prices_path=spec.config.budget.prices,
+                                       interval_s=spec.config.budget.meter_interval_s)
         try:
             result_grid = tuner.fit()
         finally:
             release_placement_groups(pg_dir)  # an interrupted fit kills its running trials without their cleanup
-            metered = ray.get(meter.stop.remote())  # a clean end, saved; a resumed sweep continues from it
-            ray.kill(meter)
+            try:
+                metered = ray.get(meter.stop.remote(), timeout=60)  # a clean end; a resumed sweep continues it
+            except Exception as e:  # noqa: BLE001 - the saved cost.json stands; never hide fit()'s own error
+                log.warning("the sweep's cost meter did not stop cleanly (%s); using its last saved total", e)
+                metered = {"spent_usd": (cost_meter.read_state(spec.sweep_dir) or {}).get("spent_usd", 0.0)}
+            finally:
+                ray.kill(meter)
     finally:
         if ray_mode == "local":
             ray.shutdown()
@@ -242,7 +247,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, callbacks: Sequence = ()) -
     }
     if top:
         log.info("best: %s %s=%.4f (%s); spent $%.4f of %s", top["trial_id"], spec.metric, top[spec.metric],
-                 ", ".join(f"{k}={v}" for k, v in summary["best_config"].items()), spent["usd"],
+                 ", ".join(f"{k}={v}" for k, v in summary["best_config"].items()), summary["spent_usd"],
                  f"${spec.budget.usd:g}" if spec.budget.usd else "no cap")
     if interrupted:
         log.warning("the sweep was interrupted; continue it with: mmray sweep --resume --config ...")

@@ -59,7 +59,7 @@ def ray_head():
 
 def _submit(address: str, env: dict, *entrypoint: str) -> dict:
     """`ray job submit` the entrypoint, wait for it, and return its JSON summary (the last stdout line that is one)."""
-    for attempt in range(5):
+    for attempt in range(20):  # about a minute
         proc = subprocess.run([RAY, "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",
                                "python", *entrypoint], env=env, capture_output=True, text=True, timeout=600)
         # The job server answers before its agent is ready to take a job ("please try again later"): retry that only.

@@ -335,3 +335,9 @@ def test_embed_and_generate_from_a_folder_and_a_csv_index(ray_session, exports, 
                           *POOL)
     assert code == 0, summary
     assert summary["rows"] == 4 and summary["bad"] == {"missing_image": 1}
+
+    # Both in one command: each staged source keeps its own output names.
+    code, both = mmray("embed", exports["late"], str(folder), str(index), str(tmp_path / "both"), *POOL)
+    assert code == 0, both
+    assert both["samples"] == 10 and both["bad"] == {"missing_caption": 1, "missing_image": 1}
+    assert both["shards_written"] == 2 and len(read_rows(str(tmp_path / "both"))) == 10
