@@ -244,7 +244,12 @@ def decide(checkpoint, location: tuple[pafs.FileSystem, str] | None, log=log_lin
     fs, run_dir = location
     taken = list_checkpoints(run_dir, fs)
     if checkpoint is None:
-        return Decision(taken=taken)
+        # Ray Train hands back none when it has not registered one, e.g. a node died while its report of a
+        # checkpoint was in flight: a complete checkpoint on storage still counts, so no finished step is lost.
+        found = latest_complete(run_dir, fs, log=log) if taken else None
+        if found is not None:
+            log(f"Ray Train handed back no checkpoint, but {found} is complete in {run_dir}: resuming from it")
+        return Decision(name=found, taken=taken)
     name = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
     try:
         verify(checkpoint.path, checkpoint.filesystem)
