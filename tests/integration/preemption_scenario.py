@@ -125,18 +125,46 @@ class Cloud:
 
     def kill_without_notice(self) -> None:
         """No warning: once the first periodic checkpoint is on storage and the run has trained a step past a
-        checkpoint, the spot node dies (SIGKILL). The on-demand node joins first, so that the kill follows the
-        step it waits for as closely as it can."""
+        checkpoint, the spot node dies (SIGKILL). The on-demand node joins once training is under way on the spot
+        node (earlier, the workers could be placed on it), before the wait for that step, so that the kill follows
+        the step as closely as it can."""
+        first = self.run_dir / f"checkpoint_{CHECKPOINT_EVERY:08d}" / "state.json"
+        self._wait(first.exists, f"the first periodic checkpoint {first}", time.time() + 240)
         self._at("on_demand_adding_at")
         on_demand = self.cluster.add_node(num_cpus=WORKERS + 1, labels=ON_DEMAND_LABELS)
         self.found["on_demand_id"] = on_demand.node_id
-        first = self.run_dir / f"checkpoint_{CHECKPOINT_EVERY:08d}" / "state.json"
-        self._wait(first.exists, f"the first periodic checkpoint {first}", time.time() + 240)
         self._wait(lambda: self._trained_steps() % CHECKPOINT_EVERY != 0, "a step past a checkpoint",
                    time.time() + 120)
         self._at("kill_at")
         self.found["at_kill"] = checkpoints_on_storage(self.run_dir)
         self.cluster.remove_node(self.spot, allow_graceful=False)
+        self._at("removed_at")
+        self._wait_dead()
+
+    def play(self) -> None:
+        from ray._raylet import GcsClient
+
+        first = self.run_dir / f"checkpoint_{CHECKPOINT_EVERY:08d}" / "state.json"
+        self._wait(first.exists, f"the first periodic checkpoint {first}", time.time() + 240)
+        deadline = int(time.time()) + NOTICE_S  # AWS gives whole seconds
+        self.imds.notice("terminate", at=deadline)
+        self._at("notice_at")
+        self.found["deadline_at"] = float(deadline)
+
+        client = GcsClient(address=self.cluster.address)
+        self._wait(lambda: self.spot.node_id in client.get_draining_nodes(), "the watcher's drain", deadline)
+        self._at("drained_at")
+        self.found["drain_deadline_ms"] = client.get_draining_nodes()[self.spot.node_id]
+
+        self._at("on_demand_adding_at")
+        on_demand = self.cluster.add_node(num_cpus=WORKERS + 1, labels=ON_DEMAND_LABELS)
+        self.found["on_demand_id"] = on_demand.node_id
+        self._at("on_demand_added_at")
+
+        time.sleep(max(0.0, deadline - time.time()))
+        self._at("kill_at")
+        self.found["at_kill"] = checkpoints_on_storage(self.run_dir)  # retention deletes the emergency one later
+        self.cluster.remove_node(self.spot)  # the instance shuts down (SIGTERM first, as an EC2 termination does)
         self._at("removed_at")
         self._wait_dead()
 
