@@ -77,6 +77,15 @@ def sweep(tiny_dataset, tmp_path):
     return spec_lib.from_mapping(_raw(tiny_dataset, str(tmp_path / "sweeps"), str(prices)))
 
 
+def _release_placement_groups() -> None:
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    for pg_id, info in placement_group_table().items():
+        if info["state"] in ("CREATED", "PENDING", "RESCHEDULING"):
+            remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+
+
 def _ledger(spec) -> dict:
     return json.loads((Path(spec.sweep_dir) / "ledger.json").read_text())
 
@@ -90,6 +99,11 @@ def test_sweep_under_asha_and_budget_survives_an_interruption(ray_session, sweep
     assert all(before[t]["done"] and before[t]["starts"] == 1 for t in finished)
     runs = Path(sweep.sweep_dir) / "runs"
     run_files = {p: p.stat().st_mtime_ns for t in finished for p in (runs / t).rglob("*")}
+
+    # The interruption stands in for a killed driver, whose placement groups Ray removes with it; this driver (the
+    # test process) lives on, so remove what the interrupted trials still hold, as Ray would. (Left in place, a
+    # trial's 1-CPU group starves the resumed sweep's data tasks on the 4-CPU session Ray.)
+    _release_placement_groups()
 
     # A new sweep may not reuse the directory; --resume continues it through Tuner.restore.
     with pytest.raises(config.ConfigError, match="--resume"):
