@@ -65,7 +65,14 @@ def test_gathered_loss_and_grads_equal_single_worker(tmp_path, world):
     loss.backward()
     expected = _grads(model)
 
-    mp.spawn(_worker, args=(world, _port(), str(tmp_path)), nprocs=world, join=True)
+    try:
+        mp.spawn(_worker, args=(world, _port(), str(tmp_path)), nprocs=world, join=True)
+    except mp.ProcessExitedException as e:
+        # gloo's teardown can abort a finished process ("terminate called without an active exception", seen once
+        # in a fresh-clone CI run); the result is only trusted from a clean run, so run it once more.
+        if e.signal_name is None:
+            raise
+        mp.spawn(_worker, args=(world, _port(), str(tmp_path)), nprocs=world, join=True)
     got = torch.load(tmp_path / "dist.pt", weights_only=True)
 
     assert got["loss"].item() == pytest.approx(loss.item(), rel=1e-5)
