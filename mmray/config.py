@@ -372,19 +372,27 @@ def _check_consistency(cfg: Config) -> None:
     parse_freeze(m.freeze)  # names only; whether anything is left to train is checked where the model is built
 
 
+def parse_sections(text: str, path: str | os.PathLike) -> dict:
+    """A config file's text as its mapping of sections (training or sweep); ConfigError names the file."""
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}.")
+    return raw
+
+
 def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file (optional) <- dotted overrides. Raises ConfigError on anything wrong."""
     raw: dict = {}
     if path:
         try:
             with open(path, encoding="utf-8") as fh:
-                raw = yaml.safe_load(fh) or {}
+                text = fh.read()
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}.")
+        raw = parse_sections(text, path)
     raw = _merge({k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()},
                  parse_overrides(overrides or []))
     return from_dict(raw)

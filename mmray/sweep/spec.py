@@ -561,10 +561,4 @@ def load(path: str | os.PathLike, overrides: list[str] | None = None) -> SweepSp
         text = storage.read_text(str(path))
     except (FileNotFoundError, storage.StorageError):
         raise ConfigError(f"config file not found: {path}") from None
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}.")
-    return from_mapping(raw, overrides)
+    return from_mapping(config_lib.parse_sections(text, path), overrides)
