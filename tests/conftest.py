@@ -77,6 +77,27 @@ def ray_session(s3_endpoint):
     ray.shutdown()
 
 
+def release_placement_groups(report: bool = False) -> None:
+    """Remove every placement group of the session's Ray that is still held (or waiting to be)."""
+    import sys
+
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    for pg_id, info in placement_group_table().items():
+        if info["state"] in ("CREATED", "PENDING", "RESCHEDULING"):
+            if report:
+                print(f"conftest: removing placement group {pg_id} ({info.get('name') or 'unnamed'}, "
+                      f"{info['bundles']}) left after the test", file=sys.stderr)
+            remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+
+
+@pytest.fixture
+def placement_group_release():
+    """:func:`release_placement_groups`, for a test that must free what an interrupted run still holds."""
+    return release_placement_groups
+
+
 @pytest.fixture(autouse=True)
 def _release_leaked_placement_groups():
     """Between tests nothing trains, so no placement group should be left in the session's Ray. Ray Train V2 can
@@ -84,20 +105,10 @@ def _release_leaked_placement_groups():
     "Failed to stop PlacementGroupCleaner gracefully", then the run's CPUs stayed reserved and a later 2-trial sweep
     starved of CPUs for its data tasks). Remove any such group, so that one test's leak cannot hang the next."""
     yield
-    import sys
-
     import ray
 
-    if not ray.is_initialized():
-        return
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
-
-    for pg_id, info in placement_group_table().items():
-        if info["state"] in ("CREATED", "PENDING", "RESCHEDULING"):
-            print(f"conftest: removing placement group {pg_id} ({info.get('name') or 'unnamed'}, "
-                  f"{info['bundles']}) left after the test", file=sys.stderr)
-            remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+    if ray.is_initialized():
+        release_placement_groups(report=True)
 
 
 @pytest.fixture(scope="session")

@@ -77,20 +77,11 @@ def sweep(tiny_dataset, tmp_path):
     return spec_lib.from_mapping(_raw(tiny_dataset, str(tmp_path / "sweeps"), str(prices)))
 
 
-def _release_placement_groups() -> None:
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
-
-    for pg_id, info in placement_group_table().items():
-        if info["state"] in ("CREATED", "PENDING", "RESCHEDULING"):
-            remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
-
-
 def _ledger(spec) -> dict:
     return json.loads((Path(spec.sweep_dir) / "ledger.json").read_text())
 
 
-def test_sweep_under_asha_and_budget_survives_an_interruption(ray_session, sweep, tmp_path):
+def test_sweep_under_asha_and_budget_survives_an_interruption(ray_session, sweep, tmp_path, placement_group_release):
     marker = str(tmp_path / "interrupted")
     first = run_sweep(sweep, callbacks=[InterruptAfter(1, marker)])
     assert first["interrupted"]
@@ -103,7 +94,7 @@ def test_sweep_under_asha_and_budget_survives_an_interruption(ray_session, sweep
     # The interruption stands in for a killed driver, whose placement groups Ray removes with it; this driver (the
     # test process) lives on, so remove what the interrupted trials still hold, as Ray would. (Left in place, a
     # trial's 1-CPU group starves the resumed sweep's data tasks on the 4-CPU session Ray.)
-    _release_placement_groups()
+    placement_group_release()
 
     # A new sweep may not reuse the directory; --resume continues it through Tuner.restore.
     with pytest.raises(config.ConfigError, match="--resume"):
