@@ -146,10 +146,31 @@ class _WeightsOnlyCheckpointEngine:
         return load_checkpoint_file(path, map_location)
 
 
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def skip_cpu_inference_comm_op() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory all-reduce op when its comm backend starts.
+
+    On the CPU accelerator DeepSpeed builds that C++ op (about 100 s, once per environment) in every process that
+    starts ``deepspeed.comm``; only ``inference_all_reduce`` (inference tensor parallelism) uses it. Training's
+    collectives all go through ``torch.distributed`` (gloo), so the op is never called here. DeepSpeed asks
+    ``deepspeed.ops.__compatible_ops__`` whether it may build the op; marking it incompatible makes it skip the build
+    and fall back to ``torch.distributed``, as on a platform without it. Call before DeepSpeed's backend exists.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+
+
 def build_engine(model: nn.Module, cfg: Config, world_size: int, on_gpu: bool):
     """Wrap ``model`` in a DeepSpeed engine; Ray Train has already created the process group."""
     import deepspeed
 
+    skip_cpu_inference_comm_op()
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.train.weight_decay, cfg.train.layer_decay, cfg.train.lr),
@@ -188,6 +209,7 @@ def build_model(cfg: Config, vocab_size: int, pad_id: int, world: int, on_gpu: b
         from deepspeed.accelerator import get_accelerator
 
         # deepspeed.comm wraps the process group Ray Train made; zero.Init reads the world size from it.
+        skip_cpu_inference_comm_op()
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                    dist_init_required=False)
         with deepspeed.zero.Init(config_dict_or_path=ds_config(cfg, world, on_gpu)):
