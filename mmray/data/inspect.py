@@ -48,6 +48,6 @@ def inspect(src: str, image_size: int = 64, progress=None, allow_missing: bool =
     finally:
         if started_here:
             ray.shutdown()
-    return {"src": src, "samples": seen, "expected_samples": expected, "bad": snap["bad"], "bad_examples": snap["bad_examples"],
-            "shards": len(paths), "bytes": _total_bytes(paths),
+    return {"src": src, "samples": seen, "expected_samples": expected, "bad": snap["bad"],
+            "bad_examples": snap["bad_examples"], "shards": len(paths), "bytes": _total_bytes(paths),
             "samples_per_s": round((seen + sum(snap["bad"].values())) / max(wall, 1e-9), 1)}
