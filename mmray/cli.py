@@ -92,7 +92,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> dict:
     from mmray.data.inspect import inspect
 
     log = logging.getLogger("mmray")
-    return inspect(args.src, image_size=args.image_size, progress=log.info)
+    return inspect(args.src, image_size=args.image_size, progress=log.info, allow_missing=args.allow_missing_shards)
 
 
 def cmd_model_list(args: argparse.Namespace) -> dict:
@@ -211,12 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="synthetic:shapes only: image side in pixels (default 64)")
     prep.set_defaults(fn=cmd_data_prepare)
     insp = data.add_parser("inspect", help="decode every sample of a data set and count the usable and bad ones",
-                           description="Stream SRC (a prepared data set, or a directory / s3:// prefix of .tar or "
-                                       ".parquet shards) through the real read and decode path. The JSON summary "
-                                       "holds samples (usable), bad (count per reason), bad_examples, shards, "
-                                       "bytes and samples_per_s.")
-    insp.add_argument("src", help="local directory or s3://bucket/prefix")
+                           description="Stream SRC through the real read and decode path. SRC is a prepared data "
+                                       "set (both splits), a directory / s3:// prefix of .tar or .parquet shards "
+                                       "(img2dataset's layout), a shard file, a brace pattern "
+                                       "('s3://b/laion/{00000..00099}.tar'), or several joined by '::'. The JSON "
+                                       "summary holds samples (usable), expected_samples (from the shards' "
+                                       "_stats.json; null when a shard has none), bad (count per reason), "
+                                       "bad_examples, shards, bytes and samples_per_s.")
+    insp.add_argument("src", help="shards: prefix, file, brace pattern or '::'-joined list (local or s3://)")
     insp.add_argument("--image-size", type=int, default=64, help="decode and resize to this side (default 64)")
+    insp.add_argument("--allow-missing-shards", action="store_true",
+                      help="skip shards a pattern names but storage lacks (default: fail naming the first)")
     insp.set_defaults(fn=cmd_data_inspect)
 
     model = sub.add_parser("model", help="model presets and fusion strategies").add_subparsers(

@@ -37,13 +37,32 @@ class DataConfig:
     """Where the image-text pairs come from and how they are turned into tensors."""
 
     source: str = _f("synthetic:shapes",
-                     "Data set: 'synthetic:shapes' (generated into data.cache_dir when missing) or the local path / "
-                     "s3:// prefix of a prepared data set (train/ and val/ WebDataset shards, tokenizer.json).")
+                     "Data set: 'synthetic:shapes' (generated into data.cache_dir when missing); the local path / "
+                     "s3:// prefix of a prepared data set (train/ and val/ shards, tokenizer.json); or training "
+                     "shards: a prefix with .tar / .parquet shards directly under it (img2dataset's layout), a shard "
+                     "file, or a brace pattern ('s3://b/laion/{00000..00099}.tar', '{a,b}'). Several of these "
+                     "joined by '::' are read together (see data.source_weights). Shards that are not a prepared "
+                     "data set need data.val_source and data.tokenizer.")
+    source_weights: str = _f("", "Mixing: one weight per '::' part of data.source, joined by '::' (e.g. '1::2.5'), "
+                             "as OpenCLIP's --train-data-upsampling-factors: each sample of a part is used that "
+                             "many times per epoch (2.5: twice, and half of them a third time; 0.25: a quarter of "
+                             "them; 0: none). Which samples is fixed by train.seed, per sample. Empty: 1 for all.")
+    val_source: str = _f("", "Held-out shards for evaluation, in data.source's forms ('::'-joined prefixes, files, "
+                         "brace patterns, or prepared data sets, whose val/ split is used). Empty: the val/ splits "
+                         "of the prepared data sets in data.source.")
+    allow_missing_shards: bool = _f(False, "Skip (with a warning naming them) shards that a brace pattern or file "
+                                    "in data.source / data.val_source names but that do not exist; false fails "
+                                    "before training, naming the first missing shard.")
+    image_column: str = _f("auto", "Parquet shards: the column of encoded image bytes; 'auto' takes the first of "
+                           "jpg, png, webp, jpeg, image (img2dataset names it after its --encode_format).")
+    caption_column: str = _f("auto", "Parquet shards: the caption column; 'auto' takes txt, else caption "
+                             "(img2dataset's parquet output).")
     synthetic_samples: int = _f(12000, "Samples generated for 'synthetic:shapes' (train + held-out val).", min=16)
     synthetic_val_samples: int = _f(512, "Held-out validation samples for 'synthetic:shapes'.", min=8)
     synthetic_seed: int = _f(0, "Seed of the generated 'synthetic:shapes' set.")
     cache_dir: str = _f("~/.cache/mmray/data", "Where generated synthetic data sets are cached (local or s3://).")
-    tokenizer: str = _f("", "Path to a tokenizer.json; empty means SOURCE/tokenizer.json.")
+    tokenizer: str = _f("", "Path to a tokenizer.json; empty means the tokenizer.json of the (first) prepared data "
+                        "set in data.source.")
     image_size: int = _f(64, "Side in pixels that images are resized to before the model.", min=8)
     max_text_len: int = _f(32, "Token sequence length; captions are truncated or padded to it.", min=4)
     shuffle_buffer: int = _f(2048, "Rows in each worker's local shuffle buffer (0 disables shuffling).", min=0)
@@ -364,12 +383,38 @@ def _check_consistency(cfg: Config) -> None:
     if cfg.train.warmup_steps >= cfg.train.max_steps:
         raise ConfigError(f"train.warmup_steps ({cfg.train.warmup_steps}) must be below train.max_steps "
                           f"({cfg.train.max_steps}).")
+    _check_sources(d)
     if d.source.startswith("synthetic:") and d.synthetic_val_samples * 2 > d.synthetic_samples:
         raise ConfigError(f"data.synthetic_val_samples ({d.synthetic_val_samples}) must be at most half of "
                           f"data.synthetic_samples ({d.synthetic_samples}).")
     from mmray.models.pretrained import parse_freeze
 
     parse_freeze(m.freeze)  # names only; whether anything is left to train is checked where the model is built
+
+
+def _check_sources(d: DataConfig) -> None:
+    """The syntax of data.source, data.val_source and data.source_weights (storage is checked when data is
+    resolved)."""
+    from mmray.data.mixing import parse_weights
+    from mmray.data.sources import SourceError, check_spec
+
+    try:
+        parts = check_spec(d.source)
+    except SourceError as e:
+        raise ConfigError(f"data.source: {e}") from None
+    n_parts = len(parts)
+    if n_parts > 1 and any(p.startswith("synthetic:") for p in parts):
+        raise ConfigError(f"data.source: a generator ({d.source!r}) cannot be mixed with other parts; write it once "
+                          "with `mmray data prepare synthetic:shapes DEST` and name DEST instead.")
+    try:
+        if d.val_source:
+            check_spec(d.val_source)
+    except SourceError as e:
+        raise ConfigError(f"data.val_source: {e}") from None
+    try:
+        parse_weights(d.source_weights, n_parts)
+    except SourceError as e:
+        raise ConfigError(f"data.source_weights: {e}") from None
 
 
 def parse_sections(text: str, path: str | os.PathLike) -> dict:

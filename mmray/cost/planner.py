@@ -241,7 +241,7 @@ def data_facts(cfg: Config) -> tuple[int, int | None, str]:
     import inspect
 
     from mmray import storage
-    from mmray.data.pipeline import list_shards
+    from mmray.data import sources
     from mmray.data.prepare import is_prepared, prepare_synthetic
     from mmray.data.tokenizer import TextTokenizer
     from mmray.models.presets import REFERENCE_INPUTS
@@ -255,11 +255,13 @@ def data_facts(cfg: Config) -> tuple[int, int | None, str]:
         return vocab, None, f"unknown ({root} not reachable: {why})"
     try:
         if is_prepared(root) or not d.source.startswith("synthetic:"):
-            shards = len(list_shards(storage.join(root, "train")))
-            tokenizer = d.tokenizer or storage.join(root, "tokenizer.json")
-            if storage.exists(tokenizer):
+            parts = sources.parts(root)
+            shards = sum(len(part.shards("train", d.allow_missing_shards)) for part in parts)
+            prepared = [part.spec for part in parts if part.prepared]
+            tokenizer = d.tokenizer or (storage.join(prepared[0], "tokenizer.json") if prepared else "")
+            if tokenizer and storage.exists(tokenizer):
                 vocab = TextTokenizer.from_file(tokenizer).vocab_size
-            return vocab, shards, f"counted under {storage.join(root, 'train')}"
+            return vocab, shards, f"counted in {root} (training shards)"
     except (OSError, ValueError) as e:  # missing, unreachable or unreadable: say so, do not fail the plan
         return vocab, None, f"unknown ({e})"
     per_shard = inspect.signature(prepare_synthetic).parameters["samples_per_shard"].default

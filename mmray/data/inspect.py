@@ -5,26 +5,14 @@ import os
 import time
 
 from mmray import storage
-from mmray.data.pipeline import DataQuality, Preprocess, list_shards, quality_snapshot, read_raw
+from mmray.data.pipeline import DataQuality, Preprocess, quality_snapshot, read_raw
+from mmray.data.sources import count_samples, inspect_shards, total_samples
 
 
-def find_shards(src: str) -> list[str]:
-    """Shards directly under ``src``, or under its ``train/`` and ``val/`` splits (a prepared data set)."""
-    direct = list_shards(src) if _is_dir(src) else []
-    if direct:
-        return direct
-    splits = [storage.join(src, s) for s in ("train", "val") if _is_dir(storage.join(src, s))]
-    paths = [p for d in splits for p in list_shards(d)]
-    if not paths:
-        raise storage.StorageError(f"no .tar or .parquet shards under {src} (nor under its train/ and val/)")
-    return paths
-
-
-def _is_dir(path: str) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, inner = storage.resolve(path)
-    return fs.get_file_info(inner).type == pafs.FileType.Directory
+def find_shards(src: str, allow_missing: bool = False) -> list[str]:
+    """Every shard SRC names (see mmray.data.sources): shards under a prefix, files, brace patterns, '::'-joined
+    parts; a prepared data set gives its train/ and val/ shards."""
+    return inspect_shards(src, allow_missing)
 
 
 def _total_bytes(paths: list[str]) -> int:
@@ -32,11 +20,15 @@ def _total_bytes(paths: list[str]) -> int:
     return sum(info.size or 0 for info in fs.get_file_info([storage.resolve(p)[1] for p in paths]))
 
 
-def inspect(src: str, image_size: int = 64, progress=None) -> dict:
-    """Read and decode every sample of ``src``; returns the summary that `mmray data inspect` prints."""
+def inspect(src: str, image_size: int = 64, progress=None, allow_missing: bool = False) -> dict:
+    """Read and decode every sample of ``src``; returns the summary that `mmray data inspect` prints.
+
+    ``expected_samples`` is the sum of the shards' ``_stats.json`` sample counts (img2dataset's ``successes``), or
+    null when a shard has none; progress lines count against it."""
     import ray
 
-    paths = find_shards(src)
+    paths = find_shards(src, allow_missing)
+    expected = total_samples(count_samples(paths, progress))
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
@@ -50,12 +42,12 @@ def inspect(src: str, image_size: int = 64, progress=None) -> dict:
         for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
             seen += len(batch["key"])
             if progress:
-                progress(f"{seen} usable samples decoded")
+                progress(f"{seen}{'' if expected is None else f'/{expected}'} usable samples decoded")
         wall = time.perf_counter() - t0
         snap = quality_snapshot(quality)
     finally:
         if started_here:
             ray.shutdown()
-    return {"src": src, "samples": seen, "bad": snap["bad"], "bad_examples": snap["bad_examples"],
-            "shards": len(paths), "bytes": _total_bytes(paths),
+    return {"src": src, "samples": seen, "expected_samples": expected, "bad": snap["bad"],
+            "bad_examples": snap["bad_examples"], "shards": len(paths), "bytes": _total_bytes(paths),
             "samples_per_s": round((seen + sum(snap["bad"].values())) / max(wall, 1e-9), 1)}

@@ -228,38 +228,37 @@ class Preprocess:
         return _tokenizer(self.tokenizer_json).encode_batch(list(texts), length)
 
 
-SHARD_SUFFIXES = (".tar", ".parquet")
+def read_raw(paths: list[str], shuffle_seed: int | None = None, weights: dict[str, float] | None = None,
+             mix_seed: int = 0, **reader_options):
+    """A lazily-evaluated, streaming Ray Dataset of raw samples (mmray.data.reader.RAW_SCHEMA) from the shards.
 
-
-def list_shards(directory: str) -> list[str]:
-    """The ``.tar`` / ``.parquet`` shards directly under ``directory``, sorted (other files, e.g. stats, skipped)."""
-    return [p for p in storage.list_files(directory) if p.endswith(SHARD_SUFFIXES)]
-
-
-def shard_paths(root: str, split: str) -> list[str]:
-    """The shards of one split of a prepared data set, sorted; a clear error when there are none."""
-    paths = list_shards(storage.join(root, split))
-    if not paths:
-        raise storage.StorageError(f"no .tar or .parquet shards under {storage.join(root, split)}")
-    return paths
-
-
-def read_raw(paths: list[str], shuffle_seed: int | None = None):
-    """A lazily-evaluated, streaming Ray Dataset of raw samples (mmray.data.reader.RAW_SCHEMA) from the shards."""
+    ``weights`` (shard path -> weight, see mmray.data.mixing) repeats or drops each sample by its shard's weight,
+    deterministically for ``mix_seed``; ``reader_options`` go to ShardDatasource (e.g. Parquet column names)."""
     import ray.data
     from ray.data import FileShuffleConfig
 
+    from mmray.data.mixing import Resample
     from mmray.data.reader import ShardDatasource
 
     fs, _ = storage.resolve(paths[0])
     source = ShardDatasource([storage.resolve(p)[1] for p in paths], filesystem=fs,
-                             shuffle=FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None)
-    return ray.data.read_datasource(source)
+                             shuffle=FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None,
+                             **reader_options)
+    ds = ray.data.read_datasource(source)
+    if weights and any(w != 1 for w in weights.values()):
+        by_shard = {storage.resolve(p)[1]: w for p, w in weights.items()}  # as the reader's ``shard`` column names it
+        ds = ds.map_batches(Resample(by_shard, mix_seed), batch_format="numpy")
+    return ds
+
+
+def reader_options(cfg: Config) -> dict:
+    """ShardDatasource options from the config (Parquet column names)."""
+    return {"image_column": cfg.data.image_column, "caption_column": cfg.data.caption_column}
 
 
 def read_split(paths: list[str], cfg: Config, tokenizer: TextTokenizer, shuffle_seed: int | None = None,
-               quality=None):
-    """Raw samples preprocessed into the batch schema, streaming."""
-    return read_raw(paths, shuffle_seed).map_batches(
+               quality=None, weights: dict[str, float] | None = None):
+    """Raw samples (mixed by ``weights``, seeded by train.seed) preprocessed into the batch schema, streaming."""
+    return read_raw(paths, shuffle_seed, weights, cfg.train.seed, **reader_options(cfg)).map_batches(
         Preprocess(tokenizer.to_str(), cfg.data.image_size, cfg.data.max_text_len, quality),
         batch_size=256, batch_format="numpy")

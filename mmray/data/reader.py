@@ -67,15 +67,25 @@ def _sample_row(key: str, members: dict[str, bytes], image_exts: Sequence[str], 
     return key, image, caption, error, members.get(meta_ext)
 
 
+class StreamError(Exception):
+    """Reading the underlying file failed (a storage or network error, not a bad tar): re-raised as the original
+    error so that the read is retried (pyarrow's S3 retries, then Ray Data's ``retried_io_errors``) or fails, instead
+    of being mistaken for a truncated shard and silently changing the samples read."""
+
+
 class _CountingReader:
     """A read-only stream wrapper that counts bytes, so that a tar cut at a member boundary can be told apart from
-    a complete one (Python's tarfile silently stops at a truncated header)."""
+    a complete one (Python's tarfile silently stops at a truncated header). Errors of the stream itself are wrapped
+    in StreamError so that they are not taken for a corrupt tar."""
 
     def __init__(self, stream):
         self.stream, self.total = stream, 0
 
     def read(self, n: int = -1) -> bytes:
-        data = self.stream.read(n)
+        try:
+            data = self.stream.read(n)
+        except Exception as e:
+            raise StreamError() from e
         self.total += len(data)
         return data
 
@@ -89,8 +99,16 @@ def iter_tar(stream, shard: str, rows_per_block: int, image_exts: Sequence[str] 
              caption_ext: str = "txt") -> Iterator[pa.Table]:
     """Stream a WebDataset tar (members grouped by key, as the format requires) into blocks of raw samples."""
     rows = _Rows(shard, rows_per_block)
-    key, members = None, {}
     counted = _CountingReader(stream)
+    try:
+        yield from _iter_tar_members(counted, shard, rows, image_exts, caption_ext)
+    except StreamError as e:
+        raise e.__cause__ from None
+
+
+def _iter_tar_members(counted: _CountingReader, shard: str, rows: _Rows, image_exts: Sequence[str],
+                      caption_ext: str) -> Iterator[pa.Table]:
+    key, members = None, {}
     try:
         with tarfile.open(fileobj=counted, mode="r|*") as tar:
             for info in tar:
@@ -105,6 +123,8 @@ def iter_tar(stream, shard: str, rows_per_block: int, image_exts: Sequence[str] 
             # A complete archive ends with two zero blocks after the last member; tarfile does not check.
             if counted.drain() < tar.offset + 2 * tarfile.BLOCKSIZE:
                 raise tarfile.ReadError(f"archive ends at byte {counted.total} without its end-of-archive blocks")
+    except StreamError:
+        raise
     except (tarfile.TarError, EOFError, OSError) as e:
         # A truncated or corrupt tar: the samples read whole are kept; the one cut off is dropped and the break is
         # recorded as a bad sample of this shard, so it is counted rather than lost silently.
@@ -117,19 +137,38 @@ def iter_tar(stream, shard: str, rows_per_block: int, image_exts: Sequence[str] 
         yield block
 
 
-def iter_parquet(data: bytes, shard: str, rows_per_block: int, image_column: str, caption_column: str,
-                 key_column: str | None, meta_column: str | None = "json") -> Iterator[pa.Table]:
+IMAGE_COLUMNS = ("jpg", "png", "webp", "jpeg", "image")  # img2dataset names the column after --encode_format
+CAPTION_COLUMNS = ("txt", "caption")  # img2dataset writes `caption` (its input's caption column), some versions `txt`
+AUTO = "auto"
+
+
+def _pick(shard: str, names: set[str], wanted: str, auto: tuple[str, ...], what: str, key: str) -> str:
+    """The column to read: ``wanted``, or with ``auto`` the first of ``auto`` present; ValueError names the options."""
+    choices = auto if wanted == AUTO else (wanted,)
+    found = next((c for c in choices if c in names), None)
+    if found is None:
+        looked = f"any of {list(auto)}" if wanted == AUTO else repr(wanted)
+        raise ValueError(f"{shard}: Parquet file has no {what} column ({looked}); it has {sorted(names)}. "
+                         f"Set {key}.")
+    return found
+
+
+def iter_parquet(data: bytes, shard: str, rows_per_block: int, image_column: str = AUTO,
+                 caption_column: str = AUTO, key_column: str | None = "key",
+                 meta_column: str | None = "json") -> Iterator[pa.Table]:
     """Blocks of raw samples from a Parquet file, one row group at a time; an unreadable row group is reported.
 
+    ``image_column`` / ``caption_column`` may be ``auto``: the first of IMAGE_COLUMNS / CAPTION_COLUMNS present.
     ``meta_column`` (JSON text or bytes per row, like WebDataset's ``.json`` member) is optional: when the file has
-    no such column, ``meta`` is null."""
+    no such column, ``meta`` is null. A file with img2dataset's ``status`` column also lists the URLs it failed to
+    download or resize (``status`` other than ``success``, no image): those rows are not samples (img2dataset
+    counts them in its ``_stats.json`` as failures, not successes) and are skipped."""
     pf = pq.ParquetFile(pa.BufferReader(data))
     names = set(pf.schema_arrow.names)
-    missing = [c for c in (image_column, caption_column) if c not in names]
-    if missing:
-        raise ValueError(f"{shard}: Parquet file has no column(s) {missing}; it has {sorted(names)}. "
-                         "Set data.image_column / data.caption_column.")
-    columns = [image_column, caption_column] + [c for c in (key_column, meta_column) if c and c in names]
+    image_column = _pick(shard, names, image_column, IMAGE_COLUMNS, "image", "data.image_column")
+    caption_column = _pick(shard, names, caption_column, CAPTION_COLUMNS, "caption", "data.caption_column")
+    status_column = "status" if "status" in names else None
+    columns = [image_column, caption_column] + [c for c in (key_column, meta_column, status_column) if c and c in names]
     rows = _Rows(shard, rows_per_block)
     offset = 0
     for group in range(pf.num_row_groups):
@@ -145,7 +184,10 @@ def iter_parquet(data: bytes, shard: str, rows_per_block: int, image_column: str
         captions = table.column(caption_column).to_pylist()
         keys = table.column(key_column).to_pylist() if key_column in names else range(offset, offset + n)
         metas = table.column(meta_column).to_pylist() if meta_column in names else [None] * n
-        for key, image, caption, meta in zip(keys, images, captions, metas):
+        statuses = table.column(status_column).to_pylist() if status_column else ["success"] * n
+        for key, image, caption, meta, status in zip(keys, images, captions, metas, statuses):
+            if status != "success":
+                continue
             image = image["bytes"] if isinstance(image, dict) else image  # HF-style {"bytes", "path"} structs
             caption = caption.encode("utf-8") if isinstance(caption, str) else caption
             error = "missing_image" if image is None else "missing_caption" if caption is None else ""
@@ -163,7 +205,7 @@ class ShardDatasource(FileBasedDatasource):
     _FILE_EXTENSIONS = ["tar", "parquet"]
 
     def __init__(self, paths, *, rows_per_block: int = 256, image_exts: Sequence[str] = IMAGE_EXTENSIONS,
-                 caption_ext: str = "txt", image_column: str = "jpg", caption_column: str = "txt",
+                 caption_ext: str = "txt", image_column: str = AUTO, caption_column: str = AUTO,
                  key_column: str | None = "key", **kwargs):
         super().__init__(paths, **kwargs)
         self.rows_per_block = rows_per_block

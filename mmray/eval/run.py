@@ -47,8 +47,8 @@ def load_model(path: str):
 def eval_shards(src: str, split: str) -> list[str]:
     """The shards to evaluate: ``SRC/<split>/`` of a prepared data set, else the shards directly under SRC, or
     SRC itself when it is one shard file."""
-    from mmray.data.inspect import _is_dir
-    from mmray.data.pipeline import SHARD_SUFFIXES, list_shards
+    from mmray.data.sources import SHARD_SUFFIXES, list_shards
+    from mmray.data.sources import is_dir as _is_dir
 
     if src.endswith(SHARD_SUFFIXES):
         if not storage.exists(src):

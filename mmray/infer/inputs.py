@@ -29,8 +29,9 @@ import pyarrow as pa
 
 from mmray import storage
 from mmray.data.inspect import find_shards
-from mmray.data.pipeline import SHARD_SUFFIXES, Preprocess
+from mmray.data.pipeline import Preprocess
 from mmray.data.reader import RAW_SCHEMA, ShardDatasource
+from mmray.data.sources import SHARD_SUFFIXES
 
 END_OF_SHARD = "end_of_shard"
 

@@ -24,12 +24,14 @@ def synthetic_dir(cfg: Config) -> str:
 
 @dataclass
 class DataSet:
-    """A prepared data set, checked before Ray starts: its tokenizer and the shard paths of each split."""
+    """The data of a run, checked before Ray starts: its tokenizer and the shard paths of each split."""
 
-    root: str
+    root: str  # data.source as given, or the generated synthetic set's directory
     tokenizer: TextTokenizer
     train: list[str]
     val: list[str]
+    weights: dict[str, float] | None = None  # train shard -> its part's weight (data.source_weights); None: all 1
+    train_samples: int | None = None  # samples per epoch (weights applied) from the shards' _stats.json, if known
 
 
 def ensure_dataset(cfg: Config) -> str:
@@ -51,16 +53,51 @@ def ensure_dataset(cfg: Config) -> str:
 
 
 def resolve_data(cfg: Config) -> DataSet:
-    """Find (or generate) the data set and check that it is usable; every problem names the path at fault."""
-    from mmray.data.pipeline import shard_paths
+    """Find (or generate) the data and check that it is usable; every problem names the key or path at fault.
 
+    data.source's parts (see mmray.data.sources) give the training shards, each part weighted by
+    data.source_weights; held-out shards come from data.val_source, else from the prepared data sets' val/ splits;
+    the tokenizer from data.tokenizer, else from the first prepared data set."""
+    from mmray.data import sources
+    from mmray.data.mixing import parse_weights
+
+    d = cfg.data
     root = ensure_dataset(cfg)
-    tokenizer_path = cfg.data.tokenizer or storage.join(root, "tokenizer.json")
+    parts = sources.parts(root)
+    weights = parse_weights(d.source_weights, len(parts))
+    by_shard: dict[str, float] = {}
+    per_part = [part.shards("train", d.allow_missing_shards) for part in parts]
+    for shards, weight in zip(per_part, weights):
+        for shard in shards:
+            if shard in by_shard:
+                raise ConfigError(f"data.source: shard {shard} is named by more than one part of {root!r}")
+            by_shard[shard] = weight
+    prepared = [p for p in parts if p.prepared]
+    if d.val_source:
+        val = [s for p in sources.parts(d.val_source) for s in p.shards("val", d.allow_missing_shards)]
+    elif prepared:
+        val = [s for p in prepared for s in p.shards("val")]
+    else:
+        raise ConfigError(f"data.val_source: data.source {root!r} names shards, not a prepared data set with a val/ "
+                          "split; set data.val_source to held-out shards (a prefix, files or a brace pattern).")
+    if not d.tokenizer and not prepared:
+        raise ConfigError(f"data.tokenizer: data.source {root!r} has no prepared data set (with its tokenizer.json); "
+                          "set data.tokenizer to a tokenizer.json (e.g. one written by `mmray data prepare`).")
+    tokenizer_path = d.tokenizer or storage.join(prepared[0].spec, "tokenizer.json")
     try:
         tokenizer = TextTokenizer.from_file(tokenizer_path)
     except ValueError as e:
         raise ConfigError(f"data.tokenizer: {e}") from None
-    return DataSet(root, tokenizer, shard_paths(root, "train"), shard_paths(root, "val"))
+    counts = sources.count_samples(by_shard, progress=log.info)
+    epoch = sources.total_samples(counts, by_shard)
+    for part, shards, weight in zip(parts, per_part, weights):
+        n = sources.total_samples({s: counts[s] for s in shards})
+        log.info("data: %s: %d shard(s), %s samples (_stats.json), weight %g", part.spec, len(shards),
+                 "unknown" if n is None else n, weight)
+    if epoch is not None:
+        log.info("data: %d training samples per epoch", epoch)
+    mixed = by_shard if any(w != 1 for w in weights) else None
+    return DataSet(root, tokenizer, list(by_shard), val, mixed, epoch)
 
 
 def init_ray(cfg: Config) -> str:
@@ -122,7 +159,8 @@ def build_trainer(cfg: Config, data: DataSet, quality=None, cost_meter=None, cal
     val = read_split(data.val, cfg, tokenizer)
     if cfg.eval.max_samples:
         val = val.limit(cfg.eval.max_samples)
-    datasets = {"train": read_split(data.train, cfg, tokenizer, shuffle_seed=cfg.train.seed, quality=quality),
+    datasets = {"train": read_split(data.train, cfg, tokenizer, shuffle_seed=cfg.train.seed, quality=quality,
+                                    weights=data.weights),
                 "val": val}
     use_gpu = _use_gpu(cfg)
     fs, path = storage.resolve(cfg.run.storage_path)
@@ -175,6 +213,7 @@ def train(cfg: Config, callbacks: Sequence = (), before_fit: Callable[[object], 
     import ray
     import ray.train
 
+    from mmray.data import sources
     from mmray.data.pipeline import DataQuality, quality_snapshot
 
     from mmray.cost import meter as cost_meter
@@ -225,7 +264,8 @@ def train(cfg: Config, callbacks: Sequence = (), before_fit: Callable[[object], 
         "steps": metrics.pop("step", 0),
         "samples_seen": metrics.pop("samples_seen", 0),
         "wall_s": round(time.perf_counter() - t0, 2),
-        "data": data.root if storage.is_s3(data.root) else storage.resolve(data.root)[1],
+        "data": sources.display(data.root),
+        "epoch_samples": data.train_samples,
         "ray": ray_mode,
         "data_quality": data_quality,
         "spent_usd": round(cost["spent_usd"], 6),

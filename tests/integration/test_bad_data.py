@@ -44,6 +44,7 @@ def test_inspect_counts_every_bad_sample_by_reason(ray_session, damaged):
     assert bad["corrupt_image"] == 2 and bad["non_utf8_caption"] == 1 and bad["missing_caption"] == 1
     assert bad["truncated_shard"] == 1
     assert summary["shards"] == 3
+    assert summary["expected_samples"] == TRAIN  # from the shards' _stats.json
     assert summary["bytes"] == sum(p.stat().st_size for p in (root / "train").glob("*.tar"))
     intact = PER_SHARD + (PER_SHARD - 4)
     assert intact + 40 < summary["samples"] < intact + 60  # about half of the truncated shard survives

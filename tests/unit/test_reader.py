@@ -80,7 +80,7 @@ def test_parquet_rows_and_hf_style_image_structs(tmp_path):
 def test_parquet_without_the_columns_names_them():
     buf = io.BytesIO()
     pq.write_table(pa.table({"a": [1]}), buf)
-    with pytest.raises(ValueError, match=r"no column\(s\) \['jpg', 'txt'\]"):
+    with pytest.raises(ValueError, match=r"no image column \('jpg'\); it has \['a'\]. Set data.image_column"):
         list(iter_parquet(buf.getvalue(), "p.parquet", 10, "jpg", "txt", "key"))
 
 

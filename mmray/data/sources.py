@@ -1,0 +1,282 @@
+"""Data sources as users write them: turn ``data.source`` / ``data.val_source`` / ``mmray data inspect SRC`` into
+lists of shard files, checked before Ray starts.
+
+A source is one or more *parts* joined by ``::`` (as in webdataset and OpenCLIP's ``--train-data "a::b"``). A part
+is, locally or on S3:
+
+- a prepared data set (a directory with ``train/`` and ``val/`` splits, as `mmray data prepare` writes): its
+  ``train/`` shards for training, its ``val/`` shards for held-out evaluation, its ``tokenizer.json``;
+- a prefix with shards directly under it (img2dataset's layout: ``00000.tar``, ``00000.parquet``,
+  ``00000_stats.json``, ... with no splits). When a ``NNNNN.tar`` has a ``NNNNN.parquet`` beside it, the Parquet
+  file is img2dataset's metadata table for that tar (no image column), not a shard, and is skipped;
+- one shard file (``.tar`` or ``.parquet``);
+- a brace pattern of shard files, as webdataset and img2dataset users write them: ``{00000..00099}.tar`` (a
+  numeric range; zero-padded to the width of its ends when either end has a leading zero; an optional step
+  ``{0..98..2}``) and ``{a,b}`` (a list), several and nested braces expanding left to right.
+
+Every shard that a pattern or a file part names must exist: a missing one fails fast with a StorageError that names
+its path, unless ``allow_missing`` (``data.allow_missing_shards``) is set, in which case it is skipped with a warning
+naming it (and a part left with no shard at all is still an error).
+
+img2dataset writes ``NNNNN_stats.json`` beside each shard (``{"count", "successes", "failed_to_download",
+"failed_to_resize", "duration", "status_dict", ...}``, see its ``logger.write_stats``); ``successes`` is the number
+of samples the shard holds. :func:`count_samples` sums them, so that sample totals are known without reading shards.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import re
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from mmray import storage
+
+log = logging.getLogger("mmray")
+
+SHARD_SUFFIXES = (".tar", ".parquet")
+PART_SEPARATOR = "::"
+STATS_SUFFIX = "_stats.json"
+SPLITS = ("train", "val")
+_STATS_THREADS = 32  # each _stats.json is one small GET; S3 latency, not bandwidth, is the cost
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?$")
+
+
+class SourceError(ValueError):
+    """A source spec that cannot be parsed (a bad brace pattern, an empty part); the message names the problem."""
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+
+
+def _matching_brace(text: str, start: int) -> int:
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+    raise SourceError(f"unbalanced '{{' at position {start} in {text!r}")
+
+
+def _split_top_level(body: str) -> list[str]:
+    """``a,b{1,2},c`` -> ``['a', 'b{1,2}', 'c']``: commas inside nested braces do not split."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(body):
+        depth += ch == "{"
+        depth -= ch == "}"
+        if ch == "," and depth == 0:
+            items.append(body[start:i])
+            start = i + 1
+    items.append(body[start:])
+    return items
+
+
+def _range(body: str, pattern: str) -> list[str]:
+    match = _RANGE.match(body)
+    if not match:
+        raise SourceError(f"{{{body}}} in {pattern!r} is neither a list {{a,b}} nor a numeric range {{00000..00099}}")
+    first, last, step = match.group(1), match.group(2), match.group(3)
+    a, b, s = int(first), int(last), abs(int(step or 1))
+    if s == 0:
+        raise SourceError(f"{{{body}}} in {pattern!r}: the step of a range cannot be 0")
+    padded = any(len(e.lstrip("-")) > 1 and e.lstrip("-").startswith("0") for e in (first, last))
+    width = max(len(first), len(last)) if padded else 0
+    values = range(a, b + 1, s) if a <= b else range(a, b - 1, -s)
+    return [f"{v:0{width}d}" for v in values]
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand ``{a,b}`` lists and ``{N..M}`` / ``{N..M..S}`` numeric ranges, left to right, nested braces included.
+
+    ``shard-{00000..00002}.tar`` -> ``shard-00000.tar, shard-00001.tar, shard-00002.tar``; a range keeps the width
+    of its zero-padded ends (``{0..2}`` is not padded, ``{000..2}`` pads to 3). Duplicates are dropped (the first
+    stays). A pattern without braces is itself. SourceError for unbalanced braces or a brace that is neither form.
+    """
+    if "}" in pattern and "{" not in pattern:
+        raise SourceError(f"unbalanced '}}' in {pattern!r}")
+    start = pattern.find("{")
+    if start < 0:
+        return [pattern]
+    end = _matching_brace(pattern, start)
+    head, body, tail = pattern[:start], pattern[start + 1:end], pattern[end + 1:]
+    if "}" in head:
+        raise SourceError(f"unbalanced '}}' in {pattern!r}")
+    alternatives = _split_top_level(body)
+    if len(alternatives) == 1:
+        alternatives = _range(body, pattern)
+    out: dict[str, None] = {}
+    for alternative in alternatives:
+        for expanded in expand_braces(head + alternative + tail):
+            out.setdefault(expanded)
+    return list(out)
+
+
+def split_parts(spec: str) -> list[str]:
+    """``"a::b"`` -> ``["a", "b"]`` (surrounding whitespace stripped); SourceError for an empty spec or part."""
+    parts = [p.strip() for p in spec.split(PART_SEPARATOR)]
+    if not spec.strip() or not all(parts):
+        raise SourceError(f"{spec!r} has an empty part; join sources with '::', e.g. 's3://b/laion/::s3://b/cc12m/'")
+    return parts
+
+
+def check_spec(spec: str) -> list[str]:
+    """Parse a spec without touching storage (for config validation): its parts, each brace pattern expanded once
+    to check it (SourceError names the problem)."""
+    parts = split_parts(spec)
+    for part in parts:
+        expand_braces(part)
+    return parts
+
+
+# ------------------------------------------------------------------------------------------------ storage
+
+
+def is_dir(path: str) -> bool:
+    """True for a local directory or a non-empty S3 prefix."""
+    import pyarrow.fs as pafs
+
+    fs, inner = storage.resolve(path)
+    return fs.get_file_info(inner).type == pafs.FileType.Directory
+
+
+def list_shards(directory: str) -> list[str]:
+    """The ``.tar`` / ``.parquet`` shards directly under ``directory``, sorted; other files (stats, manifests) and
+    img2dataset's metadata Parquet beside a tar of the same name (``00000.parquet`` next to ``00000.tar``) skipped."""
+    files = [p for p in storage.list_files(directory) if p.endswith(SHARD_SUFFIXES)]
+    tars = {p[:-len(".tar")] for p in files if p.endswith(".tar")}
+    return [p for p in files if p.endswith(".tar") or p[:-len(".parquet")] not in tars]
+
+
+def _parent(path: str) -> str:
+    if storage.is_s3(path):
+        return path.rstrip("/").rsplit("/", 1)[0]
+    return posixpath.dirname(storage.resolve(path)[1])
+
+
+def _normal(path: str) -> str:
+    """Local paths absolute (as listings return them), URIs as they are."""
+    return path if storage.is_s3(path) else storage.resolve(path)[1]
+
+
+def _check_exist(paths: list[str], what: str, allow_missing: bool) -> list[str]:
+    """``paths`` that exist, found by listing each parent directory once (not one request per file)."""
+    present: set[str] = set()
+    for parent in dict.fromkeys(_parent(p) for p in paths):
+        try:
+            present.update(storage.list_files(parent))
+        except storage.StorageError:
+            pass  # a missing directory: all its shards are missing, and are named below
+    found = [p for p in paths if _normal(p) in present]
+    missing = [p for p in paths if _normal(p) not in present]
+    if missing and not allow_missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise storage.StorageError(f"shard does not exist: {missing[0]}{more}, named by {what}; set "
+                                   "data.allow_missing_shards=true (`mmray data inspect --allow-missing-shards`) to "
+                                   "skip missing shards")
+    if missing:
+        log.warning("skipping %d missing shard(s) of %s (data.allow_missing_shards): %s", len(missing), what,
+                    ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+    if not found:
+        raise storage.StorageError(f"none of the {len(paths)} shard(s) named by {what} exists (first: {paths[0]})")
+    return [_normal(p) for p in found]
+
+
+@dataclass(frozen=True)
+class Part:
+    """One ``::`` part of a source: a prepared data set (``prepared``) or shards (a prefix, file or pattern)."""
+
+    spec: str
+    prepared: bool
+
+    def shards(self, split: str = "train", allow_missing: bool = False) -> list[str]:
+        """The part's shard files, sorted as listed or in pattern order; StorageError names what is missing."""
+        if self.prepared:
+            directory = storage.join(self.spec, split)
+            paths = list_shards(directory)
+            if not paths:
+                raise storage.StorageError(f"no .tar or .parquet shards under {directory}")
+            return paths
+        names = expand_braces(self.spec)
+        if len(names) > 1 or names[0].endswith(SHARD_SUFFIXES):
+            bad = [n for n in names if not n.endswith(SHARD_SUFFIXES)]
+            if bad:
+                raise storage.StorageError(f"{bad[0]} (from {self.spec}) is not a .tar or .parquet shard")
+            return _check_exist(names, self.spec, allow_missing)
+        paths = list_shards(self.spec)
+        if not paths:
+            raise storage.StorageError(f"no .tar or .parquet shards under {self.spec}")
+        return paths
+
+
+def parts(spec: str) -> list[Part]:
+    """The parts of a source, each classified: a directory with a ``train/`` split is a prepared data set."""
+    out = []
+    for part in split_parts(spec):
+        shards_named = "{" in part or part.endswith(SHARD_SUFFIXES)
+        out.append(Part(part, prepared=not shards_named and is_dir(storage.join(part, "train"))))
+    return out
+
+
+def inspect_shards(spec: str, allow_missing: bool = False) -> list[str]:
+    """Every shard a spec names, for `mmray data inspect`: a prepared data set gives both splits."""
+    found = []
+    for part in parts(spec):
+        if part.prepared:
+            found += [p for split in SPLITS if is_dir(storage.join(part.spec, split)) for p in part.shards(split)]
+        else:
+            found += part.shards(allow_missing=allow_missing)
+    return found
+
+
+def display(spec: str) -> str:
+    """The spec with local parts made absolute (for summaries)."""
+    return PART_SEPARATOR.join(_normal(p) for p in split_parts(spec))
+
+
+# ------------------------------------------------------------------------------------------------ stats
+
+
+def stats_path(shard: str) -> str:
+    """``.../00000.tar`` -> ``.../00000_stats.json`` (img2dataset's name for a shard's stats)."""
+    for suffix in SHARD_SUFFIXES:
+        if shard.endswith(suffix):
+            return shard[:-len(suffix)] + STATS_SUFFIX
+    raise ValueError(f"{shard} is not a .tar or .parquet shard")
+
+
+def read_stats(shard: str) -> int | None:
+    """The sample count (``successes``) in a shard's ``_stats.json``, or None when it has none or it is unreadable."""
+    try:
+        stats = json.loads(storage.read_bytes(stats_path(shard)))
+    except storage.StorageError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        log.warning("ignoring %s: not JSON", stats_path(shard))
+        return None
+    successes = stats.get("successes") if isinstance(stats, dict) else None
+    if not isinstance(successes, int) or isinstance(successes, bool) or successes < 0:
+        log.warning("ignoring %s: no integer 'successes'", stats_path(shard))
+        return None
+    return successes
+
+
+def count_samples(shards: Iterable[str], progress: Callable[[str], None] | None = None) -> dict[str, int | None]:
+    """Each shard's sample count from its ``_stats.json`` (None where unknown), read in parallel threads."""
+    shards = list(shards)
+    if progress and len(shards) > 100:
+        progress(f"reading the _stats.json of {len(shards)} shards")
+    with ThreadPoolExecutor(min(_STATS_THREADS, max(1, len(shards)))) as pool:
+        return dict(zip(shards, pool.map(read_stats, shards)))
+
+
+def total_samples(counts: dict[str, int | None], weights: dict[str, float] | None = None) -> int | None:
+    """The expected samples of an epoch over these shards (each times its weight), or None if any count is
+    unknown."""
+    if not counts or any(n is None for n in counts.values()):
+        return None
+    return round(sum(n * (weights or {}).get(path, 1.0) for path, n in counts.items()))
