@@ -102,8 +102,7 @@ def gpu_precision(cfg: Config) -> str:
 
 def samples_target(cfg: Config) -> int:
     """Samples the run trains: max_steps x global batch."""
-    t = cfg.train
-    return t.max_steps * t.micro_batch_size * t.grad_accum * t.num_workers
+    return cfg.train.max_steps * cfg.train.global_batch()
 
 
 def per_gpu_throughput(table: PriceTable, gpu_type: str, *, samples_per_s_per_gpu: float | None = None,
@@ -196,7 +195,7 @@ def plan(cfg: Config, table: PriceTable, inputs: PlanInputs, shards: dict | None
     """The JSON summary of `mmray plan`."""
     rows = plan_rows(cfg, table, inputs)
     t = cfg.train
-    return {"samples": samples_target(cfg), "global_batch": t.micro_batch_size * t.grad_accum * t.num_workers,
+    return {"samples": samples_target(cfg), "global_batch": t.global_batch(),
             "workers": t.num_workers, "params": inputs.params, "flops_per_sample": inputs.flops_per_sample,
             "budget_usd": cfg.budget.usd,
             "memory": memory_per_gpu(cfg, inputs.params, inputs.vocab_size, inputs.itm, gpu_precision(cfg)),
