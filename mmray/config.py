@@ -395,7 +395,8 @@ def _check_consistency(cfg: Config) -> None:
 
 
 def _check_deepspeed(t: TrainConfig) -> None:
-    """DeepSpeed settings that cannot work together, rejected before anything starts.
+    """DeepSpeed settings that cannot work together, rejected before anything starts (DeepSpeed 0.19 itself ignores
+    offload at stages that do not support it, so a run would silently use the memory it was meant to save).
 
     Precision is checked again once ``train.use_gpu=auto`` is resolved against the cluster
     (:func:`mmray.train.engine.ds_config`)."""
@@ -404,10 +405,12 @@ def _check_deepspeed(t: TrainConfig) -> None:
                           "only; set train.precision=fp32 (or auto), or train.use_gpu=true.")
     if t.offload_optimizer != "none" and t.zero_stage == 0:
         raise ConfigError(f"train.offload_optimizer={t.offload_optimizer} needs ZeRO (train.zero_stage 1, 2 or 3); "
-                          "train.zero_stage=0 keeps the optimizer whole on every worker.")
+                          "train.zero_stage=0 keeps the optimizer whole on every worker (DeepSpeed would silently "
+                          "ignore the offload).")
     if t.offload_param != "none" and t.zero_stage != 3:
         raise ConfigError(f"train.offload_param={t.offload_param} needs train.zero_stage=3 (only ZeRO-3 partitions "
-                          f"the parameters), got train.zero_stage={t.zero_stage}.")
+                          f"the parameters; DeepSpeed would silently ignore the offload), got "
+                          f"train.zero_stage={t.zero_stage}.")
 
 
 def parse_sections(text: str, path: str | os.PathLike) -> dict:

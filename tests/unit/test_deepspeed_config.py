@@ -57,10 +57,10 @@ def test_precision_by_device(precision, on_gpu, bf16, fp16):
     (["train.use_gpu=false", "train.precision=fp16"], "train.precision=fp16 needs GPUs, but train.use_gpu=false"),
     (["train.zero_stage=0", "train.offload_optimizer=cpu"],
      "train.offload_optimizer=cpu needs ZeRO (train.zero_stage 1, 2 or 3); train.zero_stage=0 keeps the optimizer "
-     "whole on every worker."),
+     "whole on every worker (DeepSpeed would silently ignore the offload)."),
     (["train.zero_stage=2", "train.offload_param=cpu"],
-     "train.offload_param=cpu needs train.zero_stage=3 (only ZeRO-3 partitions the parameters), got "
-     "train.zero_stage=2."),
+     "train.offload_param=cpu needs train.zero_stage=3 (only ZeRO-3 partitions the parameters; DeepSpeed would "
+     "silently ignore the offload), got train.zero_stage=2."),
     (["train.zero_stage=0", "train.offload_param=cpu"], "train.offload_param=cpu needs train.zero_stage=3"),
     (["train.offload_param=nvme"], "train.offload_param: 'nvme' is not allowed; allowed values: 'none', 'cpu'."),
     (["train.collective_timeout_s=0"], "train.collective_timeout_s: 0 is below the minimum 1."),
