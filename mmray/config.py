@@ -172,6 +172,26 @@ class TrainConfig:
                              "init and model.init_image / model.init_text gather one module at a time. False builds "
                              "the whole model on every worker first (ZeRO-3 then partitions it); ignored at other "
                              "stages.")
+    offload_optimizer: str = _f("none", "ZeRO-Offload: 'cpu' keeps the fp32 master weights and the AdamW state in "
+                                "host memory and runs the optimizer step there (DeepSpeedCPUAdam on GPU, torch's AdamW "
+                                "on CPU), freeing accelerator memory at the cost of step time. Needs "
+                                "train.zero_stage 1, 2 or 3.", choices=("none", "cpu"))
+    offload_param: str = _f("none", "ZeRO-Infinity parameter offload: 'cpu' keeps each worker's partition of the "
+                            "parameters in host memory between uses, fetched for each module's forward and backward. "
+                            "Needs train.zero_stage=3.", choices=("none", "cpu"))
+    activation_checkpointing: bool = _f(False, "Recompute each Transformer block's activations during backward "
+                                        "instead of keeping them from the forward (torch.utils.checkpoint, "
+                                        "non-reentrant): activation memory falls to about one block's worth plus the "
+                                        "block inputs, for about one extra forward per step. Gradients are unchanged.")
+    collective_timeout_s: int = _f(1800, "Seconds a collective (all-reduce, all-gather, barrier) may wait for the "
+                                   "other workers before it fails with a timeout error instead of hanging (a dead or "
+                                   "stuck peer); Ray Train's TorchConfig(timeout_s), the process group's timeout. The "
+                                   "failure then counts against train.max_failures. Keep it above the longest "
+                                   "gap between collectives (checkpoint uploads, evaluation).", min=1)
+
+    def global_batch(self, workers: int | None = None) -> int:
+        """Samples per optimizer step: micro_batch_size x grad_accum x workers (train.num_workers by default)."""
+        return self.micro_batch_size * self.grad_accum * (self.num_workers if workers is None else workers)
 
 
 @dataclass
@@ -236,7 +256,8 @@ class Config:
         d = self.to_dict()
         d.pop("run")
         d.pop("budget")  # what a run may cost does not change what it trains: a new cap resumes the same run
-        for k in ("log_every", "checkpoint_every", "max_failures", "max_preemption_failures"):
+        for k in ("log_every", "checkpoint_every", "max_failures", "max_preemption_failures", "collective_timeout_s",
+                  "activation_checkpointing"):  # the last two change how, not what: the gradients are the same
             d["train"].pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -387,6 +408,7 @@ def _check_consistency(cfg: Config) -> None:
     if d.source.startswith("synthetic:") and d.synthetic_val_samples * 2 > d.synthetic_samples:
         raise ConfigError(f"data.synthetic_val_samples ({d.synthetic_val_samples}) must be at most half of "
                           f"data.synthetic_samples ({d.synthetic_samples}).")
+    _check_deepspeed(cfg.train)
     from mmray.models.pretrained import parse_freeze
 
     parse_freeze(m.freeze)  # names only; whether anything is left to train is checked where the model is built
@@ -415,6 +437,25 @@ def _check_sources(d: DataConfig) -> None:
         parse_weights(d.source_weights, n_parts)
     except SourceError as e:
         raise ConfigError(f"data.source_weights: {e}") from None
+
+
+def _check_deepspeed(t: TrainConfig) -> None:
+    """DeepSpeed settings that cannot work together, rejected before anything starts (DeepSpeed 0.19 itself ignores
+    offload at stages that do not support it, so a run would silently use the memory it was meant to save).
+
+    Precision is checked again once ``train.use_gpu=auto`` is resolved against the cluster
+    (:func:`mmray.train.engine.ds_config`)."""
+    if t.use_gpu == "false" and t.precision in ("bf16", "fp16"):
+        raise ConfigError(f"train.precision={t.precision} needs GPUs, but train.use_gpu=false trains on CPU, in fp32 "
+                          "only; set train.precision=fp32 (or auto), or train.use_gpu=true.")
+    if t.offload_optimizer != "none" and t.zero_stage == 0:
+        raise ConfigError(f"train.offload_optimizer={t.offload_optimizer} needs ZeRO (train.zero_stage 1, 2 or 3); "
+                          "train.zero_stage=0 keeps the optimizer whole on every worker (DeepSpeed would silently "
+                          "ignore the offload).")
+    if t.offload_param != "none" and t.zero_stage != 3:
+        raise ConfigError(f"train.offload_param={t.offload_param} needs train.zero_stage=3 (only ZeRO-3 partitions "
+                          f"the parameters; DeepSpeed would silently ignore the offload), got "
+                          f"train.zero_stage={t.zero_stage}.")
 
 
 def parse_sections(text: str, path: str | os.PathLike) -> dict:

@@ -27,8 +27,11 @@ Memory per GPU (bytes), with P parameters, N = num_workers data-parallel ranks, 
 variance = 16P; fp32: 4 + 4 + 8 = 16P):
     stage 0: p+g+o         (16P)          stage 2: p + (g+o)/N    (2P + 14P/N)
     stage 1: p + g + o/N   (4P + 12P/N)   stage 3: (p+g+o)/N      (16P/N)
+train.offload_optimizer=cpu takes o (and at stages 2-3 the gradient partition) off the GPU; train.offload_param=cpu
+(ZeRO-3) takes the parameter partition off too.
 plus activations of one micro-batch, per Transformer layer ``s*b*h*(34 + 5*a*s/h)`` bytes at 16 bits
-(Korthikanti et al. 2022, no recomputation; x2 at fp32) for s tokens, b samples, width h, a heads: image tower
+(Korthikanti et al. 2022, no recomputation; x2 at fp32) for s tokens, b samples, width h, a heads (with
+train.activation_checkpointing, ``2*s*b*h`` per layer plus the largest layer's full activations): image tower
 layers at s = (image_size/patch)^2 + 1, text tower, attention-fusion and decoder layers at s = max_text_len; the
 decoder adds fp32 logits and their gradient, 8*b*s*vocab; with image-text matching (two extra fused passes over the
 negatives) the activations are multiplied by 3. Plus 1 GiB for the CUDA context and allocator. A plan fits when the
@@ -56,27 +59,44 @@ _STATE_BYTES = {"mixed": (2, 2, 12), "fp32": (4, 4, 8)}
 
 # ------------------------------------------------------------------------------------------------------ memory
 
-def model_state_bytes(params: int, zero_stage: int, dp: int, precision: str = "bf16") -> float:
-    """Bytes per GPU of weights, gradients and Adam states under ZeRO ``zero_stage`` over ``dp`` ranks."""
+def model_state_bytes(params: int, zero_stage: int, dp: int, precision: str = "bf16", *,
+                      offload_optimizer: bool = False, offload_param: bool = False) -> float:
+    """Bytes per GPU of weights, gradients and Adam states under ZeRO ``zero_stage`` over ``dp`` ranks.
+
+    ``offload_optimizer`` (ZeRO-Offload) moves the optimizer states to host memory, and at stages 2 and 3 the
+    gradient partition too (stage 1 keeps whole gradients until they are reduced); ``offload_param`` (ZeRO-3 only)
+    moves the parameter partition."""
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0-3, got {zero_stage}")
     p, g, o = (b * params for b in _STATE_BYTES["fp32" if precision == "fp32" else "mixed"])
-    return {0: p + g + o, 1: p + g + o / dp, 2: p + (g + o) / dp, 3: (p + g + o) / dp}[zero_stage]
+    p, g, o = {0: (p, g, o), 1: (p, g, o / dp), 2: (p, g / dp, o / dp), 3: (p / dp, g / dp, o / dp)}[zero_stage]
+    if offload_optimizer:
+        o, g = 0.0, g if zero_stage < 2 else 0.0
+    if offload_param:
+        p = 0.0
+    return p + g + o
 
 
-def layer_activation_bytes(tokens: int, batch: int, width: int, heads: int) -> float:
-    """One Transformer layer's saved activations at 16 bits (Korthikanti et al. 2022, eq. 1, no recomputation)."""
+def layer_activation_bytes(tokens: int, batch: int, width: int, heads: int, recompute: bool = False) -> float:
+    """One Transformer layer's saved activations at 16 bits (Korthikanti et al. 2022, eq. 1, no recomputation);
+    with ``recompute`` (full activation checkpointing) only the layer's input, ``2*s*b*h``."""
+    if recompute:
+        return 2 * tokens * batch * width
     return tokens * batch * width * (34 + 5 * heads * tokens / width)
 
 
 def activation_bytes(cfg: Config, vocab_size: int, itm: bool, precision: str = "bf16") -> float:
     """Activations of one micro-batch on one GPU (see the module docstring)."""
     m, b = cfg.model, cfg.train.micro_batch_size
+    recompute = cfg.train.activation_checkpointing
     image_tokens = (cfg.data.image_size // m.patch_size) ** 2 + 1
     text_tokens = cfg.data.max_text_len
-    total = m.image_depth * layer_activation_bytes(image_tokens, b, m.image_width, m.image_heads)
     text_layers = m.text_depth + m.decoder_depth + (m.fusion_depth if m.fusion == "attention" else 0)
-    total += text_layers * layer_activation_bytes(text_tokens, b, m.text_width, m.text_heads)
+    total = m.image_depth * layer_activation_bytes(image_tokens, b, m.image_width, m.image_heads, recompute)
+    total += text_layers * layer_activation_bytes(text_tokens, b, m.text_width, m.text_heads, recompute)
+    if recompute:  # plus the one layer whose activations backward recomputes at a time
+        total += max(layer_activation_bytes(image_tokens, b, m.image_width, m.image_heads),
+                     layer_activation_bytes(text_tokens, b, m.text_width, m.text_heads))
     if precision == "fp32":
         total *= 2
     if m.decoder_depth:
@@ -86,7 +106,9 @@ def activation_bytes(cfg: Config, vocab_size: int, itm: bool, precision: str = "
 
 def memory_per_gpu(cfg: Config, params: int, vocab_size: int, itm: bool, precision: str = "bf16") -> dict:
     """The per-GPU memory estimate, in GiB, by part."""
-    states = model_state_bytes(params, cfg.train.zero_stage, cfg.train.num_workers, precision)
+    t = cfg.train
+    states = model_state_bytes(params, t.zero_stage, t.num_workers, precision,
+                               offload_optimizer=t.offload_optimizer != "none", offload_param=t.offload_param != "none")
     acts = activation_bytes(cfg, vocab_size, itm, precision)
     return {"model_states_gib": states / GIB, "activations_gib": acts / GIB, "overhead_gib": OVERHEAD_BYTES / GIB,
             "total_gib": (states + acts + OVERHEAD_BYTES) / GIB, "zero_stage": cfg.train.zero_stage,
@@ -102,8 +124,7 @@ def gpu_precision(cfg: Config) -> str:
 
 def samples_target(cfg: Config) -> int:
     """Samples the run trains: max_steps x global batch."""
-    t = cfg.train
-    return t.max_steps * t.micro_batch_size * t.grad_accum * t.num_workers
+    return cfg.train.max_steps * cfg.train.global_batch()
 
 
 def per_gpu_throughput(table: PriceTable, gpu_type: str, *, samples_per_s_per_gpu: float | None = None,
@@ -196,7 +217,7 @@ def plan(cfg: Config, table: PriceTable, inputs: PlanInputs, shards: dict | None
     """The JSON summary of `mmray plan`."""
     rows = plan_rows(cfg, table, inputs)
     t = cfg.train
-    return {"samples": samples_target(cfg), "global_batch": t.micro_batch_size * t.grad_accum * t.num_workers,
+    return {"samples": samples_target(cfg), "global_batch": t.global_batch(),
             "workers": t.num_workers, "params": inputs.params, "flops_per_sample": inputs.flops_per_sample,
             "budget_usd": cfg.budget.usd,
             "memory": memory_per_gpu(cfg, inputs.params, inputs.vocab_size, inputs.itm, gpu_precision(cfg)),

@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmray.models.encoders import TextEmbedding
-from mmray.models.layers import MLP, CrossAttention, MultiHeadAttention
+from mmray.models.layers import MLP, CrossAttention, MultiHeadAttention, Recomputable
 
 Cache = dict[str, torch.Tensor]   # one block's self-attention "k", "v": (B, H, t, Dh)
 KV = tuple[torch.Tensor, torch.Tensor]
 
 
-class DecoderBlock(nn.Module):
+class DecoderBlock(Recomputable):
     """x + SelfAttn(LN(x)) (causal), x + CrossAttn(LN(x), memory), x + FFN(LN(x))."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):

@@ -8,6 +8,33 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class Recomputable(nn.Module):
+    """A Transformer block whose activations can be recomputed in backward instead of kept from the forward.
+
+    With ``recompute`` on (see :func:`set_activation_checkpointing`) and gradients enabled, a call runs under
+    ``torch.utils.checkpoint`` (non-reentrant): the forward keeps only the block's inputs, and backward runs the
+    block again (module hooks included, so ZeRO-3 gathers its parameters again) to get what it needs. Dropout
+    draws the same masks both times (the RNG state is restored), so gradients are unchanged.
+    """
+
+    recompute = False
+
+    def __call__(self, *args, **kwargs):
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(super().__call__, *args, use_reentrant=False, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+def set_activation_checkpointing(model: nn.Module, on: bool) -> int:
+    """Turn recomputation on or off for every block of ``model`` (towers, fusion layers, decoder); returns how many
+    blocks there are."""
+    blocks = [m for m in model.modules() if isinstance(m, Recomputable)]
+    for block in blocks:
+        block.recompute = on
+    return len(blocks)
 
 
 class MultiHeadAttention(nn.Module):
@@ -44,7 +71,7 @@ class MLP(nn.Module):
         return self.drop(self.proj(F.gelu(self.fc(x))))
 
 
-class Block(nn.Module):
+class Block(Recomputable):
     """Pre-LN residual block: x + Attn(LN(x)), then x + FFN(LN(x))."""
 
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0):
@@ -110,7 +137,7 @@ class CrossAttention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, T, D))                        # (B, T, D)
 
 
-class FusionBlock(nn.Module):
+class FusionBlock(Recomputable):
     """Pre-LN cross-modal block: [x + SelfAttn(LN(x))], x + CrossAttn(LN(x), LN(memory)), x + FFN(LN(x)).
 
     With ``self_attention`` it is an ALBEF multimodal-encoder layer; without, it is the exchange step that

@@ -6,31 +6,51 @@ import re
 import torch
 from torch import nn
 
-from mmray.config import Config
+from mmray.config import Config, ConfigError
+from mmray.models.layers import set_activation_checkpointing
 
 # Parameters that must not be weight-decayed: biases, norms, embeddings/positions and the learned temperature.
 _NO_DECAY = ("bias", "ln_", "norm", "token_embed", "pos_embed", "cls_token", "logit_scale", "modality_embed")
 
 
 def resolve_precision(cfg: Config, on_gpu: bool) -> str:
+    """fp32, bf16 or fp16; ``auto`` is bf16 on GPU and fp32 on CPU. Half precision on CPU is a ConfigError."""
     if cfg.train.precision == "auto":
         return "bf16" if on_gpu else "fp32"
+    if cfg.train.precision in ("bf16", "fp16") and not on_gpu:
+        raise ConfigError(f"train.precision={cfg.train.precision} needs GPUs, but this run trains on CPU "
+                          f"(train.use_gpu={cfg.train.use_gpu} and the cluster has no GPU), in fp32 only; set "
+                          "train.precision=fp32 (or auto), or add GPU nodes.")
     return cfg.train.precision
 
 
+def _zero_config(cfg: Config, on_gpu: bool) -> dict:
+    """``zero_optimization``: the stage and where the optimizer state and (ZeRO-3) the parameters live.
+
+    Offloaded tensors are pinned on GPU machines (faster host-device copies); pinning needs CUDA."""
+    t = cfg.train
+    zero: dict = {"stage": t.zero_stage}
+    for key, device in (("offload_optimizer", t.offload_optimizer), ("offload_param", t.offload_param)):
+        if device != "none":
+            zero[key] = {"device": device, "pin_memory": on_gpu}
+    return zero
+
+
 def ds_config(cfg: Config, world_size: int, on_gpu: bool) -> dict:
-    """The DeepSpeed config: global batch = micro-batch x accumulation x workers, the same numbers the loop uses."""
+    """The DeepSpeed config: global batch = micro-batch x accumulation x workers, the same numbers the loop uses.
+
+    Raises ConfigError for what cannot run on the resolved device (see also ``config._check_deepspeed``)."""
     t = cfg.train
     precision = resolve_precision(cfg, on_gpu)
     return {
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "train_batch_size": t.global_batch(world_size),
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": _zero_config(cfg, on_gpu),
         "optimizer": {
             "type": "AdamW",
-            # torch's AdamW on CPU; DeepSpeed's fused kernel on GPU.
+            # torch's AdamW on CPU; on GPU DeepSpeed's fused kernel, or its CPU Adam for an offloaded optimizer.
             "params": {"lr": t.lr, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": t.weight_decay,
                        "torch_adam": not on_gpu},
         },
@@ -187,7 +207,8 @@ def deferred_init(cfg: Config) -> bool:
 
 
 def build_model(cfg: Config, vocab_size: int, pad_id: int, world: int, on_gpu: bool) -> nn.Module:
-    """The model a worker trains: built (partitioned from birth under ZeRO-3), pretrained towers loaded, towers frozen.
+    """The model a worker trains: built (partitioned from birth under ZeRO-3), pretrained towers loaded, towers frozen,
+    blocks recomputed in backward with train.activation_checkpointing.
 
     Under ``deepspeed.zero.Init`` each module's parameters are partitioned across the ranks as soon as the module is
     constructed, so no rank holds the whole model; DeepSpeed gathers one module at a time for the model's own
@@ -224,6 +245,7 @@ def build_model(cfg: Config, vocab_size: int, pad_id: int, world: int, on_gpu: b
     for source in pretrained.tower_sources(cfg.model):
         pretrained.load_tower(model, source, gather=gather, write=write)
     pretrained.freeze(model, pretrained.parse_freeze(cfg.model.freeze))
+    set_activation_checkpointing(model, cfg.train.activation_checkpointing)
     return model
 
 

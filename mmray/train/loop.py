@@ -143,7 +143,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if state["step"]:
         _log(rank, f"resumed at step {state['step']} from {checkpoints.restored_from} "
                    f"({state['samples_seen']} samples seen)")
-    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world
+    # The batch sizes DeepSpeed was configured with (engine.ds_config), so the pipeline feeds exactly what it expects.
+    micro_batch, global_batch = engine.train_micro_batch_size_per_gpu(), engine.train_batch_size()
     t = cfg.train
     trained_here = False
     periodic_evals = 0  # evaluations every eval.every steps, in this attempt
@@ -158,7 +159,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
     while state["step"] < t.max_steps and not stopped_for_budget:
         batches_this_epoch = 0
-        for batch in shard.iter_batches(batch_size=t.micro_batch_size, drop_last=True, batch_format="numpy",
+        for batch in shard.iter_batches(batch_size=micro_batch, drop_last=True, batch_format="numpy",
                                         local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
                                         local_shuffle_seed=t.seed + 1000 * state["epoch"] + rank):
             batches_this_epoch += 1
@@ -179,7 +180,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics = {"step": state["step"], "epoch": state["epoch"], "samples_seen": state["samples_seen"],
                            "loss": _mean_across_ranks(window_loss / window_n),
                            "lr": engine.get_lr()[0],
-                           "samples_per_s": window_n * t.micro_batch_size * world / max(elapsed, 1e-9)}
+                           "samples_per_s": window_n * micro_batch * world / max(elapsed, 1e-9)}
                 if "logit_scale" in outputs:
                     metrics["temperature"] = 1.0 / float(outputs["logit_scale"].detach())
                 if loop_config.get("quality") is not None:
@@ -224,7 +225,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if batches_this_epoch == 0:
                 from mmray.data.pipeline import BadDataError
 
-                raise BadDataError(f"the training split yields no full batch of {t.micro_batch_size} per worker "
+                raise BadDataError(f"the training split yields no full batch of {micro_batch} per worker "
                                  f"({world} workers); use more data or a smaller train.micro_batch_size")
             state["epoch"] += 1
             continue

@@ -142,13 +142,21 @@ def _use_gpu(cfg: Config) -> bool:
     return cfg.train.use_gpu == "true"
 
 
+def torch_config(cfg: Config, use_gpu: bool):
+    """The workers' process group: NCCL on GPUs, gloo on CPUs, and a collective that waits longer than
+    train.collective_timeout_s for a peer fails (the worker group restarts) instead of hanging the run."""
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.train.collective_timeout_s)
+
+
 def build_trainer(cfg: Config, data: DataSet, quality=None, cost_meter=None, callbacks: Sequence = ()):
     """A TorchTrainer whose workers each drive a DeepSpeed engine over their share of the streamed shards.
 
     ``callbacks`` are added to its RunConfig (Ray Train V2 user, controller and worker-group callbacks)."""
     import ray.data
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from mmray.data.pipeline import read_split
     from mmray.train.loop import train_loop_per_worker
@@ -163,6 +171,9 @@ def build_trainer(cfg: Config, data: DataSet, quality=None, cost_meter=None, cal
                                     weights=data.weights),
                 "val": val}
     use_gpu = _use_gpu(cfg)
+    from mmray.train.engine import ds_config
+
+    ds_config(cfg, cfg.train.num_workers, use_gpu)  # what the resolved device cannot run fails here, not in workers
     fs, path = storage.resolve(cfg.run.storage_path)
     return TorchTrainer(
         train_loop_per_worker,
@@ -171,7 +182,7 @@ def build_trainer(cfg: Config, data: DataSet, quality=None, cost_meter=None, cal
                            "cost_meter": cost_meter},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=torch_config(cfg, use_gpu),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
         run_config=ray.train.RunConfig(

@@ -22,15 +22,20 @@ def _files(checkpoint: str) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_stage_trains_and_checkpoints(ray_session, tiny_dataset, tmp_path, stage):
+@pytest.mark.parametrize("stage, accum, deepspeed", [
+    (2, 2, ["train.offload_optimizer=cpu", "train.activation_checkpointing=true"]),
+    (3, 1, ["train.offload_optimizer=cpu", "train.offload_param=cpu"]),
+])
+def test_zero_stage_trains_and_checkpoints(ray_session, tiny_dataset, tmp_path, stage, accum, deepspeed):
+    """Through the whole Ray Train path, with the DeepSpeed options on (tests/integration/test_deepspeed_options.py
+    covers each combination, cheaper) and gradient accumulation feeding DeepSpeed's batch arithmetic."""
     # ZeRO-3 also generates captions and answers in its evaluation, which needs the partitioned parameters gathered.
     extra = ["model.decoder_depth=1", "model.vqa_weight=1", "eval.max_new_tokens=4"] if stage == 3 else []
-    cfg = _cfg(tiny_dataset, tmp_path, f"train.zero_stage={stage}", *extra)
+    cfg = _cfg(tiny_dataset, tmp_path, f"train.zero_stage={stage}", f"train.grad_accum={accum}", *deepspeed, *extra)
     summary = train(cfg)
 
     assert summary["steps"] == 4
-    assert summary["samples_seen"] == 4 * GLOBAL
+    assert summary["samples_seen"] == 4 * GLOBAL * accum
     assert summary["metrics"]["val_eval_pairs"] == 64
     assert 0.0 <= summary["metrics"]["val_i2t_r@1"] <= 1.0
     if stage == 3:
@@ -44,7 +49,7 @@ def test_zero_stage_trains_and_checkpoints(ray_session, tiny_dataset, tmp_path, 
             assert f"ds/zero_pp_rank_{rank}_mp_rank_00_model_states.pt" in files
     assert {"state.json", "config.yaml", "tokenizer.json"} <= files
     state = json.loads((Path(summary["checkpoint"]) / "state.json").read_text())
-    assert state == {"step": 4, "samples_seen": 4 * GLOBAL, "epoch": state["epoch"], "emergency_checkpoints": 0,
+    assert state == {"step": 4, "samples_seen": 4 * GLOBAL * accum, "epoch": state["epoch"], "emergency_checkpoints": 0,
                      "preemptions": [], "world_size": WORKERS}
     assert config.load(Path(summary["checkpoint"]) / "config.yaml") == cfg
     # Checkpoints are plain tensors and containers: they load with weights_only=True.

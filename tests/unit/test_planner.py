@@ -41,6 +41,31 @@ def test_model_state_bytes_follow_the_zero_paper(stage, precision, expected):
     assert planner.model_state_bytes(1_000_000, stage, 4, precision) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("stage, offload_param, expected", [
+    (1, False, 2e6 + 2e6),            # p + g stay (stage 1 keeps whole gradients); the 12P of Adam go to the host
+    (2, False, 2e6),                  # p; the gradient partition goes too
+    (3, False, 2e6 / 4),              # p / N
+    (3, True, 0.0),                   # everything on the host
+])
+def test_offload_takes_states_off_the_gpu(stage, offload_param, expected):
+    got = planner.model_state_bytes(1_000_000, stage, 4, "bf16", offload_optimizer=True, offload_param=offload_param)
+    assert got == pytest.approx(expected)
+    cfg = _cfg(f"train.zero_stage={stage}", "train.offload_optimizer=cpu",
+               *(["train.offload_param=cpu"] if offload_param else []))
+    assert planner.memory_per_gpu(cfg, 1_000_000, 512, False)["model_states_gib"] == pytest.approx(expected / GIB)
+
+
+def test_activation_checkpointing_keeps_layer_inputs_and_one_layer():
+    base = ["data.image_size=16", "model.patch_size=8", "data.max_text_len=4", "train.micro_batch_size=2",
+            "model.image_width=8", "model.image_heads=2", "model.image_depth=3", "model.text_width=8",
+            "model.text_heads=2", "model.text_depth=1"]
+    cfg = config.load(None, [*base, "train.activation_checkpointing=true"])
+    inputs = 3 * 2 * 5 * 2 * 8 + 1 * 2 * 4 * 2 * 8                 # 2*s*b*h per layer: 3 image, 1 text
+    largest = planner.layer_activation_bytes(5, 2, 8, 2)          # an image layer (5 tokens > 4)
+    assert planner.activation_bytes(cfg, 100, itm=False) == pytest.approx(inputs + largest)
+    assert planner.activation_bytes(cfg, 100, itm=False) < planner.activation_bytes(config.load(None, base), 100, False)
+
+
 def test_activation_bytes_hand_computed():
     # s=10 tokens, b=2, h=8, a=2: 10*2*8 * (34 + 5*2*10/8) = 160 * 46.5
     assert planner.layer_activation_bytes(10, 2, 8, 2) == pytest.approx(7440)
