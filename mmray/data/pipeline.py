@@ -6,6 +6,7 @@ Batch schema (numpy, one row per sample), produced by :class:`Preprocess` and co
     text_ids  int64   (N, T)        token ids, right-padded with the tokenizer's pad id, T = data.max_text_len
     caption   object  (N,)          the caption text (retrieval counts a hit when texts are equal)
     key       object  (N,)          the sample key inside its shard
+    shard     object  (N,)          the shard it came from; (shard, key) names the sample (mmray.data.position)
 
 and, from the sample's JSON metadata (WebDataset ``.json`` member) when it has any, for VQA and zero-shot:
 
@@ -183,7 +184,7 @@ class Preprocess:
         self.quality = quality  # a DataQuality actor handle, or None to skip reporting
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, captions, keys, qas, labels = [], [], [], [], []
+        images, captions, keys, shards, qas, labels = [], [], [], [], [], []
         bad: dict[str, list[str]] = {}
         metas = batch["meta"] if "meta" in batch else [None] * len(batch["key"])
         for key, shard, image, caption, meta, error in zip(batch["key"], batch["shard"], batch["image"],
@@ -200,6 +201,7 @@ class Preprocess:
             images.append(pixels)
             captions.append(text)
             keys.append(key)
+            shards.append(shard)
             qas.append(pick_qa(key, info) or {"question": "", "answer": "", "type": ""})
             labels.append(zero_shot_label(info))
         if self.quality is not None:  # a DataQuality actor handle, or a plain DataQuality in-process
@@ -208,6 +210,7 @@ class Preprocess:
         size = self.image_size
         out = {"image": np.stack(images) if images else np.zeros((0, 3, size, size), np.float32),
                "caption": np.array(captions, dtype=object), "key": np.array(keys, dtype=object),
+               "shard": np.array(shards, dtype=object),
                "question": np.array([q["question"] for q in qas], dtype=object),
                "answer": np.array([q["answer"] for q in qas], dtype=object),
                "qa_type": np.array([str(q.get("type", "")) for q in qas], dtype=object),
@@ -229,25 +232,36 @@ class Preprocess:
 
 
 def read_raw(paths: list[str], shuffle_seed: int | None = None, weights: dict[str, float] | None = None,
-             mix_seed: int = 0, **reader_options):
+             mix_seed: int = 0, position=None, **reader_options):
     """A lazily-evaluated, streaming Ray Dataset of raw samples (mmray.data.reader.RAW_SCHEMA) from the shards.
 
     ``weights`` (shard path -> weight, see mmray.data.mixing) repeats or drops each sample by its shard's weight,
-    deterministically for ``mix_seed``; ``reader_options`` go to ShardDatasource (e.g. Parquet column names)."""
+    deterministically for ``mix_seed``; ``reader_options`` go to ShardDatasource (e.g. Parquet column names).
+    With ``position`` (a :class:`mmray.data.position.DataPosition` actor), each epoch's shard order is seeded by
+    ``(shuffle_seed, epoch)`` and the samples already trained on in that epoch are left out (exact resume); the
+    mixing then happens in the datasource, before that filter, since each copy of a sample has its own key."""
     import ray.data
     from ray.data import FileShuffleConfig
 
     from mmray.data.mixing import Resample
+    from mmray.data.position import PositionedShardDatasource
     from mmray.data.reader import ShardDatasource
 
     fs, _ = storage.resolve(paths[0])
-    source = ShardDatasource([storage.resolve(p)[1] for p in paths], filesystem=fs,
+    resolved = [storage.resolve(p)[1] for p in paths]
+    resample = None
+    if weights and any(w != 1 for w in weights.values()):
+        by_shard = {storage.resolve(p)[1]: w for p, w in weights.items()}  # as the reader's ``shard`` column names it
+        resample = Resample(by_shard, mix_seed)
+    if position is not None:
+        return ray.data.read_datasource(PositionedShardDatasource(
+            resolved, seed=shuffle_seed or 0, position=position, resample=resample, filesystem=fs, **reader_options))
+    source = ShardDatasource(resolved, filesystem=fs,
                              shuffle=FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None,
                              **reader_options)
     ds = ray.data.read_datasource(source)
-    if weights and any(w != 1 for w in weights.values()):
-        by_shard = {storage.resolve(p)[1]: w for p, w in weights.items()}  # as the reader's ``shard`` column names it
-        ds = ds.map_batches(Resample(by_shard, mix_seed), batch_format="numpy")
+    if resample is not None:
+        ds = ds.map_batches(resample, batch_format="numpy")
     return ds
 
 
@@ -257,8 +271,10 @@ def reader_options(cfg: Config) -> dict:
 
 
 def read_split(paths: list[str], cfg: Config, tokenizer: TextTokenizer, shuffle_seed: int | None = None,
-               quality=None, weights: dict[str, float] | None = None):
-    """Raw samples (mixed by ``weights``, seeded by train.seed) preprocessed into the batch schema, streaming."""
-    return read_raw(paths, shuffle_seed, weights, cfg.train.seed, **reader_options(cfg)).map_batches(
+               quality=None, weights: dict[str, float] | None = None, position=None):
+    """Raw samples (mixed by ``weights``, seeded by train.seed) preprocessed into the batch schema, streaming
+    (``position``: see :func:`read_raw`)."""
+    return read_raw(paths, shuffle_seed, weights, cfg.train.seed, position=position,
+                    **reader_options(cfg)).map_batches(
         Preprocess(tokenizer.to_str(), cfg.data.image_size, cfg.data.max_text_len, quality),
         batch_size=256, batch_format="numpy")

@@ -285,9 +285,13 @@ class Checkpointer:
     barriers in Ray Train.
     """
 
-    def __init__(self, engine, rank: int, world_size: int, extra_files: dict[str, str], cost_meter=None):
+    def __init__(self, engine, rank: int, world_size: int, extra_files: dict[str, str], cost_meter=None,
+                 data_position=None):
         self.engine, self.rank, self.world_size, self.extra_files = engine, rank, world_size, extra_files
         self.cost_meter = cost_meter  # the run's meter actor (rank 0 hands it each preemption record), or None
+        # This rank's data position (mmray.data.position.ConsumedSamples), or None: every rank writes its file into
+        # each checkpoint (covered by its manifest) and restores from the files of all the checkpoint's ranks.
+        self.data_position = data_position
         self.taken: set[str] = set()
         self.restored_from: str | None = None
         self.rejected: list[str] = []
@@ -305,7 +309,8 @@ class Checkpointer:
         decision = decide(checkpoint, _run_location(checkpoint)) if self.rank == 0 else None
         decision = _broadcast(decision, self.rank)
         self.taken, self.rejected = set(decision.taken), decision.rejected
-        state = {"step": 0, "samples_seen": 0, "epoch": 0, "emergency_checkpoints": 0, "preemptions": []}
+        state = {"step": 0, "samples_seen": 0, "samples_repeated": 0, "epoch": 0, "emergency_checkpoints": 0,
+                 "preemptions": []}
         self.preemptions = state["preemptions"]
         if decision.name is None:
             return state
@@ -317,6 +322,8 @@ class Checkpointer:
         with chosen.as_directory() as d:
             self._check_world_size(json.loads((Path(d) / STATE_FILE).read_text()), decision.name)
             loaded = load(self.engine, d, decision.name)
+            if self.data_position is not None:
+                self.data_position.restore(d)
         self.restored_from = decision.name
         state.update({k: loaded[k] for k in state if k in loaded})
         state["preemptions"] = self.preemptions = [dict(p) for p in state["preemptions"]]
@@ -390,6 +397,8 @@ class Checkpointer:
                 (Path(d) / STATE_FILE).write_text(json.dumps({**state, "world_size": self.world_size}))
                 for filename, text in self.extra_files.items():
                     (Path(d) / filename).write_text(text)
+            if self.data_position is not None:
+                self.data_position.write(d)
             write_manifest(d, self.rank, self.world_size, state["step"])
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
         self.taken.add(name)

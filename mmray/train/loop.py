@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from mmray import config as config_lib
+from mmray.data.position import ConsumedSamples
 from mmray.data.tokenizer import TextTokenizer
 from mmray.losses import compute_losses
 from mmray.models.objectives import objective_weights
@@ -26,6 +27,15 @@ def _to_tensors(batch: dict[str, np.ndarray], device: torch.device, vqa: bool) -
     """The model's inputs from a pipeline batch: images and caption ids, plus question and answer ids for VQA."""
     keys = ("image", "text_ids", "question_ids", "answer_ids") if vqa else ("image", "text_ids")
     return tuple(torch.from_numpy(np.array(batch[k], copy=True)).to(device) for k in keys)  # Ray: read-only
+
+
+def _sum_across_ranks(value: int) -> int:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return int(t.item())
 
 
 def _mean_across_ranks(value: float) -> float:
@@ -137,12 +147,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tokenizer = TextTokenizer.from_str(loop_config["tokenizer_json"])
     device = engine.device
     extra = {"config.yaml": cfg.to_yaml(), "tokenizer.json": loop_config["tokenizer_json"]}
-    checkpoints = Checkpointer(engine, rank, world, extra, loop_config.get("cost_meter"))
+    consumed = ConsumedSamples(rank)  # the data position: what this rank trained on in the current epoch
+    checkpoints = Checkpointer(engine, rank, world, extra, loop_config.get("cost_meter"), data_position=consumed)
     state = checkpoints.restore()
-    resumed_from = state["step"]
+    resumed_from, repeated_before = state["step"], state["samples_repeated"]
     if state["step"]:
         _log(rank, f"resumed at step {state['step']} from {checkpoints.restored_from} "
-                   f"({state['samples_seen']} samples seen)")
+                   f"({state['samples_seen']} samples seen, {consumed.before.num_rows} of them in epoch "
+                   f"{state['epoch']}, left out of its rest)")
+
+    def count_repeats() -> None:  # a collective: called on every rank before every checkpoint
+        state["samples_repeated"] = repeated_before + _sum_across_ranks(consumed.repeated)
+
+    # Tests only: every rank exits abruptly after this step (and its checkpoint), as a crashed worker would.
+    exit_at_step = int(os.environ.get("MMRAY_TEST_EXIT_AT_STEP", "0"))
     # The batch sizes DeepSpeed was configured with (engine.ds_config), so the pipeline feeds exactly what it expects.
     micro_batch, global_batch = engine.train_micro_batch_size_per_gpu(), engine.train_batch_size()
     t = cfg.train
@@ -156,9 +174,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         budget.observe(state["step"])
 
     shard = ray.train.get_dataset_shard("train")
+    position = loop_config.get("data_position")
     window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
     while state["step"] < t.max_steps and not stopped_for_budget:
         batches_this_epoch = 0
+        if position is not None and rank == 0:  # before any rank can start the epoch (the split waits for all)
+            ray.get(position.set.remote(state["epoch"], consumed.before), timeout=60)
         for batch in shard.iter_batches(batch_size=micro_batch, drop_last=True, batch_format="numpy",
                                         local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
                                         local_shuffle_seed=t.seed + 1000 * state["epoch"] + rank):
@@ -167,6 +188,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             losses = compute_losses(outputs, weights)
             engine.backward(losses["loss"])
             engine.step()
+            consumed.add(batch["shard"], batch["key"])
             window_loss += float(losses["loss"].detach())
             window_n += 1
             if engine.global_steps == state["step"]:
@@ -208,7 +230,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             saved = state["step"] % t.checkpoint_every == 0 or emergency
             if saved:
                 t_save = time.perf_counter()
-                checkpoints.save(state, report)
+                count_repeats()
+                checkpoints.save(state, {**report, "samples_repeated": state["samples_repeated"]})
                 if budget:
                     budget.guard.observe_checkpoint(time.perf_counter() - t_save)
                 if emergency:  # train no further: Ray Train restarts the run from this checkpoint
@@ -221,27 +244,35 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if budget.should_stop(steps_next):
                     stopped_for_budget = True
                     break
+            if state["step"] == exit_at_step:
+                log_line(f"rank {rank}: exiting at step {state['step']} (MMRAY_TEST_EXIT_AT_STEP)")
+                os._exit(1)
         else:
-            if batches_this_epoch == 0:
+            if batches_this_epoch == 0 and not consumed.before.num_rows:  # (else: resumed at the end of an epoch)
                 from mmray.data.pipeline import BadDataError
 
                 raise BadDataError(f"the training split yields no full batch of {micro_batch} per worker "
                                  f"({world} workers); use more data or a smaller train.micro_batch_size")
             state["epoch"] += 1
+            consumed.new_epoch()
             continue
         break  # the for loop broke: finished, or stopped for the budget
 
     if stopped_for_budget:
         # Checkpoint (under a fresh name when this step was just saved) and stop without evaluating.
         _log(rank, f"stopped for the budget at step {state['step']}: {budget.decision['reason']}")
+        count_repeats()
         checkpoints.save(state, {"step": state["step"], "samples_seen": state["samples_seen"],
+                                 "samples_repeated": state["samples_repeated"],
                                  "stopped_for_budget": True, "budget": budget.decision,
                                  "resumed_from_step": resumed_from}, finished_rerun=not trained_here)
         return
 
     train_s = time.perf_counter() - started - eval_s  # training steps (and checkpoints) of this attempt
     _log(rank, "evaluating on the held-out split")
-    metrics = {"step": state["step"], "samples_seen": state["samples_seen"], "resumed_from_step": resumed_from,
+    count_repeats()
+    metrics = {"step": state["step"], "samples_seen": state["samples_seen"],
+               "samples_repeated": state["samples_repeated"], "resumed_from_step": resumed_from,
                "emergency_checkpoints": state["emergency_checkpoints"], "periodic_evals": periodic_evals,
                "train_s": round(train_s, 3),
                **checkpoints.summary(),

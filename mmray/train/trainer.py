@@ -150,10 +150,13 @@ def torch_config(cfg: Config, use_gpu: bool):
     return TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.train.collective_timeout_s)
 
 
-def build_trainer(cfg: Config, data: DataSet, quality=None, cost_meter=None, callbacks: Sequence = ()):
+def build_trainer(cfg: Config, data: DataSet, quality=None, cost_meter=None, callbacks: Sequence = (),
+                  data_position=None):
     """A TorchTrainer whose workers each drive a DeepSpeed engine over their share of the streamed shards.
 
-    ``callbacks`` are added to its RunConfig (Ray Train V2 user, controller and worker-group callbacks)."""
+    ``callbacks`` are added to its RunConfig (Ray Train V2 user, controller and worker-group callbacks).
+    ``data_position`` (a :class:`mmray.data.position.DataPosition` actor) makes resume sample-exact: each epoch
+    leaves out the samples its checkpoint says were trained on, whatever the worker count."""
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -168,7 +171,7 @@ def build_trainer(cfg: Config, data: DataSet, quality=None, cost_meter=None, cal
     if cfg.eval.max_samples:
         val = val.limit(cfg.eval.max_samples)
     datasets = {"train": read_split(data.train, cfg, tokenizer, shuffle_seed=cfg.train.seed, quality=quality,
-                                    weights=data.weights),
+                                    weights=data.weights, position=data_position),
                 "val": val}
     use_gpu = _use_gpu(cfg)
     from mmray.train.engine import ds_config
@@ -179,7 +182,7 @@ def build_trainer(cfg: Config, data: DataSet, quality=None, cost_meter=None, cal
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "use_gpu": use_gpu, "vocab_size": tokenizer.vocab_size,
                            "pad_id": tokenizer.pad_id, "tokenizer_json": tokenizer.to_str(), "quality": quality,
-                           "cost_meter": cost_meter},
+                           "cost_meter": cost_meter, "data_position": data_position},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         torch_config=torch_config(cfg, use_gpu),
@@ -226,6 +229,7 @@ def train(cfg: Config, callbacks: Sequence = (), before_fit: Callable[[object], 
 
     from mmray.data import sources
     from mmray.data.pipeline import DataQuality, quality_snapshot
+    from mmray.data.position import DataPosition
 
     from mmray.cost import meter as cost_meter
     from mmray.cost import prices as cost_prices
@@ -250,12 +254,13 @@ def train(cfg: Config, callbacks: Sequence = (), before_fit: Callable[[object], 
         # a preemption would take them down with it.
         here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
         quality = ray.remote(DataQuality).options(num_cpus=0, label_selector=here).remote()
+        position = ray.remote(DataPosition).options(num_cpus=0, label_selector=here).remote()
         # The cost meter prices the cluster's nodes from their labels while the run trains and keeps the total in
         # RUN_DIR/cost.json; the loop asks it before each checkpoint interval when budget.usd caps the run.
         meter = cost_meter.start_meter(run_dir, budget_usd=cfg.budget.usd, prices_path=cfg.budget.prices,
                                        interval_s=cfg.budget.meter_interval_s)
         try:
-            trainer = build_trainer(cfg, data, quality, meter, callbacks)
+            trainer = build_trainer(cfg, data, quality, meter, callbacks, data_position=position)
             if before_fit is not None:
                 before_fit(trainer)
             result = trainer.fit()
@@ -274,6 +279,7 @@ def train(cfg: Config, callbacks: Sequence = (), before_fit: Callable[[object], 
         "checkpoint": storage.join(run_dir, os.path.basename(result.checkpoint.path)) if result.checkpoint else None,
         "steps": metrics.pop("step", 0),
         "samples_seen": metrics.pop("samples_seen", 0),
+        "samples_repeated": metrics.pop("samples_repeated", 0),  # trained on twice in one epoch (exact resume: 0)
         "wall_s": round(time.perf_counter() - t0, 2),
         "data": sources.display(data.root),
         "epoch_samples": data.train_samples,

@@ -1,0 +1,198 @@
+"""The data position of a training run: which samples the current epoch has already trained on, for exact resume.
+
+Ray Data's streaming split hands blocks to whichever worker asks first, so "skip the first N batches" is wrong after a
+restart, and more so after a change in worker count. Instead every sample is named by its id, ``(shard, key)``:
+
+- Each rank records the ids of the samples it has trained on in the current epoch (:class:`ConsumedSamples`; a
+  micro-batch counts once the loop has run it, so rows prefetched but not trained on are not recorded).
+- Every checkpoint stores each rank's ids as ``data/consumed.rank{R}.parquet`` (zstd, the shard column
+  dictionary-encoded), listed with their sha256 in that rank's manifest like every other checkpoint file.
+  Rank 0's file also holds the samples consumed before this attempt, so one checkpoint holds the whole epoch so far.
+- On resume, the union of the files of all the ranks that wrote the checkpoint (any world size) is the consumed set.
+  Rank 0 hands it, with the epoch, to the run's :class:`DataPosition` actor before each epoch starts; the training
+  datasource asks that actor when Ray Data plans the epoch's reads (once per execution, i.e. per epoch), orders the
+  shards by ``(train.seed, epoch)`` and drops the consumed ids at the source, before decoding
+  (``pyarrow.compute.is_in``, one hash lookup per row). Samples that were in flight but never trained on are read
+  again. The consumed set starts empty at every new epoch.
+
+Shuffling is deterministic for a ``(seed, epoch)``: the shard order here, and each worker's local shuffle buffer,
+seeded by ``(seed, epoch, rank)`` in the loop. The row-to-worker assignment itself is Ray Data's, dynamic.
+
+The end of an epoch: each rank trains on full micro-batches only (Ray Data's ``drop_last``), and the streaming split
+gives every rank the same number of rows (``equal=True``), so at most ``world x micro_batch_size - 1`` samples at the
+end of an epoch are left out of that epoch (none when the epoch's remaining rows divide evenly).
+
+``samples_repeated`` counts samples a rank trained on that were already in its epoch's consumed set (the set
+restored from the checkpoint plus what that rank trained on itself); with exact resume it is 0.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from ray.data import FileShuffleConfig
+
+from mmray.data.reader import ShardDatasource
+
+CONSUMED_DIR = "data"
+_CONSUMED_FILE = re.compile(r"^consumed\.rank(\d+)\.parquet$")
+SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string())])
+
+
+def consumed_name(rank: int) -> str:
+    """Path of a rank's consumed ids inside a checkpoint directory."""
+    return f"{CONSUMED_DIR}/consumed.rank{rank}.parquet"
+
+
+def empty() -> pa.Table:
+    return SCHEMA.empty_table()
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The shard-order seed of one epoch: a fixed function of (seed, epoch), the same in every process and run."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def distinct(table: pa.Table) -> pa.Table:
+    """The table's distinct (shard, key) rows."""
+    return table.group_by(["shard", "key"]).aggregate([]) if table.num_rows else table
+
+
+def by_shard(table: pa.Table) -> dict[str, pa.Array]:
+    """Consumed ids grouped per shard: {shard: keys}, what the datasource filters each file with."""
+    if not table.num_rows:
+        return {}
+    grouped = table.group_by("shard").aggregate([("key", "list")])
+    return {shard: pa.array(keys, pa.string()) for shard, keys in
+            zip(grouped.column("shard").to_pylist(), grouped.column("key_list").to_pylist())}
+
+
+def drop_consumed(block: pa.Table, keys: pa.Array | None) -> pa.Table:
+    """The rows of one shard's raw block whose key is not in ``keys`` (the shard's consumed keys)."""
+    if keys is None or not len(keys) or not block.num_rows:
+        return block
+    return block.filter(pc.invert(pc.is_in(block.column("key"), value_set=keys)))
+
+
+def read_consumed(directory: str | Path) -> pa.Table:
+    """Every rank's consumed ids in a (local) checkpoint directory, concatenated; duplicates are kept."""
+    root = Path(directory) / CONSUMED_DIR
+    files = sorted(p for p in root.glob("consumed.rank*.parquet") if _CONSUMED_FILE.match(p.name)) \
+        if root.is_dir() else []
+    tables = [pq.read_table(p, schema=SCHEMA) for p in files]
+    return pa.concat_tables(tables) if tables else empty()
+
+
+class DataPosition:
+    """A Ray actor, one per training run: the epoch the training datasource serves and the ids to leave out of it.
+
+    Rank 0 sets it before each epoch starts (:meth:`set`); the datasource reads it when Ray Data plans the epoch's
+    reads, which happens only once every rank has asked for the epoch (the streaming split's barrier)."""
+
+    def __init__(self):
+        self.epoch, self.consumed = 0, empty()
+
+    def set(self, epoch: int, consumed: pa.Table) -> None:
+        self.epoch, self.consumed = epoch, consumed
+
+    def get(self) -> tuple[int, pa.Table]:
+        return self.epoch, self.consumed
+
+
+class ConsumedSamples:
+    """One rank's record of the samples it has trained on in the current epoch, saved with every checkpoint."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.before = empty()  # consumed in this epoch before this attempt (all ranks of the restored checkpoint)
+        self._parts: list[pa.Table] = []  # what this rank has trained on in this attempt, in order
+        self._seen: set[tuple[str, str]] = set()
+        self.repeated = 0  # samples this rank trained on again in this attempt (see the module docstring)
+
+    def restore(self, directory: str | Path) -> None:
+        """Take the consumed set of the checkpoint in the local ``directory`` (the union over its ranks)."""
+        self.before = distinct(read_consumed(directory))
+        self._parts, self.repeated = [], 0
+        self._seen = set(zip(self.before.column("shard").to_pylist(), self.before.column("key").to_pylist()))
+
+    def add(self, shards, keys) -> None:
+        """Record one micro-batch the loop has trained on (its ``shard`` and ``key`` columns)."""
+        shards, keys = [str(s) for s in shards], [str(k) for k in keys]
+        for sample in zip(shards, keys):
+            if sample in self._seen:
+                self.repeated += 1
+            else:
+                self._seen.add(sample)
+        self._parts.append(pa.table({"shard": shards, "key": keys}, schema=SCHEMA))
+
+    def new_epoch(self) -> None:
+        self.before, self._parts, self._seen = empty(), [], set()
+
+    def table(self) -> pa.Table:
+        """This rank's part of the epoch's consumed ids: what it trained on (repeats included), and on rank 0 also
+        what was consumed before this attempt."""
+        parts = ([self.before] if self.rank == 0 else []) + self._parts
+        return pa.concat_tables(parts) if parts else empty()
+
+    def write(self, directory: str | Path) -> None:
+        """Write this rank's file into its (local) part of a checkpoint, before the manifest is made."""
+        path = Path(directory) / consumed_name(self.rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(self.table(), path, compression="zstd", use_dictionary=["shard"])
+
+
+_EXCLUDED: dict[str, dict[str, pa.Array]] = {}  # per process: the consumed ids of the epoch being read, by object id
+
+
+def _excluded(ref) -> dict[str, pa.Array]:
+    import ray
+
+    key = ref.hex()
+    if key not in _EXCLUDED:
+        _EXCLUDED.clear()  # one epoch at a time
+        _EXCLUDED[key] = ray.get(ref)
+    return _EXCLUDED[key]
+
+
+def resample_block(block: pa.Table, resample) -> pa.Table:
+    """A raw block with each row repeated or dropped by :class:`mmray.data.mixing.Resample` (copies keyed
+    ``KEY~1``, ...), taken in Arrow."""
+    rows = resample({"shard": np.asarray(block.column("shard").to_pylist(), dtype=object),
+                     "key": np.asarray(block.column("key").to_pylist(), dtype=object),
+                     "row": np.arange(block.num_rows)})
+    block = block.take(pa.array(rows["row"], pa.int64()))
+    return block.set_column(block.schema.get_field_index("key"), "key", pa.array(list(rows["key"]), pa.string()))
+
+
+class PositionedShardDatasource(ShardDatasource):
+    """The training split's datasource: each execution (epoch) asks the run's :class:`DataPosition` actor for the
+    epoch and its consumed ids, orders the shards by ``(seed, epoch)`` and leaves the consumed samples out.
+
+    ``resample`` (a :class:`mmray.data.mixing.Resample`) mixes sources here, before the filter: each copy of a
+    sample has its own key, and so its own place in the consumed set."""
+
+    def __init__(self, paths, *, seed: int, position, resample=None, **kwargs):
+        super().__init__(paths, **kwargs)
+        self._seed, self._position, self._resample = seed, position, resample
+        self._excluded_ref = None  # {shard: consumed keys} of the epoch being planned, in the object store
+
+    def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+        import ray
+
+        epoch, consumed = ray.get(self._position.get.remote(), timeout=60)
+        self._shuffle = FileShuffleConfig(seed=epoch_seed(self._seed, epoch), reseed_after_execution=False)
+        self._excluded_ref = ray.put(by_shard(consumed)) if consumed.num_rows else None
+        return super().get_read_tasks(parallelism, per_task_row_limit=per_task_row_limit, data_context=data_context)
+
+    def _read_stream(self, f: pa.NativeFile, path: str):
+        keys = _excluded(self._excluded_ref).get(path) if self._excluded_ref is not None else None
+        for block in super()._read_stream(f, path):
+            if self._resample is not None:
+                block = resample_block(block, self._resample)
+            block = drop_consumed(block, keys)
+            if block.num_rows:
+                yield block
