@@ -24,6 +24,15 @@ end of an epoch are left out of that epoch (none when the epoch's remaining rows
 
 ``samples_repeated`` counts samples a rank trained on that were already in its epoch's consumed set (the set
 restored from the checkpoint plus what that rank trained on itself); with exact resume it is 0.
+
+Considered and not used: Ray Data 2.60's own checkpointing (``DataContext.checkpoint_config``) records the rows a
+Dataset *write* has finished and filters them on the next run; a training consumer is not a write, and what it has
+trained on is only known in the Train worker, after the split and the prefetch.
+
+Limits: the consumed ids of an epoch grow with it (each checkpoint rewrites them whole; zstd keeps a few bytes per
+sample), and each rank keeps a set of them in memory to count repeats. A fully consumed shard is still opened and
+read, its rows dropped before decoding. A bad sample is not trained on, so after a resume it is read and counted
+again in the data-quality totals.
 """
 from __future__ import annotations
 

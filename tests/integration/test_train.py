@@ -49,8 +49,15 @@ def test_zero_stage_trains_and_checkpoints(ray_session, tiny_dataset, tmp_path, 
             assert f"ds/zero_pp_rank_{rank}_mp_rank_00_model_states.pt" in files
     assert {"state.json", "config.yaml", "tokenizer.json"} <= files
     state = json.loads((Path(summary["checkpoint"]) / "state.json").read_text())
-    assert state == {"step": 4, "samples_seen": 4 * GLOBAL * accum, "epoch": state["epoch"], "emergency_checkpoints": 0,
-                     "preemptions": [], "world_size": WORKERS}
+    assert state == {"step": 4, "samples_seen": 4 * GLOBAL * accum, "samples_repeated": 0, "epoch": state["epoch"],
+                     "emergency_checkpoints": 0, "preemptions": [], "world_size": WORKERS}
+    # The data position: every rank's trained-on samples of the epoch, in the checkpoint, none twice.
+    from mmray.data.position import read_consumed
+
+    consumed = read_consumed(summary["checkpoint"])
+    assert state["epoch"] == 0 and consumed.num_rows == 4 * GLOBAL * accum  # 4 steps of the 512 training samples
+    assert len(set(zip(*consumed.to_pydict().values()))) == consumed.num_rows
+    assert summary["samples_repeated"] == 0
     assert config.load(Path(summary["checkpoint"]) / "config.yaml") == cfg
     # Checkpoints are plain tensors and containers: they load with weights_only=True.
     for name in files:

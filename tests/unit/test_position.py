@@ -1,0 +1,72 @@
+"""The data position (no Ray): what each rank records and saves, the union restored over any number of ranks, the
+repeats counted, and the per-shard filter the datasource applies to raw blocks."""
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+
+from mmray.data.position import ConsumedSamples, by_shard, consumed_name, drop_consumed, epoch_seed, read_consumed
+
+
+def _ids(table: pa.Table) -> Counter:
+    return Counter(zip(table.column("shard").to_pylist(), table.column("key").to_pylist()))
+
+
+def _obj(values) -> np.ndarray:
+    return np.array(values, dtype=object)  # as Ray Data's numpy batches hold strings
+
+
+def test_two_ranks_saved_restore_as_one_set_on_one_rank_and_back_on_two(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    r0, r1 = ConsumedSamples(0), ConsumedSamples(1)
+    r0.add(_obj(["a", "a"]), _obj(["1", "2"]))
+    r1.add(_obj(["b", "a"]), _obj(["1", "3"]))
+    r0.write(ckpt), r1.write(ckpt)
+    assert sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*.parquet")) == [consumed_name(0),
+                                                                                       consumed_name(1)]
+
+    # Resumed on one worker: the union of both ranks' files; its own samples follow; nothing was repeated.
+    solo = ConsumedSamples(0)
+    solo.restore(ckpt)
+    assert _ids(solo.before) == Counter({("a", "1"): 1, ("a", "2"): 1, ("b", "1"): 1, ("a", "3"): 1})
+    solo.add(_obj(["b"]), _obj(["2"]))
+    assert solo.repeated == 0
+    solo.write(tmp_path / "next")
+    assert _ids(read_consumed(tmp_path / "next")) == _ids(solo.before) + Counter({("b", "2"): 1})
+
+    # Back on two workers: rank 1 trains on a sample the checkpoint already holds (a repeat) and one twice.
+    r0, r1 = ConsumedSamples(0), ConsumedSamples(1)
+    r0.restore(tmp_path / "next"), r1.restore(tmp_path / "next")
+    r1.add(_obj(["a", "c", "c"]), _obj(["2", "9", "9"]))
+    assert (r0.repeated, r1.repeated) == (0, 2)
+    r0.write(tmp_path / "third"), r1.write(tmp_path / "third")
+    saved = _ids(read_consumed(tmp_path / "third"))  # rank 0 holds the restored set once, rank 1 what it trained on
+    assert saved[("a", "2")] == 2 and saved[("c", "9")] == 2 and sum(saved.values()) == 5 + 3
+
+    # A new epoch starts from nothing; the repeats of this attempt stay counted.
+    r1.new_epoch()
+    assert r1.table().num_rows == 0 and r1.before.num_rows == 0 and r1.repeated == 2
+    r1.add(_obj(["a"]), _obj(["2"]))
+    assert r1.repeated == 2
+
+
+def test_a_checkpoint_without_position_files_restores_an_empty_set(tmp_path):
+    samples = ConsumedSamples(0)
+    samples.restore(tmp_path)
+    assert samples.before.num_rows == 0 and read_consumed(tmp_path).num_rows == 0
+
+
+def test_raw_blocks_lose_exactly_their_shards_consumed_keys():
+    consumed = pa.table({"shard": ["s0", "s1", "s0"], "key": ["k1", "k1", "k3"]})
+    excluded = by_shard(consumed)
+    assert {s: sorted(k.to_pylist()) for s, k in excluded.items()} == {"s0": ["k1", "k3"], "s1": ["k1"]}
+    block = pa.table({"key": ["k0", "k1", "k2", "k3"], "shard": ["s0"] * 4, "image": [b"x"] * 4})
+    assert drop_consumed(block, excluded["s0"]).column("key").to_pylist() == ["k0", "k2"]
+    assert drop_consumed(block, excluded.get("s9")).num_rows == 4  # a shard with nothing consumed
+    assert by_shard(consumed.slice(0, 0)) == {}
+
+
+def test_epoch_seed_is_a_fixed_function_of_seed_and_epoch():
+    seeds = {(s, e): epoch_seed(s, e) for s in range(3) for e in range(3)}
+    assert len(set(seeds.values())) == 9
+    assert epoch_seed(7, 2) == epoch_seed(7, 2) == 1009178997  # the same in every process, run and machine
