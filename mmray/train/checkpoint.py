@@ -238,7 +238,8 @@ def _run_location(checkpoint) -> tuple[pafs.FileSystem, str] | None:
 
 
 def decide(checkpoint, location: tuple[pafs.FileSystem, str] | None, log=log_line) -> Decision:
-    """Verify the checkpoint Ray hands back; on any defect fall back to the newest complete one in the run dir."""
+    """Verify the checkpoint Ray hands back (or a newer complete one that Ray did not register); on any defect fall
+    back to the newest complete one in the run dir."""
     if location is None:
         return Decision()
     fs, run_dir = location
@@ -251,13 +252,24 @@ def decide(checkpoint, location: tuple[pafs.FileSystem, str] | None, log=log_lin
             log(f"Ray Train handed back no checkpoint, but {found} is complete in {run_dir}: resuming from it")
         return Decision(name=found, taken=taken)
     name = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+    # Likewise, workers that die soon after a checkpoint can leave it complete on storage but unregistered (seen
+    # when they exited a step after reporting it): Ray Train then hands back an older one. The newer one is resumed
+    # from, so that the steps it holds are not trained again.
+    older = tuple(n for n in taken if checkpoint_order(name) is None or checkpoint_order(n) <= checkpoint_order(name))
+    rejected: list[str] = []  # newer checkpoints refused, then the one handed back if it is refused too
+    if len(older) < len(taken):
+        found = latest_complete(run_dir, fs, skip=older, rejected=rejected, log=log)
+        if found is not None:
+            log(f"Ray Train handed back {name}, but {found} is newer and complete in {run_dir}: resuming from it")
+            return Decision(name=found, rejected=rejected, taken=taken)
     try:
         verify(checkpoint.path, checkpoint.filesystem)
-        return Decision(name=name, taken=taken)
+        return Decision(name=name, rejected=rejected, taken=taken)
     except IncompleteCheckpoint as e:
         log(f"REFUSING the latest checkpoint {name}: {e}. Looking for the previous complete checkpoint.")
-        rejected = [f"{name}: {e}"]
-    fallback = latest_complete(run_dir, fs, skip=(name,), rejected=rejected, log=log)
+        rejected.append(f"{name}: {e}")
+    newer = tuple(n for n in taken if n not in older)  # all refused above
+    fallback = latest_complete(run_dir, fs, skip=(name, *newer), rejected=rejected, log=log)
     if fallback is None:
         log(f"NO COMPLETE CHECKPOINT in {run_dir}: STARTING FROM STEP 0. Every checkpoint there was refused "
             "(see above); they are left in place for inspection.")
