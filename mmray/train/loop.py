@@ -29,23 +29,20 @@ def _to_tensors(batch: dict[str, np.ndarray], device: torch.device, vqa: bool) -
     return tuple(torch.from_numpy(np.array(batch[k], copy=True)).to(device) for k in keys)  # Ray: read-only
 
 
-def _sum_across_ranks(value: int) -> int:
+def _sum_across_ranks(value: float | int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.int64)
+    t = torch.tensor([value], dtype=dtype)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
-    return int(t.item())
+    return t
 
 
 def _mean_across_ranks(value: float) -> float:
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return float(t.item())
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return float(_sum_across_ranks(value, torch.float64).item()) / world
 
 
 def data_quality(quality, max_bad_fraction: float, rank: int) -> dict:
@@ -157,7 +154,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                    f"{state['epoch']}, left out of its rest)")
 
     def count_repeats() -> None:  # a collective: called on every rank before every checkpoint
-        state["samples_repeated"] = repeated_before + _sum_across_ranks(consumed.repeated)
+        state["samples_repeated"] = repeated_before + int(_sum_across_ranks(consumed.repeated).item())
 
     # Tests only: every rank exits abruptly after this step (and its checkpoint), as a crashed worker would.
     exit_at_step = int(os.environ.get("MMRAY_TEST_EXIT_AT_STEP", "0"))
