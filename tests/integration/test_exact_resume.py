@@ -109,7 +109,7 @@ def test_shard_order_is_a_function_of_seed_and_epoch(ray_session, small_dataset)
 
     position = ray.remote(DataPosition).remote()
     paths = list_shards(f"{small_dataset}/train")
-    source = read_raw(paths, 5, position)._logical_plan.dag.datasource_or_legacy_reader
+    source = read_raw(paths, 5, position=position)._logical_plan.dag.datasource_or_legacy_reader
 
     def order(epoch: int) -> list[str]:
         ray.get(position.set.remote(epoch, read_consumed(Path("/nonexistent"))))
@@ -121,3 +121,21 @@ def test_shard_order_is_a_function_of_seed_and_epoch(ray_session, small_dataset)
     assert order(0) == order(0) and order(1) == order(1)
     assert sorted(order(0)) == sorted(order(1)) == sorted(p.split("://")[-1] for p in paths)
     assert order(0) != order(1)
+
+
+def test_mixed_copies_are_left_out_one_by_one(ray_session, small_dataset):
+    """With source weights, each copy of a sample (``KEY``, ``KEY~1``) is its own id: resuming leaves out exactly
+    the copies that were trained on."""
+    paths = list_shards(f"{small_dataset}/train")
+    weights = {p: 2.0 if i == 0 else 1.0 for i, p in enumerate(paths)}  # the first shard's 64 samples twice
+    position = ray.remote(DataPosition).remote()
+
+    def ids() -> Counter:
+        ds = read_raw(paths, 5, weights, 11, position=position)
+        return Counter((r["shard"], r["key"]) for r in ds.select_columns(["shard", "key"]).take_all())
+
+    full = ids()
+    assert sum(full.values()) == TRAIN_SAMPLES + 64 and set(full.values()) == {1}
+    consumed = sorted(full)[::3]  # originals and copies, some of one sample without the other
+    ray.get(position.set.remote(0, pa.table({"shard": [s for s, _ in consumed], "key": [k for _, k in consumed]})))
+    assert ids() == full - Counter(consumed)
