@@ -14,7 +14,7 @@ from mmray import config as config_lib
 from mmray.data.tokenizer import TextTokenizer
 from mmray.losses import compute_losses
 from mmray.models.objectives import objective_weights
-from mmray.train.checkpoint import Checkpointer, log_line
+from mmray.train.checkpoint import BestPolicy, Checkpointer, log_line
 
 
 def _log(rank: int, msg: str) -> None:
@@ -137,7 +137,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tokenizer = TextTokenizer.from_str(loop_config["tokenizer_json"])
     device = engine.device
     extra = {"config.yaml": cfg.to_yaml(), "tokenizer.json": loop_config["tokenizer_json"]}
-    checkpoints = Checkpointer(engine, rank, world, extra, loop_config.get("cost_meter"))
+    checkpoints = Checkpointer(engine, rank, world, extra, loop_config.get("cost_meter"),
+                               best=BestPolicy.from_config(cfg.run))
     state = checkpoints.restore()
     resumed_from = state["step"]
     if state["step"]:
@@ -240,10 +241,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     train_s = time.perf_counter() - started - eval_s  # training steps (and checkpoints) of this attempt
     _log(rank, "evaluating on the held-out split")
+    # The last logged training loss (of the final step) goes with the final checkpoint, which run.keep_best ranks.
+    last_loss = {"loss": metrics["loss"]} if trained_here else {}
     metrics = {"step": state["step"], "samples_seen": state["samples_seen"], "resumed_from_step": resumed_from,
                "emergency_checkpoints": state["emergency_checkpoints"], "periodic_evals": periodic_evals,
                "train_s": round(train_s, 3),
-               **checkpoints.summary(),
+               **last_loss, **checkpoints.summary(),
                **evaluate(engine, cfg, device, tokenizer)}
     _log(rank, _eval_line(metrics))
     # The final checkpoint carries the evaluation, so the run's result (and any later rerun) reports it. A rerun of
