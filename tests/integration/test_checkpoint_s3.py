@@ -28,7 +28,7 @@ def _local_checkpoint(root: Path, step: int) -> Path:
     """A checkpoint as one rank writes it: a shard big enough for a multipart upload, small files, the manifest."""
     d = root / f"local-{step}"
     (d / "ds").mkdir(parents=True)
-    (d / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(os.urandom(12 << 20))
+    (d / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(os.urandom(6 << 20))
     (d / "ds" / "mp_rank_00_model_states.pt").write_bytes(os.urandom(3000))
     (d / STATE_FILE).write_text(json.dumps({"step": step, "world_size": 1}))
     write_manifest(str(d), 0, 1, step)
@@ -82,3 +82,20 @@ def test_failing_endpoint_fails_the_write_loudly_and_leaves_no_complete_checkpoi
         verify(f"{run_dir}/checkpoint_00000004")
     rejected: list[str] = []
     assert latest_complete(run_dir, rejected=rejected, log=lambda _: None) == "checkpoint_00000002"
+
+
+def test_keep_best_on_s3(s3_endpoint, s3_bucket, tmp_path):
+    """run.keep_best on S3: the better checkpoint is copied server-side into best/, the displaced copy deleted."""
+    from mmray.train.checkpoint import BEST_DIR, BestPolicy, keep_best, read_best_index
+
+    ctx = _context(s3_bucket, s3_endpoint)
+    fs, run_dir = ctx.storage_filesystem, ctx.experiment_fs_path
+    policy = BestPolicy(keep=1, metric="loss", mode="min")
+    for step, loss in ((2, 0.5), (4, 0.25), (6, 0.75)):
+        name = f"checkpoint_{step:08d}"
+        persist(ctx, ray.train.Checkpoint.from_directory(str(_local_checkpoint(tmp_path, step))), name)
+        keep_best(run_dir, fs, name, loss, policy, log=lambda _: None)
+    assert read_best_index(run_dir, fs)["scores"] == {"checkpoint_00000004": 0.25}
+    best = fs.get_file_info(pafs.FileSelector(f"{run_dir}/{BEST_DIR}"))
+    assert sorted(i.base_name for i in best) == ["best.json", "checkpoint_00000004"]
+    assert verify(f"s3://{run_dir}/{BEST_DIR}/checkpoint_00000004")["step"] == 4  # digests included

@@ -7,6 +7,7 @@ only if the Adam moments, the step count and the learning-rate schedule carried 
 """
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mmray import config
+from mmray.config import ConfigError
 from mmray.losses import compute_losses
 
 # ZeRO-1 shares ZeRO-2's optimizer code (stage_1_and_2.py) and its universal load; it passed this test too, and is
@@ -75,6 +77,15 @@ def _worker(rank: int, world: int, port: int, root: str, load_from: int | None, 
         if load_from is not None:  # resume what `load_from` ranks wrote, and check it against what they had
             engine = _engine(stage, world)
             d = Path(root, f"w{load_from}", f"zero{stage}")
+            if stage == 2:  # a checkpoint that cannot be converted (its optimizer shards are gone) says what to do
+                broken = Path(root, f"broken{rank}")
+                shutil.copytree(d, broken)
+                for f in broken.glob("ds/*optim_states.pt"):
+                    f.unlink()
+                with pytest.raises(ConfigError, match=rf"written by {load_from} workers under ZeRO-2, and this run "
+                                                      rf"has {world}; converting it .* failed .*Resume with "
+                                                      rf"train.num_workers={load_from}, or `mmray export` it"):
+                    load(engine, str(broken), broken.name, written_by=load_from, world_size=world)
             state = load(engine, str(d), d.name, written_by=load_from, world_size=world)
             assert state["step"] == engine.global_steps == 2, (state, engine.global_steps)
             expected = torch.load(d / "weights.pt", weights_only=True)
