@@ -78,7 +78,7 @@ def _worker(rank: int, world: int, port: int, root: str, load_from: int | None, 
             engine = _engine(stage, world)
             d = Path(root, f"w{load_from}", f"zero{stage}")
             if stage == 2:  # a checkpoint that cannot be converted (its optimizer shards are gone) says what to do
-                broken = Path(root, f"broken{rank}")
+                broken = Path(root, f"broken-from{load_from}-rank{rank}")
                 shutil.copytree(d, broken)
                 for f in broken.glob("ds/*optim_states.pt"):
                     f.unlink()
