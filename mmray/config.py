@@ -217,6 +217,18 @@ class RunConfig:
     storage_path: str = _f("~/mmray-runs", "Local path or s3:// prefix for checkpoints and results.")
     keep_last: int = _f(2, "Checkpoints kept in the run directory (the newest ones); older ones are deleted.",
                         min=1)
+    keep_best: int = _f(0, "Also keep the best N checkpoints by run.keep_best_metric, as complete copies in "
+                        "RUN_DIR/best/ (ranked in RUN_DIR/best/best.json), whatever run.keep_last deletes; a new "
+                        "best is copied when it is reported, a displaced one is deleted. Resuming still starts from "
+                        "the newest complete checkpoint. 0 keeps no best ones.", min=0)
+    keep_best_metric: str = _f("loss", "The metric that ranks checkpoints for run.keep_best: 'loss' (the training "
+                               "loss, mean over the log window; needs train.checkpoint_every to be a multiple of "
+                               "train.log_every) or a held-out metric 'val_<name>' as the periodic evaluation "
+                               "reports it, e.g. 'val_i2t_r@1' or 'val_caption_loss' (needs eval.every > 0 and "
+                               "train.checkpoint_every a multiple of it). A val_ name the evaluation does not report "
+                               "stops the run at its first checkpoint, naming the ones it does.")
+    keep_best_mode: str = _f("min", "Whether the lowest ('min', for losses) or the highest ('max', for recalls and "
+                             "accuracies) run.keep_best_metric is best.", choices=("min", "max"))
 
 
 @dataclass
@@ -409,6 +421,7 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(f"data.synthetic_val_samples ({d.synthetic_val_samples}) must be at most half of "
                           f"data.synthetic_samples ({d.synthetic_samples}).")
     _check_deepspeed(cfg.train)
+    _check_keep_best(cfg)
     from mmray.models.pretrained import parse_freeze
 
     parse_freeze(m.freeze)  # names only; whether anything is left to train is checked where the model is built
@@ -456,6 +469,26 @@ def _check_deepspeed(t: TrainConfig) -> None:
         raise ConfigError(f"train.offload_param={t.offload_param} needs train.zero_stage=3 (only ZeRO-3 partitions "
                           f"the parameters; DeepSpeed would silently ignore the offload), got "
                           f"train.zero_stage={t.zero_stage}.")
+def _check_keep_best(cfg: Config) -> None:
+    """run.keep_best ranks checkpoints by a metric reported with them: say so before start when it never would be."""
+    r, t = cfg.run, cfg.train
+    if not r.keep_best:
+        return
+    if r.keep_best_metric == "loss":
+        if t.checkpoint_every % t.log_every:
+            raise ConfigError(f"run.keep_best_metric='loss' is reported every train.log_every={t.log_every} steps, "
+                              f"so checkpoints every train.checkpoint_every={t.checkpoint_every} steps would carry "
+                              "no loss to rank them by: make train.checkpoint_every a multiple of train.log_every.")
+    elif r.keep_best_metric.startswith("val_") and len(r.keep_best_metric) > 4:
+        if not cfg.eval.every or t.checkpoint_every % cfg.eval.every:
+            raise ConfigError(f"run.keep_best_metric={r.keep_best_metric!r} is a held-out metric, reported only by "
+                              f"the periodic evaluation (eval.every={cfg.eval.every}), so checkpoints every "
+                              f"train.checkpoint_every={t.checkpoint_every} steps would carry none to rank them by: "
+                              "set eval.every to a divisor of train.checkpoint_every.")
+    else:
+        raise ConfigError(f"run.keep_best_metric: {r.keep_best_metric!r} is not a metric reported with checkpoints; "
+                          "use 'loss' (the training loss) or a held-out metric 'val_<name>' (e.g. 'val_i2t_r@1', "
+                          "'val_caption_loss').")
 
 
 def parse_sections(text: str, path: str | os.PathLike) -> dict:

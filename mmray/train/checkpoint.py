@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -50,6 +51,10 @@ class IncompleteCheckpoint(ValueError):
 
 class UnsafeCheckpoint(RuntimeError):
     """A checkpoint file that holds more than tensors and plain containers (a pickle that could run code)."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint that could not be written to storage (after the S3 client's retries). Names the destination."""
 
 
 def log_line(msg: str) -> None:
@@ -97,12 +102,13 @@ def _read_json(fs: pafs.FileSystem, path: str, name: str) -> dict:
     return value
 
 
-def verify(path: str, fs: pafs.FileSystem | None = None) -> dict:
+def verify(path: str, fs: pafs.FileSystem | None = None, digests: bool = True) -> dict:
     """Check that the checkpoint at ``path`` is complete and unaltered; return its loop state (state.json).
 
     ``path`` is a local path or ``s3://`` URI, or a path inside ``fs`` when a pyarrow filesystem is given. Raises
     :class:`IncompleteCheckpoint` naming the first file at fault. Sizes are checked for every file before any
-    digest is computed, so a partial checkpoint is refused without reading all of it.
+    digest is computed, so a partial checkpoint is refused without reading all of it; ``digests=False`` checks the
+    sizes only (for a server-side copy just made).
     """
     if fs is None:
         fs, path = storage.resolve(path)
@@ -142,7 +148,7 @@ def verify(path: str, fs: pafs.FileSystem | None = None) -> dict:
             raise IncompleteCheckpoint(f"{rel} has {sizes[rel]} bytes, the manifest says {entry.get('bytes')} "
                                        "(truncated or overwritten)")
     for rel, entry in expected.items():
-        if _sha256(fs, f"{path}/{rel}") != entry.get("sha256"):
+        if digests and _sha256(fs, f"{path}/{rel}") != entry.get("sha256"):
             raise IncompleteCheckpoint(f"{rel} does not match its sha256 in the manifest (corrupted or altered)")
     state = _read_json(fs, f"{path}/{STATE_FILE}", STATE_FILE)
     if state.get("step") != step or state.get("world_size", world) != world:
@@ -202,6 +208,108 @@ def unique_name(step: int, taken: set[str], tag: str, always: bool = False) -> s
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Keeping the best checkpoints (run.keep_best)
+#
+# Ray Train owns the run directory's checkpoints and deletes all but the newest run.keep_last (its snapshot of them
+# must only list checkpoints that exist, or the next start of the run fails). The best ones by a metric are therefore
+# kept as copies in RUN_DIR/best/, outside what Ray manages: RUN_DIR/best/best.json ranks them and is written only
+# once a new best's copy is complete, then the copies it no longer lists are deleted.
+
+BEST_DIR = "best"
+BEST_INDEX = "best.json"
+
+
+@dataclass(frozen=True)
+class BestPolicy:
+    """run.keep_best: keep the ``keep`` best checkpoints by ``metric`` (lowest for mode "min", highest for "max")."""
+
+    keep: int
+    metric: str
+    mode: str
+
+    @classmethod
+    def from_config(cls, run) -> BestPolicy | None:
+        return cls(run.keep_best, run.keep_best_metric, run.keep_best_mode) if run.keep_best else None
+
+    def score(self, metrics: dict, name: str) -> float | None:
+        """The checkpoint's value of the metric, or None when it was reported without its kind of metrics (a
+        checkpoint between evaluations, a budget stop). Raises ConfigError when its kind is there but it is not:
+        a held-out metric the evaluation does not compute for this model."""
+        from mmray.config import ConfigError
+
+        if self.metric in metrics:
+            return float(metrics[self.metric])
+        family = [k for k in metrics if k.startswith("val_")] if self.metric.startswith("val_") else []
+        if family:
+            raise ConfigError(f"run.keep_best_metric={self.metric!r} is not reported by this run's evaluation "
+                              f"(checkpoint {name} carries {', '.join(sorted(family))}); choose one of those.")
+        return None
+
+
+def select_best(scores: dict[str, float], keep: int, mode: str) -> list[str]:
+    """The names of the ``keep`` best checkpoints, best first. On a tie the newer one wins; NaN is never best."""
+    sign = -1.0 if mode == "max" else 1.0
+    ranked = sorted((n for n, v in scores.items() if not math.isnan(v)),
+                    key=lambda n: (sign * scores[n], tuple(-x for x in checkpoint_order(n) or (0, 0))))
+    return ranked[:keep]
+
+
+def read_best_index(run_dir: str, fs: pafs.FileSystem) -> dict:
+    """RUN_DIR/best/best.json: ``{"metric", "mode", "scores": {name: value}}``, or {} when there is none."""
+    path = f"{run_dir.rstrip('/')}/{BEST_DIR}/{BEST_INDEX}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return {}
+    return _read_json(fs, path, path)
+
+
+def keep_best(run_dir: str, fs: pafs.FileSystem, name: str, value: float, policy: BestPolicy,
+              log=log_line) -> list[str]:
+    """Rank the persisted checkpoint ``name`` of ``run_dir`` (its metric ``value``) among the kept best ones: copy it
+    into RUN_DIR/best/ if it is among the ``policy.keep`` best, and delete the copies that it displaces. Returns the
+    names kept, best first. A ranking by another metric or mode (the config changed) starts over."""
+    run_dir = run_dir.rstrip("/")
+    best_dir = f"{run_dir}/{BEST_DIR}"
+    index = read_best_index(run_dir, fs)
+    if index and (index.get("metric"), index.get("mode")) != (policy.metric, policy.mode):
+        log(f"the best checkpoints in {best_dir} were ranked by {index.get('metric')} ({index.get('mode')}); "
+            f"ranking by {policy.metric} ({policy.mode}) from now on")
+        index = {}
+    kept_before = dict(index.get("scores") or {})
+    scores = {**kept_before, name: value}
+    kept = select_best(scores, policy.keep, policy.mode)
+    if name in kept and name not in kept_before:
+        _copy_dir(fs, f"{run_dir}/{name}", f"{best_dir}/{name}")
+        verify(f"{best_dir}/{name}", fs, digests=False)  # every listed file is there, whole: then it may be ranked
+        log(f"checkpoint {name} ({policy.metric}={value:.6g}) is among the {policy.keep} best: kept in {best_dir}")
+    _write_json(fs, f"{best_dir}/{BEST_INDEX}",
+                {"metric": policy.metric, "mode": policy.mode, "scores": {n: scores[n] for n in kept}})
+    for info in fs.get_file_info(pafs.FileSelector(best_dir, allow_not_found=True)):
+        if info.type == pafs.FileType.Directory and info.base_name not in kept:
+            fs.delete_dir(info.path)  # displaced, or a copy that a killed writer left unranked
+    return kept
+
+
+def _copy_dir(fs: pafs.FileSystem, src: str, dest: str) -> None:
+    """Copy a directory within one filesystem, file by file (on S3 a server-side CopyObject each)."""
+    for info in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
+        target = dest + info.path[len(src):]
+        if info.type == pafs.FileType.Directory:
+            fs.create_dir(target)
+        elif info.type == pafs.FileType.File:
+            fs.create_dir(target.rsplit("/", 1)[0])
+            fs.copy_file(info.path, target)
+
+
+def _write_json(fs: pafs.FileSystem, path: str, value: dict) -> None:
+    """Write a small JSON file whole: a temporary file moved into place (an S3 object is whole anyway)."""
+    fs.create_dir(path.rsplit("/", 1)[0])
+    tmp = f"{path}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(json.dumps(value, indent=1, sort_keys=True).encode())
+    fs.move(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The per-worker side: restore, save, preemption
 
 
@@ -235,6 +343,33 @@ def _run_location(checkpoint) -> tuple[pafs.FileSystem, str] | None:
         if checkpoint is None:
             return None
         return checkpoint.filesystem, checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+
+
+def persist(storage_context, checkpoint, dir_name: str):
+    """Upload one rank's checkpoint files the way Ray Train does (``StorageContext.persist_current_checkpoint``:
+    pyarrow's copy to the run's filesystem, whose S3 client retries throttling, 5xx answers and dropped connections,
+    see :mod:`mmray.storage`), but fail naming the destination. Ray Train then registers no checkpoint, and what
+    reached storage lacks manifests or files, so :func:`verify` refuses it: it is never resumed from."""
+    try:
+        return storage_context.persist_current_checkpoint(checkpoint, dir_name)
+    except OSError as e:
+        dest = storage_context.build_checkpoint_path_from_name(dir_name)
+        if isinstance(storage_context.storage_filesystem, pafs.S3FileSystem):
+            dest = storage.S3_SCHEME + dest
+        raise CheckpointWriteError(f"could not write checkpoint {dir_name} to {dest}: {e}. It is incomplete and "
+                                   "will not be resumed from.") from e
+
+
+def _upload_fn():
+    """:func:`persist` bound to this worker's Ray Train storage, or None (Ray's own upload) outside Ray Train."""
+    import functools
+
+    import ray.train
+
+    try:
+        return functools.partial(persist, ray.train.get_context().get_storage())
+    except Exception:  # noqa: BLE001 - a developer API; Ray's own upload still fails loudly, only less specifically
+        return None
 
 
 def decide(checkpoint, location: tuple[pafs.FileSystem, str] | None, log=log_line) -> Decision:
@@ -278,16 +413,107 @@ def decide(checkpoint, location: tuple[pafs.FileSystem, str] | None, log=log_lin
     return Decision(name=fallback, rejected=rejected, taken=taken)
 
 
-def load(engine, directory: str, name: str) -> dict:
-    """Load DeepSpeed state and the loop state from a local checkpoint directory (weights-only unpickling)."""
+def load(engine, directory: str, name: str, written_by: int | None = None, world_size: int | None = None) -> dict:
+    """Load DeepSpeed state and the loop state from a local checkpoint directory (weights-only unpickling).
+
+    ``written_by`` is the number of ranks that wrote the checkpoint. When it differs from ``world_size`` (this run's)
+    under ZeRO-1/2/3 (whose optimizer shards, and under ZeRO-3 parameters, are partitioned by rank), the checkpoint is
+    first converted to DeepSpeed's universal format (:func:`to_universal`), which any world size loads, optimizer
+    state included.
+    """
+    reshard = written_by != world_size and engine.zero_optimization_stage() > 0
     try:
-        load_path, _ = engine.load_checkpoint(directory, tag=DS_TAG)
+        if reshard:
+            load_path = _load_resharded(engine, directory, name, written_by, world_size)
+        else:
+            load_path, _ = engine.load_checkpoint(directory, tag=DS_TAG)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpoint(f"refusing to load checkpoint {name}: one of its files holds a pickle that is not "
                                f"plain tensors and containers, so it could run code. {e}") from None
     if load_path is None:
         raise IncompleteCheckpoint(f"checkpoint {name} holds no DeepSpeed state under '{DS_TAG}/'")
     return json.loads((Path(directory) / STATE_FILE).read_text())
+
+
+def to_universal(ds_dir: str, out_dir: str) -> None:
+    """Convert the DeepSpeed ZeRO checkpoint in ``ds_dir`` (one tag's directory) to DeepSpeed's universal checkpoint
+    in ``out_dir``: every parameter's fp32 weights and Adam moments whole, which engines of any world size load.
+
+    DeepSpeed's converter unpickles with ``weights_only=False``, so every file is first loaded weights-only
+    (:func:`mmray.train.engine.load_checkpoint_file`): a file holding code is refused before the converter sees it.
+    """
+    import argparse
+    import contextlib
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    from mmray.train.engine import load_checkpoint_file
+
+    for f in sorted(Path(ds_dir).glob("*.pt")):
+        load_checkpoint_file(str(f), map_location="cpu")
+    args = argparse.Namespace(input_folder=ds_dir, output_folder=out_dir, num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(sys.stderr):  # its progress lines; stdout ends with the CLI's JSON summary
+        ds_to_universal(args)
+
+
+def _repair_zero3_universal_load(engine, optimizer_state: Path) -> None:
+    """Undo two defects of DeepSpeed 0.19's ZeRO-3 universal load (stage3.py,
+    ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``), each seen as a wrong first step after resuming:
+
+    - every optimizer group gets the hyperparameters of the first one ("generally, the hyperparameters of each
+      parameter should be the same"), but mmray's groups differ (no weight decay for biases, norms and embeddings;
+      layer-wise learning rates): each gets its own back from the checkpoint, whose groups are in the same order;
+    - every group's Adam state gets the same ``step`` tensor, which torch's AdamW then increments in place once per
+      group and step, so later groups run ahead in the bias correction: each gets its own copy.
+    """
+    import torch
+
+    from mmray.train.engine import load_checkpoint_file
+
+    saved = load_checkpoint_file(str(optimizer_state), map_location="cpu")["optimizer_state_dict"]["param_groups"]
+    optimizer = engine.optimizer.optimizer
+    if len(saved) != len(optimizer.param_groups):
+        raise ValueError(f"the checkpoint has {len(saved)} optimizer groups and this model "
+                         f"{len(optimizer.param_groups)}")
+    for group, hyper in zip(optimizer.param_groups, saved):
+        group.update({k: v for k, v in hyper.items() if k != "params"})
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
+def _load_resharded(engine, directory: str, name: str, written_by: int, world: int):
+    """Load a ZeRO checkpoint written by ``written_by`` ranks into an engine of ``world`` ranks, through
+    :func:`to_universal` (every rank converts its own local copy: ranks on other nodes share no disk)."""
+    from mmray.config import ConfigError
+
+    stage = engine.zero_optimization_stage()
+    if engine.global_rank == 0:
+        log_line(f"checkpoint {name} was written by {written_by} workers and this run has {world}: converting its "
+                 f"ZeRO-{stage} shards to DeepSpeed's universal checkpoint (weights and optimizer state carry over)")
+    config = engine._config  # noqa: SLF001 - see below
+    with tempfile.TemporaryDirectory(prefix="mmray-universal-") as tmp:
+        try:
+            to_universal(str(Path(directory) / DS_TAG), str(Path(tmp) / DS_TAG))
+            # DeepSpeed reads `checkpoint.load_universal` only inside load_checkpoint (its ZeRO optimizers are built
+            # universal-ready at any setting), so it is switched on for this one load: which world size wrote the
+            # checkpoint is only known after the engine exists.
+            config.load_universal_checkpoint = True
+            load_path, _ = engine.load_checkpoint(tmp, tag=DS_TAG)
+            if stage == 3:
+                _repair_zero3_universal_load(engine, Path(tmp) / DS_TAG / "zero" / "optimizer_state.pt")
+        except pickle.UnpicklingError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of the conversion is reported with what to do
+            raise ConfigError(
+                f"checkpoint {name} was written by {written_by} workers under ZeRO-{stage}, and this run has "
+                f"{world}; converting it with DeepSpeed's universal checkpoint failed ({type(e).__name__}: {e}). "
+                f"Resume with train.num_workers={written_by}, or `mmray export` it and start a new run (another "
+                "run.name) from the exported weights.") from e
+        finally:
+            config.load_universal_checkpoint = False
+    return load_path
 
 
 class Checkpointer:
@@ -298,8 +524,9 @@ class Checkpointer:
     """
 
     def __init__(self, engine, rank: int, world_size: int, extra_files: dict[str, str], cost_meter=None,
-                 data_position=None):
+                 data_position=None, best: BestPolicy | None = None):
         self.engine, self.rank, self.world_size, self.extra_files = engine, rank, world_size, extra_files
+        self.best = best  # run.keep_best, or None
         self.cost_meter = cost_meter  # the run's meter actor (rank 0 hands it each preemption record), or None
         # This rank's data position (mmray.data.position.ConsumedSamples), or None: every rank writes its file into
         # each checkpoint (covered by its manifest) and restores from the files of all the checkpoint's ranks.
@@ -332,8 +559,8 @@ class Checkpointer:
             fs, run_dir = _run_location(checkpoint)
             chosen = ray.train.Checkpoint(f"{run_dir.rstrip('/')}/{decision.name}", filesystem=fs)
         with chosen.as_directory() as d:
-            self._check_world_size(json.loads((Path(d) / STATE_FILE).read_text()), decision.name)
-            loaded = load(self.engine, d, decision.name)
+            written_by = json.loads((Path(d) / STATE_FILE).read_text()).get("world_size", self.world_size)
+            loaded = load(self.engine, d, decision.name, written_by, self.world_size)
             if self.data_position is not None:
                 self.data_position.restore(d)
         self.restored_from = decision.name
@@ -379,26 +606,14 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - the record is also in the checkpoint and the final metrics
             log_line(f"could not record the preemption with the cost meter: {e}")
 
-    def _check_world_size(self, saved: dict, name: str) -> None:
-        """ZeRO-1/2/3 partition the optimizer state (and ZeRO-3 the parameters) by rank, so a checkpoint only loads
-        on the worker count that wrote it. Say so, and what to do, instead of DeepSpeed's shape errors."""
-        from mmray.config import ConfigError
-
-        written_by = saved.get("world_size", self.world_size)
-        stage = self.engine.zero_optimization_stage()
-        if written_by != self.world_size and stage > 0:
-            raise ConfigError(
-                f"checkpoint {name} was written by {written_by} workers under ZeRO-{stage}, and this run has "
-                f"{self.world_size}: its optimizer shards only load on {written_by} workers. Resume with "
-                f"train.num_workers={written_by}, or `mmray export` it and start a new run (another run.name) "
-                "from the exported weights.")
-
     def save(self, state: dict, metrics: dict, finished_rerun: bool = False) -> str:
         """Every rank writes its DeepSpeed shards and manifest; rank 0 adds the loop state and metadata; Ray Train
         merges and persists them. A re-evaluation of a finished run is saved as ``..._evalN``."""
         import ray.train
 
         name = unique_name(state["step"], self.taken, "eval" if finished_rerun else "r", always=finished_rerun)
+        # Every rank holds the same metrics, so a metric that is missing stops every rank here alike.
+        score = self.best.score(metrics, name) if self.best is not None else None
         emergency, self._pending = self._pending, None
         if emergency is not None:  # the emergency checkpoint of a notice: its record travels in this checkpoint
             emergency.update(step=state["step"], checkpoint=name)
@@ -412,8 +627,12 @@ class Checkpointer:
             if self.data_position is not None:
                 self.data_position.write(d)
             write_manifest(d, self.rank, self.world_size, state["step"])
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name,
+                             checkpoint_upload_fn=_upload_fn())
         self.taken.add(name)
+        if score is not None and self.rank == 0:
+            fs, run_dir = _run_location(ray.train.get_checkpoint())
+            keep_best(run_dir, fs, name, score, self.best)
         if emergency is not None:  # report() returns once the checkpoint is persisted (synchronous upload)
             done = time.time()
             emergency.update(checkpoint_done_at=round(done, 3),

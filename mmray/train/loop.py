@@ -15,7 +15,7 @@ from mmray.data.position import ConsumedSamples
 from mmray.data.tokenizer import TextTokenizer
 from mmray.losses import compute_losses
 from mmray.models.objectives import objective_weights
-from mmray.train.checkpoint import Checkpointer, log_line
+from mmray.train.checkpoint import BestPolicy, Checkpointer, log_line
 
 
 def _log(rank: int, msg: str) -> None:
@@ -145,7 +145,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = engine.device
     extra = {"config.yaml": cfg.to_yaml(), "tokenizer.json": loop_config["tokenizer_json"]}
     consumed = ConsumedSamples(rank)  # the data position: what this rank trained on in the current epoch
-    checkpoints = Checkpointer(engine, rank, world, extra, loop_config.get("cost_meter"), data_position=consumed)
+    checkpoints = Checkpointer(engine, rank, world, extra, loop_config.get("cost_meter"), data_position=consumed,
+                               best=BestPolicy.from_config(cfg.run))
     state = checkpoints.restore()
     resumed_from, repeated_before = state["step"], state["samples_repeated"]
     if state["step"]:
@@ -268,11 +269,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_s = time.perf_counter() - started - eval_s  # training steps (and checkpoints) of this attempt
     _log(rank, "evaluating on the held-out split")
     count_repeats()
+    # The last logged training loss (of the final step) goes with the final checkpoint, which run.keep_best ranks.
+    last_loss = {"loss": metrics["loss"]} if trained_here else {}
     metrics = {"step": state["step"], "samples_seen": state["samples_seen"],
                "samples_repeated": state["samples_repeated"], "resumed_from_step": resumed_from,
                "emergency_checkpoints": state["emergency_checkpoints"], "periodic_evals": periodic_evals,
                "train_s": round(train_s, 3),
-               **checkpoints.summary(),
+               **last_loss, **checkpoints.summary(),
                **evaluate(engine, cfg, device, tokenizer)}
     _log(rank, _eval_line(metrics))
     # The final checkpoint carries the evaluation, so the run's result (and any later rerun) reports it. A rerun of

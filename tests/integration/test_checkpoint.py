@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmray import config
 from mmray.export import build_model, export, load
 from mmray.train.engine import load_checkpoint_file
 from mmray.train.trainer import train
@@ -26,9 +25,10 @@ def _cfg(data, storage, *overrides):
 
 @pytest.fixture(scope="module")
 def zero2_run(ray_session, tiny_dataset, tmp_path_factory):
-    """One finished ZeRO-2 run with checkpoints at steps 2 and 4; tests copy it before changing anything."""
+    """One finished ZeRO-2 run with checkpoints at steps 2 and 4 (and the best by loss in best/); tests copy it
+    before changing anything."""
     storage = tmp_path_factory.mktemp("zero2")
-    summary = train(_cfg(tiny_dataset, storage, "train.zero_stage=2"))
+    summary = train(_cfg(tiny_dataset, storage, "train.zero_stage=2", "run.keep_best=1"))
     assert summary["checkpoint"].endswith("checkpoint_00000004")
     (storage / "summary.json").write_text(json.dumps(summary))
     return storage
@@ -229,8 +229,27 @@ def test_eval_reproduces_the_training_evaluation(zero2_run, tiny_dataset, tmp_pa
     assert main(["eval", str(tmp_path / "nothing"), "--data", tiny_dataset]) == 2
 
 
-def test_resume_on_another_worker_count_explains_what_to_do(zero2_run, tiny_dataset, tmp_path):
+def test_keep_best_copies_the_best_checkpoint_of_the_run(zero2_run):
+    """The loop ranks each checkpoint by the loss reported with it (run.keep_best=1): the best is a complete copy."""
+    from mmray.train.checkpoint import BEST_DIR, read_best_index, verify
+
+    import pyarrow.fs as pafs
+
+    index = read_best_index(str(zero2_run / RUN), pafs.LocalFileSystem())
+    assert index["metric"] == "loss" and index["mode"] == "min" and len(index["scores"]) == 1
+    (name, loss), = index["scores"].items()
+    final_loss = json.loads((zero2_run / "summary.json").read_text())["metrics"]["loss"]
+    assert name == "checkpoint_00000004" and loss == final_loss or name == "checkpoint_00000002" and loss < final_loss
+    assert sorted(p.name for p in (zero2_run / RUN / BEST_DIR).iterdir()) == ["best.json", name]
+    assert verify(str(zero2_run / RUN / BEST_DIR / name))["step"] == int(name[-8:])
+
+
+def test_resume_on_fewer_workers(zero2_run, tiny_dataset, tmp_path):
+    """2 workers wrote the ZeRO-2 checkpoint; 1 resumes it (universal checkpoint) and trains on."""
     _copy_run(zero2_run, tmp_path / "runs")
-    with pytest.raises(config.ConfigError, match=r"written by 2 workers under ZeRO-2.*train.num_workers=2"):
-        train(_cfg(tiny_dataset, tmp_path / "runs", "train.zero_stage=2", "train.max_steps=6",
-                   "train.num_workers=1", "train.max_failures=0"))
+    summary = train(_cfg(tiny_dataset, tmp_path / "runs", "train.zero_stage=2", "train.max_steps=6",
+                         "train.num_workers=1", "train.max_failures=0"))
+    m = summary["metrics"]
+    assert m["restored_from"] == "checkpoint_00000004" and m["resumed_from_step"] == 4
+    assert summary["steps"] == 6 and summary["samples_seen"] == 4 * GLOBAL + 2 * (GLOBAL // 2)
+    assert summary["checkpoint"].endswith("checkpoint_00000006")
