@@ -26,7 +26,7 @@ runs) with the bare loop's: on a shared machine other jobs only add time, and a 
 window (reports, data) is in its fastest window too. Each run's mean steps/s over its windows, and the ratios of
 those per repeat, are given beside it.
 
-    python bench/trainer_overhead.py --repeats 2
+    python bench/trainer_overhead.py --repeats 3
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -50,8 +51,8 @@ def overrides(args, root: str, stage: int, name: str) -> list[str]:
     return [f"model.preset={args.preset}", f"data.image_size={args.image_size}",
             f"train.micro_batch_size={args.micro_batch}", "train.num_workers=1",
             f"train.cpus_per_worker={args.threads}", f"train.zero_stage={stage}", f"train.max_steps={steps}",
-            f"train.log_every={args.log_every}", f"train.checkpoint_every={steps}", f"train.warmup_steps={min(5, steps - 1)}",
-            "eval.max_samples=64", f"run.storage_path={os.path.join(root, 'runs')}", f"run.name={name}"]
+            f"train.log_every={args.log_every}", f"train.checkpoint_every={steps}",
+            f"train.warmup_steps={min(5, steps - 1)}", "eval.max_samples=64", f"run.storage_path={os.path.join(root, 'runs')}", f"run.name={name}"]
 
 
 def steps_per_s(window_times: list[float], log_every: int) -> float:
@@ -240,6 +241,8 @@ def main() -> None:
     finally:
         dist.destroy_process_group()
         ray.shutdown()
+        if not args.out:
+            shutil.rmtree(root, ignore_errors=True)
     # On a shared machine other jobs only ever add time, so each path's fastest window is its best estimate of the
     # steady state; a cost paid every window (a report, the data) is in every window, the fastest included.
     best = {k: args.log_every / min(w for v in vs for w in v["windows_s"]) for k, vs in runs.items()}
