@@ -20,7 +20,7 @@ ZeRO-0 16 Psi, ZeRO-1 4 Psi + 12 Psi / N, ZeRO-2 2 Psi + 14 Psi / N, ZeRO-3 16 P
 where the fp32 master copy is redundant: 4 bytes of parameters, 4 of gradients and K = 8 (momentum, variance), so
 ZeRO-0 16 Psi, ZeRO-1 8 Psi + 8 Psi / N, ZeRO-2 4 Psi + 12 Psi / N, ZeRO-3 16 Psi / N. That is the goal's formula
 (``fp32``, within 10%); ``fp32_master`` (K = 12: the same with an fp32 copy of the parameters in the optimizer) is
-given beside it, since DeepSpeed's ZeRO-1/2 optimizer keeps such a copy even when the model is fp32.
+given beside it, since DeepSpeed's ZeRO-1, 2 and 3 optimizers keep such a copy even when the model is fp32.
 
     python bench/zero_memory.py --preset small
 """
