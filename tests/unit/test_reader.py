@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mmray.data.pipeline import Preprocess, check_quality, decode_caption, decode_image, BadDataError
+from mmray.data.pipeline import Preprocess, check_quality, decode_caption, decode_image, decode_pixels, BadDataError
 from mmray.data.reader import RAW_SCHEMA, iter_parquet, iter_tar
 from mmray.data.tokenizer import train_tokenizer, TextTokenizer
 
@@ -107,6 +107,24 @@ def test_decode_image_resizes_and_normalises():
     assert arr[0].mean() > 0.9 and arr[1].mean() < -0.8
 
 
+def test_model_normalises_pipeline_pixels_bit_for_bit_like_decode_image():
+    """Batches carry uint8 pixels; the model's float input must be exactly what decode_image gives, for every value."""
+    import torch
+
+    from mmray.models.encoders import normalise_pixels
+
+    data = _jpeg((255, 0, 0), (100, 60))
+    pixels = decode_pixels(data, 32)
+    assert pixels.shape == (3, 32, 32) and pixels.dtype == np.uint8
+    assert np.array_equal(normalise_pixels(torch.from_numpy(pixels[None].copy()))[0].numpy(), decode_image(data, 32))
+    every = np.arange(256, dtype=np.uint8)
+    via_torch = normalise_pixels(torch.from_numpy(every)).numpy()
+    assert via_torch.dtype == np.float32 and np.array_equal(via_torch, every.astype(np.float32) / 127.5 - 1.0)
+    assert (via_torch[0], via_torch[255]) == (-1.0, 1.0)
+    floats = torch.zeros(2, 3)
+    assert normalise_pixels(floats) is floats  # float images are taken as already normalised
+
+
 @pytest.mark.parametrize("data, reason", [(None, "missing_caption"), (b"  ", "empty_caption"),
                                           (b"\xff\xfe bad", "non_utf8_caption")])
 def test_decode_caption_reasons(data, reason):
@@ -122,6 +140,7 @@ def test_preprocess_drops_bad_samples_per_sample_not_per_block():
              "error": np.array(["", "", "", "missing_image"], dtype=object)}
     out = Preprocess(tok.to_str(), 32, 8)(batch)
     assert list(out["key"]) == ["0"] and out["image"].shape == (1, 3, 32, 32) and out["text_ids"].shape == (1, 8)
+    assert out["image"].dtype == np.uint8 and np.array_equal(out["image"][0], decode_pixels(_jpeg(), 32))
     assert list(out["caption"]) == ["a red circle"]
 
 
