@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 import time
@@ -112,6 +113,7 @@ def main() -> None:
         runs["mmray"].append(timed(mmray_ds()))
         runs["stock"].append(timed(stock_ds()))
     ray.shutdown()
+    shutil.rmtree(root, ignore_errors=True)  # the generated shards
     best = {k: (max(r[1] for r in v), max(r[2] for r in v)) for k, v in runs.items()}
     (mmray_rate, mmray_cpu), (stock_rate, stock_cpu) = best["mmray"], best["stock"]
 
