@@ -36,7 +36,7 @@ def inspect(src: str, image_size: int = 64, progress=None, allow_missing: bool =
         ray.data.DataContext.get_current().enable_progress_bars = False
         quality = ray.remote(DataQuality).options(num_cpus=0).remote()
         t0 = time.perf_counter()
-        ds = read_raw(paths).map_batches(Preprocess(None, image_size, 0, quality), batch_size=256,
+        ds = read_raw(paths).map_batches(Preprocess(None, image_size, 0, quality), batch_size=None,
                                          batch_format="numpy")
         seen = 0
         for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):

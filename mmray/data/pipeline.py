@@ -2,7 +2,9 @@
 
 Batch schema (numpy, one row per sample), produced by :class:`Preprocess` and consumed by mmray.train.loop:
 
-    image     float32 (N, 3, S, S)  RGB scaled to [-1, 1], S = data.image_size
+    image     uint8   (N, 3, S, S)  RGB pixels, S = data.image_size; the model scales them to [-1, 1] on the
+                                    training worker (mmray.models.encoders.normalise_pixels), so the object store
+                                    carries a quarter of the bytes of float32 and no worker spends time on it
     text_ids  int64   (N, T)        token ids, right-padded with the tokenizer's pad id, T = data.max_text_len
     caption   object  (N,)          the caption text (retrieval counts a hit when texts are equal)
     key       object  (N,)          the sample key inside its shard
@@ -55,8 +57,8 @@ def _tokenizer(tokenizer_json: str) -> TextTokenizer:
     return TextTokenizer.from_str(tokenizer_json)
 
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
-    """Encoded bytes -> float32 (3, size, size) in [-1, 1]. Raises ValueError with a short reason on bad input.
+def decode_pixels(data: bytes, size: int) -> np.ndarray:
+    """Encoded bytes -> uint8 RGB (3, size, size). Raises ValueError with a short reason on bad input.
 
     JPEGs are decoded in draft mode (DCT scaling) straight to the smallest scale at least ``size``, which is much
     cheaper than a full decode followed by a resize.
@@ -81,7 +83,13 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
         raise ValueError("corrupt_image") from None
     if img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC)
-    return np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+    return np.asarray(img).transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W), a view; np.stack copies it once
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """Encoded bytes -> float32 (3, size, size) in [-1, 1], for single images (search queries, tests): the same
+    values, bit for bit, that the model computes from :func:`decode_pixels`' uint8 (``x / 127.5 - 1``)."""
+    return decode_pixels(data, size).astype(np.float32) / 127.5 - 1.0
 
 
 def decode_caption(data: bytes | None) -> str:
@@ -194,7 +202,7 @@ class Preprocess:
                     raise ValueError(error.split(":")[0])
                 text = decode_caption(caption)
                 info = decode_meta(meta)
-                pixels = decode_image(image, self.image_size)
+                pixels = decode_pixels(image, self.image_size)
             except ValueError as e:
                 bad.setdefault(str(e), []).append(f"{shard}:{key}")
                 continue
@@ -208,7 +216,7 @@ class Preprocess:
             add = self.quality.add
             getattr(add, "remote", add)(len(keys), bad)
         size = self.image_size
-        out = {"image": np.stack(images) if images else np.zeros((0, 3, size, size), np.float32),
+        out = {"image": np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8),
                "caption": np.array(captions, dtype=object), "key": np.array(keys, dtype=object),
                "shard": np.array(shards, dtype=object),
                "question": np.array([q["question"] for q in qas], dtype=object),
@@ -253,15 +261,19 @@ def read_raw(paths: list[str], shuffle_seed: int | None = None, weights: dict[st
     if weights and any(w != 1 for w in weights.values()):
         by_shard = {storage.resolve(p)[1]: w for p, w in weights.items()}  # as the reader's ``shard`` column names it
         resample = Resample(by_shard, mix_seed)
+    # One read task per file, its blocks not re-split: Ray Data then fuses the read with a following map_batches
+    # whose batch_size is None (read_split's Preprocess) into one task per file, ~25% less CPU a sample than
+    # passing the raw bytes through the object store to separate decode tasks (bench/data_throughput.py).
     if position is not None:
         return ray.data.read_datasource(PositionedShardDatasource(
-            resolved, seed=shuffle_seed or 0, position=position, resample=resample, filesystem=fs, **reader_options))
+            resolved, seed=shuffle_seed or 0, position=position, resample=resample, filesystem=fs, **reader_options),
+            override_num_blocks=len(paths))
     source = ShardDatasource(resolved, filesystem=fs,
                              shuffle=FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None,
                              **reader_options)
-    ds = ray.data.read_datasource(source)
+    ds = ray.data.read_datasource(source, override_num_blocks=len(paths))
     if resample is not None:
-        ds = ds.map_batches(resample, batch_format="numpy")
+        ds = ds.map_batches(resample, batch_size=None, batch_format="numpy")  # batch_size=None: fused, see above
     return ds
 
 
@@ -277,4 +289,4 @@ def read_split(paths: list[str], cfg: Config, tokenizer: TextTokenizer, shuffle_
     return read_raw(paths, shuffle_seed, weights, cfg.train.seed, position=position,
                     **reader_options(cfg)).map_batches(
         Preprocess(tokenizer.to_str(), cfg.data.image_size, cfg.data.max_text_len, quality),
-        batch_size=256, batch_format="numpy")
+        batch_size=None, batch_format="numpy")  # whole reader blocks (256 rows), fused with the read; see read_raw

@@ -101,7 +101,9 @@ class TextTokenizer:
         if max_len < 1:
             raise ValueError(f"max_len must be at least 1, got {max_len}")
         out = np.full((len(texts), max_len), self.pad_id, dtype=np.int64)
-        for row, encoding in enumerate(self._encoder.encode_batch(list(texts))):
+        # encode_batch_fast (tokenizers >= 0.20) gives the same ids without tracking character offsets: ~15% faster
+        encode = getattr(self._encoder, "encode_batch_fast", self._encoder.encode_batch)
+        for row, encoding in enumerate(encode(list(texts))):
             ids = encoding.ids[:max_len]
             out[row, :len(ids)] = ids
         return out

@@ -12,8 +12,16 @@ from torch import nn
 from mmray.models.layers import Transformer
 
 
+def normalise_pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB pixels (B, 3, S, S), as the data pipeline ships them, -> float32 in [-1, 1] (``x / 127.5 - 1``,
+    bit for bit what mmray.data.pipeline.decode_image computes in NumPy). Float images are already normalised."""
+    return images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images
+
+
 class ImageEmbedding(nn.Module):
-    """Patchify with a strided conv, prepend a [CLS] token, add learned positions (the ViT input stage)."""
+    """Patchify with a strided conv, prepend a [CLS] token, add learned positions (the ViT input stage).
+
+    Images are uint8 pixels (the data pipeline's batches) or float32 already in [-1, 1]; see normalise_pixels."""
 
     def __init__(self, image_size: int, patch_size: int, width: int):
         super().__init__()
@@ -23,7 +31,7 @@ class ImageEmbedding(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + n_patches, width) * 0.02)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(images)                                  # (B, D, H/p, W/p)
+        x = self.patch_embed(normalise_pixels(images))                # (B, D, H/p, W/p)
         x = x.flatten(2).transpose(1, 2)                              # (B, N, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)               # (B, 1, D)
         return torch.cat([cls, x], dim=1) + self.pos_embed            # (B, 1+N, D)

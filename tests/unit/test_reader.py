@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mmray.data.pipeline import Preprocess, check_quality, decode_caption, decode_image, BadDataError
-from mmray.data.reader import RAW_SCHEMA, iter_parquet, iter_tar
+from mmray.data.pipeline import Preprocess, check_quality, decode_caption, decode_image, decode_pixels, BadDataError
+from mmray.data.reader import RAW_SCHEMA, _Blocks, iter_parquet, iter_tar, tar_members
 from mmray.data.tokenizer import train_tokenizer, TextTokenizer
 
 
@@ -63,6 +63,49 @@ def test_truncated_tar_keeps_whole_samples_and_reports_the_break():
     assert rows[-1]["error"].startswith("truncated_shard") and rows[-1]["key"] == "t.tar#truncated"
 
 
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_members_read_what_tarfile_reads(fmt):
+    """mmray's own tar header parser gives exactly tarfile's regular members: long names (ustar prefix, GNU
+    ././@LongLink, pax path), non-ASCII names, empty members and directories (skipped) included."""
+    deep = "d" * 90 + "/" + "e" * 60 + "/000000001"
+    names = ["000000000.jpg", "000000000.txt", f"{deep}.jpg", f"{deep}.txt", "café/000000002.jpg", "empty.txt"]
+    if fmt != tarfile.USTAR_FORMAT:
+        names.append("x" * 150 + ".json")  # longer than ustar's name field can hold even with its prefix
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        tar.addfile(_dir("a-directory"))
+        for i, name in enumerate(names):
+            data = b"" if name == "empty.txt" else bytes(range(256)) * (i + 1) + name.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
+    assert [n for n, _ in expected] == names
+    assert list(tar_members(_Blocks(io.BytesIO(data)))) == expected
+
+
+def _dir(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+def test_tar_with_a_corrupt_header_reports_the_shard_instead_of_ending_silently():
+    """tarfile ends an archive quietly at a bad header after the first; the reader counts it as a broken shard."""
+    members = []
+    for i in range(4):
+        members += [(f"{i}.jpg", _jpeg()), (f"{i}.txt", b"cap")]
+    data = bytearray(_tar(members))
+    offsets = [o for o in range(0, len(data), 512) if data[o:o + 5] == b"2.jpg"]
+    data[offsets[0] + 10] ^= 0xFF  # flip a name byte: the checksum no longer matches
+    rows = _rows(iter_tar(io.BytesIO(bytes(data)), "c.tar", 100))
+    # sample 1 may have had more members after the break, so like a cut-off sample it is not emitted
+    assert [r["key"] for r in rows] == ["0", "c.tar#truncated"]
+    assert rows[-1]["error"].startswith("truncated_shard: bad header checksum at byte")
+
+
 def test_parquet_rows_and_hf_style_image_structs(tmp_path):
     table = pa.table({"key": ["k0", "k1"], "jpg": [_jpeg(), None], "txt": ["red", "blue"]})
     buf = io.BytesIO()
@@ -107,6 +150,24 @@ def test_decode_image_resizes_and_normalises():
     assert arr[0].mean() > 0.9 and arr[1].mean() < -0.8
 
 
+def test_model_normalises_pipeline_pixels_bit_for_bit_like_decode_image():
+    """Batches carry uint8 pixels; the model's float input must be exactly what decode_image gives, for every value."""
+    import torch
+
+    from mmray.models.encoders import normalise_pixels
+
+    data = _jpeg((255, 0, 0), (100, 60))
+    pixels = decode_pixels(data, 32)
+    assert pixels.shape == (3, 32, 32) and pixels.dtype == np.uint8
+    assert np.array_equal(normalise_pixels(torch.from_numpy(pixels[None].copy()))[0].numpy(), decode_image(data, 32))
+    every = np.arange(256, dtype=np.uint8)
+    via_torch = normalise_pixels(torch.from_numpy(every)).numpy()
+    assert via_torch.dtype == np.float32 and np.array_equal(via_torch, every.astype(np.float32) / 127.5 - 1.0)
+    assert (via_torch[0], via_torch[255]) == (-1.0, 1.0)
+    floats = torch.zeros(2, 3)
+    assert normalise_pixels(floats) is floats  # float images are taken as already normalised
+
+
 @pytest.mark.parametrize("data, reason", [(None, "missing_caption"), (b"  ", "empty_caption"),
                                           (b"\xff\xfe bad", "non_utf8_caption")])
 def test_decode_caption_reasons(data, reason):
@@ -122,6 +183,7 @@ def test_preprocess_drops_bad_samples_per_sample_not_per_block():
              "error": np.array(["", "", "", "missing_image"], dtype=object)}
     out = Preprocess(tok.to_str(), 32, 8)(batch)
     assert list(out["key"]) == ["0"] and out["image"].shape == (1, 3, 32, 32) and out["text_ids"].shape == (1, 8)
+    assert out["image"].dtype == np.uint8 and np.array_equal(out["image"][0], decode_pixels(_jpeg(), 32))
     assert list(out["caption"]) == ["a red circle"]
 
 

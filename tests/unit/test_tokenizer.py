@@ -25,6 +25,15 @@ def test_special_tokens_have_fixed_ids(tok):
     assert 20 < tok.vocab_size <= 512
 
 
+def test_batch_ids_are_the_tokenizers_own(tok):
+    """encode_batch takes tokenizers' offset-free fast path: the ids must be the slow path's, cut and padded."""
+    texts = CAPTIONS[:100] + QUESTIONS[:100] + ["", "café ünïcode ☃", "a " * 80]
+    ids = tok.encode_batch(texts, max_len=24)
+    for row, text in zip(ids, texts):
+        expected = tok._encoder.encode(text).ids[:24]
+        assert row.tolist() == expected + [tok.pad_id] * (24 - len(expected))
+
+
 def test_encode_decode_round_trip(tok):
     texts = CAPTIONS[:50] + QUESTIONS[:50]
     ids = tok.encode_batch(texts, max_len=40)
