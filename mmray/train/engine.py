@@ -24,20 +24,31 @@ def resolve_precision(cfg: Config, on_gpu: bool) -> str:
     return cfg.train.precision
 
 
-def _zero_config(cfg: Config, on_gpu: bool) -> dict:
-    """``zero_optimization``: the stage and where the optimizer state and (ZeRO-3) the parameters live.
+# DeepSpeed's default communication buckets (elements): the most any model needs of them.
+DEFAULT_BUCKET = 500_000_000
 
-    Offloaded tensors are pinned on GPU machines (faster host-device copies); pinning needs CUDA."""
+
+def _zero_config(cfg: Config, on_gpu: bool, n_params: int | None = None) -> dict:
+    """``zero_optimization``: the stage, where the optimizer state and (ZeRO-3) the parameters live, and the
+    gradient-reduction / all-gather buckets.
+
+    Offloaded tensors are pinned on GPU machines (faster host-device copies); pinning needs CUDA. DeepSpeed
+    allocates its reduction bucket whole (ZeRO-3: 5e8 elements, 2 GB in fp32 on every rank, whatever the model); a
+    bucket larger than the model's ``n_params`` holds nothing more, so the buckets are capped at the model's size
+    (rounded up to a multiple of 1024 elements: DeepSpeed wants the all-gather bucket aligned for NCCL)."""
     t = cfg.train
     zero: dict = {"stage": t.zero_stage}
+    if n_params is not None and t.zero_stage > 0:
+        zero["reduce_bucket_size"] = zero["allgather_bucket_size"] = min(DEFAULT_BUCKET, -(-max(n_params, 1) // 1024) * 1024)
     for key, device in (("offload_optimizer", t.offload_optimizer), ("offload_param", t.offload_param)):
         if device != "none":
             zero[key] = {"device": device, "pin_memory": on_gpu}
     return zero
 
 
-def ds_config(cfg: Config, world_size: int, on_gpu: bool) -> dict:
-    """The DeepSpeed config: global batch = micro-batch x accumulation x workers, the same numbers the loop uses.
+def ds_config(cfg: Config, world_size: int, on_gpu: bool, n_params: int | None = None) -> dict:
+    """The DeepSpeed config: global batch = micro-batch x accumulation x workers, the same numbers the loop uses;
+    ``n_params`` (the model's parameter count, when known) sizes the ZeRO buckets.
 
     Raises ConfigError for what cannot run on the resolved device (see also ``config._check_deepspeed``)."""
     t = cfg.train
@@ -47,7 +58,7 @@ def ds_config(cfg: Config, world_size: int, on_gpu: bool) -> dict:
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": _zero_config(cfg, on_gpu),
+        "zero_optimization": _zero_config(cfg, on_gpu, n_params),
         "optimizer": {
             "type": "AdamW",
             # torch's AdamW on CPU; on GPU DeepSpeed's fused kernel, or its CPU Adam for an offloaded optimizer.
@@ -186,6 +197,11 @@ def skip_cpu_inference_comm_op() -> None:
         deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
 
 
+def count_parameters(model: nn.Module) -> int:
+    """Every parameter's element count, whole even when ZeRO-3 has partitioned it (``ds_numel``)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
 def build_engine(model: nn.Module, cfg: Config, world_size: int, on_gpu: bool):
     """Wrap ``model`` in a DeepSpeed engine; Ray Train has already created the process group."""
     import deepspeed
@@ -194,7 +210,7 @@ def build_engine(model: nn.Module, cfg: Config, world_size: int, on_gpu: bool):
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(model, cfg.train.weight_decay, cfg.train.layer_decay, cfg.train.lr),
-        config=ds_config(cfg, world_size, on_gpu),
+        config=ds_config(cfg, world_size, on_gpu, n_params=count_parameters(model)),
         dist_init_required=False,
     )
     engine.checkpoint_engine = _WeightsOnlyCheckpointEngine(engine.checkpoint_engine)

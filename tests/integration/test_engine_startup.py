@@ -29,7 +29,9 @@ SCRIPT = textwrap.dedent("""
         engine.step()
     changed = any((p.detach() != b).any() for p, b in zip(engine.module.parameters(), before))
     from deepspeed.comm import comm as ds_comm
+    from mmray.train.engine import count_parameters
     print("STEPPED", loss.item(), bool(changed), ds_comm.cdb.shm_comm_op is None)
+    print("BUCKET", engine.zero_reduce_bucket_size(), count_parameters(engine.module))
     dist.destroy_process_group()
 """)
 
@@ -50,5 +52,8 @@ def test_cpu_engine_starts_without_building_the_shm_comm_op(tmp_path):
     line = [x for x in out.stdout.splitlines() if x.startswith("STEPPED")][-1].split()
     assert line[1] != "nan" and line[2] == "True"  # a finite loss, and the optimizer step changed the weights
     assert line[3] == "True"  # DeepSpeed's comm backend has no shm op
+    # DeepSpeed's reduction bucket is the model's size, not its 5e8-element default (2 GB of fp32 per rank).
+    bucket, n_params = [x for x in out.stdout.splitlines() if x.startswith("BUCKET")][-1].split()[1:]
+    assert int(n_params) <= int(bucket) < int(n_params) + 1024
     built = list((tmp_path / "ext").rglob("*")) if (tmp_path / "ext").exists() else []
     assert not built, built

@@ -144,3 +144,15 @@ def test_build_model_turns_it_on_from_the_train_config():
     assert flags == {True}
     off = build_model(config.load(None, TINY), 50, 0, world=1, on_gpu=False)
     assert {m.recompute for m in off.modules() if hasattr(m, "recompute")} == {False}
+
+
+def test_zero_buckets_are_capped_at_the_model_size():
+    from mmray.train.engine import DEFAULT_BUCKET
+
+    zero2 = ds_config(config.load(None, ["train.zero_stage=2"]), 2, on_gpu=False, n_params=1234)["zero_optimization"]
+    assert zero2["reduce_bucket_size"] == zero2["allgather_bucket_size"] == 2048  # 1234 in multiples of 1024
+    big = ds_config(config.load(None, ["train.zero_stage=3"]), 2, on_gpu=True, n_params=10**10)["zero_optimization"]
+    assert big["reduce_bucket_size"] == DEFAULT_BUCKET
+    assert "reduce_bucket_size" not in ds_config(config.load(None, ["train.zero_stage=0"]), 1, False,
+                                                 n_params=1234)["zero_optimization"]
+    assert "reduce_bucket_size" not in ds_config(config.load(None, ["train.zero_stage=3"]), 1, False)["zero_optimization"]
