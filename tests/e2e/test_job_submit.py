@@ -31,7 +31,9 @@ def ray_head():
     """
     gcs, dash = _port(), _port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "mmray-test-token-0123456789abcdef",
-           "DS_ACCELERATOR": "cpu"}
+           "DS_ACCELERATOR": "cpu",
+           # The head needs no graceful drain on SIGTERM (default 30 s: waiting for work that has finished).
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen([RAY, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4",

@@ -112,7 +112,7 @@ def test_sweep_under_asha_and_budget_survives_an_interruption(ray_session, sweep
     assert summary["trials"] == 5 and len(rows) == 5
     assert sorted(r["model.fusion"] for r in rows.values()) == sorted(GRID + ["attention", "late"])
     failed = [r for r in rows.values() if r["status"] == "ERROR"]
-    assert summary["errored"] == 1 and len(failed) == 1 and "tokenizer" in failed[0]["error"]
+    assert summary["errored"] == 1 and len(failed) == 1 and "no-such-data" in failed[0]["error"]
 
     # Attention trained to the end; ASHA stopped grid trials at a rung (at least the first to reach step 2, against
     # attention's value there).
