@@ -73,23 +73,6 @@ def test_tampered_checkpoint_is_refused_with_the_reason(zero2_run, tmp_path, kin
     assert len(rejected) == 1 and rejected[0].startswith("checkpoint_00000004: ") and reason in rejected[0]
 
 
-def test_tampered_latest_checkpoint_falls_back_to_previous(zero2_run, tiny_dataset, tmp_path):
-    latest = _copy_run(zero2_run, tmp_path / "runs")
-    _truncate(latest)
-
-    summary = train(_cfg(tiny_dataset, tmp_path / "runs", "train.zero_stage=2"))
-
-    m = summary["metrics"]
-    assert m["resumed_from_step"] == 2 and m["restored_from"] == "checkpoint_00000002"
-    assert len(m["rejected_checkpoints"]) == 1
-    assert m["rejected_checkpoints"][0].startswith("checkpoint_00000004: ")
-    assert TAMPERS["truncated-shard"][1] in m["rejected_checkpoints"][0]
-    assert summary["steps"] == 4 and summary["samples_seen"] == 4 * GLOBAL
-    # The refused directory is kept for inspection and never reused: the new step-4 checkpoint gets a fresh name.
-    assert summary["checkpoint"].endswith("checkpoint_00000004_r1")
-    assert latest.is_dir()
-
-
 class _Exploit:
     def __init__(self, marker):
         self.marker = marker
@@ -244,12 +227,20 @@ def test_keep_best_copies_the_best_checkpoint_of_the_run(zero2_run):
     assert verify(str(zero2_run / RUN / BEST_DIR / name))["step"] == int(name[-8:])
 
 
-def test_resume_on_fewer_workers(zero2_run, tiny_dataset, tmp_path):
-    """2 workers wrote the ZeRO-2 checkpoint; 1 resumes it (universal checkpoint) and trains on."""
-    _copy_run(zero2_run, tmp_path / "runs")
+def test_tampered_latest_falls_back_to_previous_and_resumes_on_fewer_workers(zero2_run, tiny_dataset, tmp_path):
+    """The newest checkpoint is truncated: the run resumes from the previous complete one, says why, and keeps the
+    refused directory. 2 workers wrote it (ZeRO-2); 1 resumes it (universal checkpoint) and trains on."""
+    latest = _copy_run(zero2_run, tmp_path / "runs")
+    _truncate(latest)
     summary = train(_cfg(tiny_dataset, tmp_path / "runs", "train.zero_stage=2", "train.max_steps=6",
                          "train.num_workers=1", "train.max_failures=0"))
     m = summary["metrics"]
-    assert m["restored_from"] == "checkpoint_00000004" and m["resumed_from_step"] == 4
-    assert summary["steps"] == 6 and summary["samples_seen"] == 4 * GLOBAL + 2 * (GLOBAL // 2)
+    assert m["restored_from"] == "checkpoint_00000002" and m["resumed_from_step"] == 2
+    assert len(m["rejected_checkpoints"]) == 1
+    assert m["rejected_checkpoints"][0].startswith("checkpoint_00000004: ")
+    assert TAMPERS["truncated-shard"][1] in m["rejected_checkpoints"][0]
+    assert summary["steps"] == 6 and summary["samples_seen"] == 2 * GLOBAL + 4 * (GLOBAL // 2)
+    # The refused directory is never reused: the new step-4 checkpoint got a fresh name (run.keep_last=2 then lets
+    # Ray Train delete the refused one with the other older checkpoints).
+    assert (latest.parent / "checkpoint_00000004_r1").is_dir()
     assert summary["checkpoint"].endswith("checkpoint_00000006")
