@@ -10,7 +10,7 @@ from mmray.train.trainer import train
 
 from tiny_config import GLOBAL, tiny_cfg
 
-BUDGET = 0.9
+BUDGET = 0.6
 PRICE_PER_S = 0.01  # $36/h for the one local node
 
 
