@@ -1,8 +1,9 @@
 """The quickstart, reduced to fit CI: `mmray train --config jobs/configs/ci-tiny.yaml` must learn.
 
 The bar: held-out image-to-text R@1 >= 0.10 on 256 pairs, where chance is about 0.006 (about 17x chance).
-The full embedded default reaches about 0.65 (README); this reduced config trains a smaller model for 120 steps
-on 32 px images, and reached 0.32-0.39 in five data orders (Ray Data's streaming order is not fixed).
+The full embedded default reaches about 0.65 (README); this reduced config trains a smaller model for 80 steps
+on 32 px images and reached 0.25 (at 120 steps it reached 0.32-0.39 in five data orders; Ray Data's streaming order
+is not fixed).
 """
 from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
@@ -13,7 +14,7 @@ def test_ci_tiny_learns_above_chance(mmray, tmp_path):
               f"data.cache_dir={tmp_path}/cache", timeout=900)
     assert r.code == 0, r.stderr[-5000:]
     s = r.summary
-    assert s["steps"] == 120 and s["samples_seen"] == 120 * 128
+    assert s["steps"] == 80 and s["samples_seen"] == 80 * 128
     m = s["metrics"]
     assert m["val_eval_pairs"] == 256
     assert m["val_i2t_r@1"] >= 0.10, m
