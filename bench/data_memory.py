@@ -1,8 +1,8 @@
 """Peak memory of the streaming training pipeline while the data set grows 10x. Prints one JSON object.
 
-The pipeline is the training one (mmray.data.pipeline.read_split: shard reader, decode, resize, tokenize, shuffled
-shard order) consumed like the training loop consumes it (iter_batches of train.micro_batch_size with the local
-shuffle buffer of data.shuffle_buffer), with a short sleep per batch standing in for a training step, so that the
+The pipeline is the training one (mmray.data.pipeline.read_split with a DataPosition actor: shard reader, shuffled
+shard order, rows shuffled in windows of data.shuffle_buffer, decode, resize, tokenize) consumed like the training
+loop consumes it (iter_batches of train.micro_batch_size), with a short sleep per batch standing in for a training step, so that the
 producers run ahead of the consumer and Ray Data's backpressure has to hold them.
 
 Memory is the resident set (RSS) summed over the driver and every process under it: Ray's GCS, raylet (which holds
@@ -79,6 +79,7 @@ def main() -> None:
 
     from mmray import config
     from mmray.data.pipeline import read_split
+    from mmray.data.position import DataPosition
     from mmray.data.prepare import prepare_synthetic
     from mmray.data.tokenizer import TextTokenizer
 
@@ -102,12 +103,12 @@ def main() -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
 
         def consume(paths: list[str]) -> tuple[int, int, float]:
-            ds = read_split(paths, cfg, tokenizer, shuffle_seed=cfg.train.seed)
+            position = ray.remote(DataPosition).options(num_cpus=0).remote()
+            ds = read_split(paths, cfg, tokenizer, shuffle_seed=cfg.train.seed, position=position)
             t0, n = time.perf_counter(), 0
             with PeakSampler(args.interval) as sampler:
                 for batch in ds.iter_batches(batch_size=cfg.train.micro_batch_size, drop_last=True,
-                                             batch_format="numpy", local_shuffle_buffer_size=cfg.data.shuffle_buffer,
-                                             local_shuffle_seed=cfg.train.seed):
+                                             batch_format="numpy"):
                     n += len(batch["key"])
                     time.sleep(args.step_ms / 1000)
             return n, sampler.peak, time.perf_counter() - t0

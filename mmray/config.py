@@ -65,7 +65,10 @@ class DataConfig:
                         "set in data.source.")
     image_size: int = _f(64, "Side in pixels that images are resized to before the model.", min=8)
     max_text_len: int = _f(32, "Token sequence length; captions are truncated or padded to it.", min=4)
-    shuffle_buffer: int = _f(2048, "Rows in each worker's local shuffle buffer (0 disables shuffling).", min=0)
+    shuffle_buffer: int = _f(2048, "Rows of a shard shuffled together: each shard is read in windows of this many "
+                             "rows, each ordered by a hash of (train.seed, epoch, sample key), after the shard order "
+                             "is shuffled by (train.seed, epoch). Deterministic, and the same order after a resume; "
+                             "0 keeps each shard's own order.", min=0)
     max_bad_fraction: float = _f(0.01, "Stop the run when more than this fraction of samples is bad (corrupt "
                                  "images, missing or non-UTF-8 captions, truncated shards); bad samples below it "
                                  "are skipped and counted.", min=0.0, max=1.0)

@@ -12,8 +12,8 @@ The choice is per sample, not per block: copy c of a sample is kept when c < flo
 of (seed, shard file name, key) falls below the fractional part of w. So integer weights give exact counts, the
 same seed gives the same samples whatever the block order, the number of workers or the epoch, and each copy has
 its own key (``KEY~1``, ``KEY~2``, ...) so that keys stay unique within an epoch. Mixing happens in one read of all
-parts' shards (files shuffled together by Ray Data's file shuffle, then the workers' local shuffle buffers), so
-batches mix the parts throughout the epoch rather than one part after another.
+parts' shards (files shuffled together by Ray Data's file shuffle, then rows within windows of each shard, see
+mmray.data.position), so batches mix the parts throughout the epoch rather than one part after another.
 """
 from __future__ import annotations
 

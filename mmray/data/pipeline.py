@@ -240,14 +240,16 @@ class Preprocess:
 
 
 def read_raw(paths: list[str], shuffle_seed: int | None = None, weights: dict[str, float] | None = None,
-             mix_seed: int = 0, position=None, **reader_options):
+             mix_seed: int = 0, position=None, shuffle_window: int = 0, **reader_options):
     """A lazily-evaluated, streaming Ray Dataset of raw samples (mmray.data.reader.RAW_SCHEMA) from the shards.
 
     ``weights`` (shard path -> weight, see mmray.data.mixing) repeats or drops each sample by its shard's weight,
     deterministically for ``mix_seed``; ``reader_options`` go to ShardDatasource (e.g. Parquet column names).
     With ``position`` (a :class:`mmray.data.position.DataPosition` actor), each epoch's shard order is seeded by
     ``(shuffle_seed, epoch)`` and the samples already trained on in that epoch are left out (exact resume); the
-    mixing then happens in the datasource, before that filter, since each copy of a sample has its own key."""
+    mixing then happens in the datasource, before that filter, since each copy of a sample has its own key; and
+    ``shuffle_window`` rows of each shard at a time are shuffled by a seeded hash of their keys
+    (:func:`mmray.data.position.window_order`)."""
     import ray.data
     from ray.data import FileShuffleConfig
 
@@ -266,7 +268,8 @@ def read_raw(paths: list[str], shuffle_seed: int | None = None, weights: dict[st
     # passing the raw bytes through the object store to separate decode tasks (bench/data_throughput.py).
     if position is not None:
         return ray.data.read_datasource(PositionedShardDatasource(
-            resolved, seed=shuffle_seed or 0, position=position, resample=resample, filesystem=fs, **reader_options),
+            resolved, seed=shuffle_seed or 0, position=position, resample=resample, window=shuffle_window,
+            filesystem=fs, **reader_options),
             override_num_blocks=len(paths))
     source = ShardDatasource(resolved, filesystem=fs,
                              shuffle=FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None,
@@ -287,6 +290,6 @@ def read_split(paths: list[str], cfg: Config, tokenizer: TextTokenizer, shuffle_
     """Raw samples (mixed by ``weights``, seeded by train.seed) preprocessed into the batch schema, streaming
     (``position``: see :func:`read_raw`)."""
     return read_raw(paths, shuffle_seed, weights, cfg.train.seed, position=position,
-                    **reader_options(cfg)).map_batches(
+                    shuffle_window=cfg.data.shuffle_buffer, **reader_options(cfg)).map_batches(
         Preprocess(tokenizer.to_str(), cfg.data.image_size, cfg.data.max_text_len, quality),
         batch_size=None, batch_format="numpy")  # whole reader blocks (256 rows), fused with the read; see read_raw

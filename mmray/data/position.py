@@ -15,8 +15,20 @@ restart, and more so after a change in worker count. Instead every sample is nam
   (``pyarrow.compute.is_in``, one hash lookup per row). Samples that were in flight but never trained on are read
   again. The consumed set starts empty at every new epoch.
 
-Shuffling is deterministic for a ``(seed, epoch)``: the shard order here, and each worker's local shuffle buffer,
-seeded by ``(seed, epoch, rank)`` in the loop. The row-to-worker assignment itself is Ray Data's, dynamic.
+Shuffling is deterministic for a ``(seed, epoch)``, and survives a resume unchanged:
+
+- the shard order (Ray Data's file shuffle, seeded by ``(seed, epoch)``);
+- inside each shard, rows are shuffled in windows of ``data.shuffle_buffer`` rows: each window (cut from the shard's
+  full row sequence, before anything is left out) is ordered by a seeded hash of each row's key
+  (:func:`window_order`). An order by key hash commutes with leaving consumed rows out, so after a resume the rows
+  that are left come in exactly the order they would have come in without the interruption;
+- the training split runs with Ray Data's ``preserve_order``, which makes the block order and the streaming split's
+  row-to-worker assignment a function of the block sequence (no locality-driven dispatch).
+
+So two runs with the same config and seed see the same batches, and with one worker a run resumed after a crash
+sees the same remaining batches as the uninterrupted run (same final parameters). With several workers the split
+balances rows, and the rows left out on resume change its block sizes: a resumed multi-worker run still trains each
+sample of the epoch once, but its rows can reach the workers in another grouping.
 
 The end of an epoch: each rank trains on full micro-batches only (Ray Data's ``drop_last``), and the streaming split
 gives every rank the same number of rows (``equal=True``), so at most ``world x micro_batch_size - 1`` samples at the
@@ -36,6 +48,7 @@ again in the data-quality totals.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -64,6 +77,16 @@ def empty() -> pa.Table:
 def epoch_seed(seed: int, epoch: int) -> int:
     """The shard-order seed of one epoch: a fixed function of (seed, epoch), the same in every process and run."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def window_order(keys, seed: int) -> np.ndarray:
+    """Row order of one shuffle window: ascending seeded 64-bit BLAKE2b hashes of the keys (ties keep their order).
+
+    A function of each key alone, so leaving rows out of a window does not change the order of the rest."""
+    salt = int(seed).to_bytes(8, "little")
+    hashes = np.fromiter((int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8, salt=salt).digest(), "little")
+                          for k in keys), dtype=np.uint64, count=len(keys))
+    return np.argsort(hashes, kind="stable")
 
 
 def distinct(table: pa.Table) -> pa.Table:
@@ -184,24 +207,43 @@ class PositionedShardDatasource(ShardDatasource):
     ``resample`` (a :class:`mmray.data.mixing.Resample`) mixes sources here, before the filter: each copy of a
     sample has its own key, and so its own place in the consumed set."""
 
-    def __init__(self, paths, *, seed: int, position, resample=None, **kwargs):
+    def __init__(self, paths, *, seed: int, position, resample=None, window: int = 0, **kwargs):
         super().__init__(paths, **kwargs)
         self._seed, self._position, self._resample = seed, position, resample
+        self._window = window  # rows shuffled together (data.shuffle_buffer); 0 keeps each shard's order
+        self._epoch_seed = epoch_seed(seed, 0)
         self._excluded_ref = None  # {shard: consumed keys} of the epoch being planned, in the object store
 
     def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
         import ray
 
         epoch, consumed = ray.get(self._position.get.remote(), timeout=60)
-        self._shuffle = FileShuffleConfig(seed=epoch_seed(self._seed, epoch), reseed_after_execution=False)
+        self._epoch_seed = epoch_seed(self._seed, epoch)
+        self._shuffle = FileShuffleConfig(seed=self._epoch_seed, reseed_after_execution=False)
         self._excluded_ref = ray.put(by_shard(consumed)) if consumed.num_rows else None
         return super().get_read_tasks(parallelism, per_task_row_limit=per_task_row_limit, data_context=data_context)
 
     def _read_stream(self, f: pa.NativeFile, path: str):
         keys = _excluded(self._excluded_ref).get(path) if self._excluded_ref is not None else None
+        window: list[pa.Table] = []
+        rows = 0
         for block in super()._read_stream(f, path):
             if self._resample is not None:
                 block = resample_block(block, self._resample)
-            block = drop_consumed(block, keys)
-            if block.num_rows:
-                yield block
+            window.append(block)
+            rows += block.num_rows
+            if rows >= self._window:
+                yield from self._emit(window, keys)
+                window, rows = [], 0
+        if window:
+            yield from self._emit(window, keys)
+
+    def _emit(self, window: list[pa.Table], keys: pa.Array | None):
+        """One shuffle window (whole reader blocks of the shard, cut before any row is left out): shuffled by key
+        hash, the consumed rows left out, in reader-sized blocks."""
+        table = window[0] if len(window) == 1 else pa.concat_tables(window)
+        if self._window > 1 and table.num_rows > 1:
+            table = table.take(pa.array(window_order(table.column("key").to_pylist(), self._epoch_seed)))
+        table = drop_consumed(table, keys)
+        for start in range(0, table.num_rows, self.rows_per_block):
+            yield table.slice(start, self.rows_per_block)

@@ -516,6 +516,29 @@ def _load_resharded(engine, directory: str, name: str, written_by: int, world: i
     return load_path
 
 
+def rng_name(rank: int) -> str:
+    return f"rng/rank{rank}.pt"
+
+
+def save_rng(directory: str, rank: int) -> None:
+    """This rank's torch CPU RNG state (dropout), so that a resumed run draws what the uninterrupted one would."""
+    import torch
+
+    path = Path(directory) / rng_name(rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"torch": torch.get_rng_state()}, path)
+
+
+def restore_rng(directory: str, rank: int) -> None:
+    """Set this rank's RNG from a checkpoint of the same world size (weights-only load: a tensor and nothing
+    else); checkpoints older than the file, or of another world size, leave the seeded RNG as it is."""
+    import torch
+
+    path = Path(directory) / rng_name(rank)
+    if path.is_file():
+        torch.set_rng_state(torch.load(path, weights_only=True)["torch"])
+
+
 class Checkpointer:
     """One worker's view of the run's checkpoints: restore at start, save (named uniquely), emergency saves.
 
@@ -563,6 +586,8 @@ class Checkpointer:
             loaded = load(self.engine, d, decision.name, written_by, self.world_size)
             if self.data_position is not None:
                 self.data_position.restore(d)
+            if written_by == self.world_size:
+                restore_rng(d, self.rank)
         self.restored_from = decision.name
         state.update({k: loaded[k] for k in state if k in loaded})
         state["preemptions"] = self.preemptions = [dict(p) for p in state["preemptions"]]
@@ -626,6 +651,7 @@ class Checkpointer:
                     (Path(d) / filename).write_text(text)
             if self.data_position is not None:
                 self.data_position.write(d)
+            save_rng(d, self.rank)
             write_manifest(d, self.rank, self.world_size, state["step"])
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name,
                              checkpoint_upload_fn=_upload_fn())

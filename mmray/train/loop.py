@@ -178,9 +178,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         batches_this_epoch = 0
         if position is not None and rank == 0:  # before any rank can start the epoch (the split waits for all)
             ray.get(position.set.remote(state["epoch"], consumed.before), timeout=60)
-        for batch in shard.iter_batches(batch_size=micro_batch, drop_last=True, batch_format="numpy",
-                                        local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-                                        local_shuffle_seed=t.seed + 1000 * state["epoch"] + rank):
+        # The rows arrive shuffled, in an order fixed by (seed, epoch) that a resume keeps (mmray.data.position);
+        # a local shuffle buffer here would make the order after a resume differ from the uninterrupted run's.
+        for batch in shard.iter_batches(batch_size=micro_batch, drop_last=True, batch_format="numpy"):
             batches_this_epoch += 1
             outputs = engine(*_to_tensors(batch, device, vqa))
             losses = compute_losses(outputs, weights)

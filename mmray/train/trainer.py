@@ -150,6 +150,17 @@ def torch_config(cfg: Config, use_gpu: bool):
     return TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.train.collective_timeout_s)
 
 
+def ordered_ingest_options():
+    """Ray Train's ingest options with ``preserve_order``: the training split's blocks arrive in the order the reads
+    produce them and the streaming split assigns them without locality, so the rows each worker sees are a function
+    of (data, train.seed, epoch) and survive a resume (mmray.data.position)."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
 def build_trainer(cfg: Config, data: DataSet, quality=None, cost_meter=None, callbacks: Sequence = (),
                   data_position=None):
     """A TorchTrainer whose workers each drive a DeepSpeed engine over their share of the streamed shards.
@@ -187,7 +198,8 @@ def build_trainer(cfg: Config, data: DataSet, quality=None, cost_meter=None, cal
                                                resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         torch_config=torch_config(cfg, use_gpu),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"],
+                                            execution_options={"train": ordered_ingest_options()}),
         run_config=ray.train.RunConfig(
             name=cfg.run_name, storage_path=path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures,

@@ -139,3 +139,34 @@ def test_mixed_copies_are_left_out_one_by_one(ray_session, small_dataset):
     consumed = sorted(full)[::3]  # originals and copies, some of one sample without the other
     ray.get(position.set.remote(0, pa.table({"shard": [s for s, _ in consumed], "key": [k for _, k in consumed]})))
     assert ids() == full - Counter(consumed)
+
+
+def test_row_order_is_fixed_by_seed_and_epoch_and_kept_on_resume(ray_session, small_dataset):
+    """With preserve_order (as the trainer reads), the training rows come in one order for a (seed, epoch): shards
+    shuffled, rows shuffled in windows by key hash. Leaving consumed rows out (a resume) keeps the order of the
+    rest, so the rows after a resume are exactly the uninterrupted sequence minus what was trained on."""
+    paths = list_shards(f"{small_dataset}/train")
+    position = ray.remote(DataPosition).remote()
+
+    def keys(window: int = 32) -> list[tuple[str, str]]:
+        ds = read_raw(paths, 5, position=position, shuffle_window=window)
+        ds.context.execution_options.preserve_order = True
+        return [(r["shard"], r["key"]) for r in ds.select_columns(["shard", "key"]).take_all()]
+
+    nothing = read_consumed(Path("/nonexistent"))
+    ray.get(position.set.remote(0, nothing))
+    full = keys()
+    assert len(full) == len(set(full)) == TRAIN_SAMPLES and keys() == full
+    by_file = keys(window=0)  # no window shuffle: each shard in its own order, the shards in the same order
+    assert sorted(full) == sorted(by_file) and full != by_file
+    assert [s for s, _ in full] == [s for s, _ in by_file]  # the windows stay inside their shard
+    ray.get(position.set.remote(1, nothing))
+    assert keys() != full  # another epoch, another order
+
+    def rest_after(consumed: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        ray.get(position.set.remote(0, pa.table({"shard": [s for s, _ in consumed], "key": [k for _, k in consumed]})))
+        return keys()
+
+    assert rest_after(full[:40]) == full[40:]  # a crash after 40 rows: the same rows follow
+    left_out = set(full[::5])  # any set of trained-on rows (e.g. several workers' shares)
+    assert rest_after(sorted(left_out)) == [r for r in full if r not in left_out]

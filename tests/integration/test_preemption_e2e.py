@@ -50,6 +50,18 @@ def _steps(lines: list[str]) -> list[int]:
     return [int(m.group(1)) for line in lines if (m := re.match(r"step=(\d+) ", line))]
 
 
+def _losses(logs: dict[str, list[str]]) -> dict[int, str]:
+    """The loss the loop logged at each step (every step: train.log_every=1), over all of a run's attempts; a step
+    trained twice (before a kill and again after the resume) must have logged the same loss both times."""
+    losses: dict[int, set[str]] = {}
+    for lines in logs.values():
+        for line in lines:
+            if m := re.match(r"step=(\d+) .*\bloss=(\S+)", line):
+                losses.setdefault(int(m.group(1)), set()).add(m.group(2))
+    assert all(len(v) == 1 for v in losses.values()), losses
+    return {step: v.pop() for step, v in sorted(losses.items())}
+
+
 def test_spot_notice_to_resumed_run_loses_no_step(found):
     spot, deadline = found["spot_id"], found["deadline_at"]
 
@@ -147,6 +159,19 @@ def test_a_node_killed_without_notice_costs_at_most_one_checkpoint_interval(kill
     lost = max(_steps(logs[before])) - resumed
     assert 0 <= lost <= every
     assert _steps(logs[after]) == list(range(resumed + 1, killed["max_steps"] + 1))
+
+    # The killed and resumed run ends with the weights of the same config trained without interruption (the
+    # scenario's reference run), bit for bit, after the same samples, none repeated: the data order is a function
+    # of (seed, epoch) that the resume keeps, and each step logged the same loss in both runs.
+    reference = killed["reference"]
+    assert reference["metrics"]["resumed_from_step"] == 0
+    assert summary["samples_seen"] == reference["samples_seen"] == killed["max_steps"] * killed["global_batch"]
+    assert summary["samples_repeated"] == reference["samples_repeated"] == 0
+    weights = killed["weights_vs_reference"]
+    assert weights["only_in_run"] == weights["only_in_reference"] == [] and weights["elements"] > 100_000
+    assert weights["max_abs_diff"] <= 1e-6, weights
+    assert _losses(logs) == _losses(killed["reference_loop_logs"])
+    assert list(_losses(logs)) == list(range(1, killed["max_steps"] + 1))
 
     # The meter charged the spot node until about when the cluster found it dead, and the on-demand node after.
     cost, prices = killed["cost"], killed["prices"]

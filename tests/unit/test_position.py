@@ -5,7 +5,8 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 
-from mmray.data.position import ConsumedSamples, by_shard, consumed_name, drop_consumed, epoch_seed, read_consumed
+from mmray.data.position import (ConsumedSamples, by_shard, consumed_name, drop_consumed, epoch_seed, read_consumed,
+                                 window_order)
 
 
 def _ids(table: pa.Table) -> Counter:
@@ -70,3 +71,17 @@ def test_epoch_seed_is_a_fixed_function_of_seed_and_epoch():
     seeds = {(s, e): epoch_seed(s, e) for s in range(3) for e in range(3)}
     assert len(set(seeds.values())) == 9
     assert epoch_seed(7, 2) == epoch_seed(7, 2) == 1009178997  # the same in every process, run and machine
+
+
+def test_window_order_is_a_seeded_permutation_that_commutes_with_leaving_rows_out():
+    keys = [f"{i:06d}" for i in range(500)]
+    order = window_order(keys, seed=7)
+    assert sorted(order.tolist()) == list(range(500)) and order.tolist() != list(range(500))
+    assert window_order(keys, seed=7).tolist() == order.tolist()
+    assert window_order(keys, seed=8).tolist() != order.tolist()
+    shuffled = [keys[i] for i in order]
+    kept = [k for k in keys if int(k) % 3]  # any subset, e.g. the rows a resume has not trained on yet
+    assert [kept[i] for i in window_order(kept, seed=7)] == [k for k in shuffled if int(k) % 3]
+    # Not a rotation or a stride of the input: neighbours in the file are spread over the window.
+    positions = np.argsort(order)
+    assert np.abs(np.diff(positions)).mean() > 100
