@@ -1,5 +1,6 @@
 """Checkpoints under real Ray Train + DeepSpeed: partial or tampered ones are refused and the run falls back to the
-previous complete one; a malicious pickle never runs; export consolidates ZeRO-2/3 shards bit for bit."""
+previous complete one; a malicious pickle never runs; export consolidates ZeRO-2 shards bit for bit (ZeRO-3: the
+stage-3 run of test_train.py)."""
 import hashlib
 import json
 import os
@@ -8,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from mmray.export import build_model, export, load
+from mmray.export import export, load
 from mmray.train.engine import load_checkpoint_file
 from mmray.train.trainer import train
 
+from export_check import assert_export_matches, reference_state
 from tiny_config import GLOBAL, tiny_cfg
 
 RUN = "ckpt"
@@ -100,41 +101,10 @@ def test_malicious_pickle_in_a_shard_is_refused_at_restore(zero2_run, tiny_datas
     assert not marker.exists()
 
 
-def _reference_state(checkpoint: Path) -> dict:
-    """DeepSpeed's own consolidation, unpatched (these files are our own, so the unsafe loader is acceptable here)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="ds")
-
-
-def _fixed_batch(cfg):
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(4, 3, cfg.data.image_size, cfg.data.image_size, generator=g)
-    ids = torch.randint(1, 20, (4, cfg.data.max_text_len), generator=g)
-    return images, ids
-
-
-def _assert_export_matches(export_dir: Path, reference: dict):
-    exported = load_file(str(export_dir / "model.safetensors"))
-    assert exported.keys() == reference.keys()
-    for name, tensor in reference.items():
-        assert exported[name].dtype == torch.float32
-        assert torch.equal(exported[name], tensor), name  # bit for bit
-
-    model, cfg, tokenizer = load(str(export_dir))
-    ref_model = build_model(cfg, tokenizer)
-    ref_model.load_state_dict(reference, strict=True)
-    ref_model.eval()
-    with torch.no_grad():
-        got, want = model(*_fixed_batch(cfg)), ref_model(*_fixed_batch(cfg))
-    for key in want:
-        assert torch.equal(got[key], want[key]), key
-
-
 def test_export_zero2_is_bit_identical_and_loads(zero2_run, tmp_path, s3_bucket):
     run_dir = zero2_run / RUN
     checkpoint = run_dir / "checkpoint_00000004"
-    reference = _reference_state(checkpoint)
+    reference = reference_state(checkpoint)
     # With fp32 ZeRO-2, the module weights the engine trained are the consolidated fp32 partitions.
     module = load_checkpoint_file(str(checkpoint / "ds" / "mp_rank_00_model_states.pt"))["module"]
     for name, tensor in reference.items():
@@ -145,7 +115,7 @@ def test_export_zero2_is_bit_identical_and_loads(zero2_run, tmp_path, s3_bucket)
     manifest = json.loads((tmp_path / "fp32" / "manifest.json").read_text())
     for name in ("model.safetensors", "config.yaml", "tokenizer.json"):
         assert manifest["files"][name]["sha256"] == hashlib.sha256((tmp_path / "fp32" / name).read_bytes()).hexdigest()
-    _assert_export_matches(tmp_path / "fp32", reference)
+    assert_export_matches(tmp_path / "fp32", reference)
 
     bf16 = export(str(checkpoint), f"s3://{s3_bucket}/exports/bf16", dtype="bf16")
     assert bf16["dtype"] == "bf16"
@@ -172,14 +142,6 @@ def test_export_refuses_tampered_files(zero2_run, tmp_path):
     (tmp_path / "out" / "config.yaml").write_text("model: {}\n")
     with pytest.raises(ExportError, match="config.yaml does not match"):
         load(str(tmp_path / "out"))
-
-
-def test_export_zero3_is_bit_identical_and_loads(ray_session, tiny_dataset, tmp_path):
-    summary = train(_cfg(tiny_dataset, tmp_path / "runs", "train.zero_stage=3", "train.max_steps=2"))
-    checkpoint = Path(summary["checkpoint"])
-    reference = _reference_state(checkpoint)
-    assert export(str(checkpoint), str(tmp_path / "export"))["step"] == 2
-    _assert_export_matches(tmp_path / "export", reference)
 
 
 def test_cli_export(zero2_run, tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""Training under Ray Train with real DeepSpeed engines (gloo on CPU): ZeRO stages, checkpoints, resume, S3."""
+"""Training under Ray Train with real DeepSpeed engines (gloo on CPU): ZeRO stages, checkpoints, resume, S3, and the
+ZeRO-3 export."""
 import json
 from pathlib import Path
 
@@ -6,10 +7,12 @@ import boto3
 import pytest
 from mmray import config
 from mmray.data.prepare import prepare_synthetic
+from mmray.export import export
 from mmray.models.fusion import FUSIONS
 from mmray.train.engine import load_checkpoint_file
 from mmray.train.trainer import train
 
+from export_check import assert_export_matches, reference_state
 from tiny_config import GLOBAL, WORKERS, tiny_cfg
 
 
@@ -109,3 +112,6 @@ def test_every_fusion_strategy_trains_under_deepspeed(ray_session, tiny_dataset,
     for name in files:
         if name.endswith(".pt"):
             load_checkpoint_file(str(Path(summary["checkpoint"]) / name))
+    if stage == 3:  # `mmray export` gathers ZeRO-3's partitioned parameters bit for bit (ZeRO-2: test_checkpoint.py)
+        assert export(summary["checkpoint"], str(tmp_path / "export"))["step"] == 2
+        assert_export_matches(tmp_path / "export", reference_state(Path(summary["checkpoint"])))
