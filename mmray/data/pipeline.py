@@ -157,6 +157,35 @@ class DataQuality:
         return {"good": self.good, "bad": dict(self.bad), "bad_examples": dict(self.examples)}
 
 
+class DataPosition:
+    """A Ray actor, one per training run: the epoch the training datasource serves and the ids to leave out of it
+    (see mmray.data.position).
+
+    Rank 0 sets it before each epoch starts (:meth:`set`); the datasource reads it when Ray Data plans the epoch's
+    reads, which happens only once every rank has asked for the epoch (the streaming split's barrier)."""
+
+    def __init__(self):
+        import pyarrow as pa
+
+        self.epoch = 0
+        self.consumed = pa.table({"shard": pa.array([], pa.string()), "key": pa.array([], pa.string())})
+
+    def set(self, epoch: int, consumed) -> None:
+        self.epoch, self.consumed = epoch, consumed
+
+    def get(self):
+        return self.epoch, self.consumed
+
+
+class RunData(DataQuality, DataPosition):
+    """A training run's one data actor: the data-quality totals and the data position together, so that a run
+    starts one process for them (this module does not import Ray Data, which costs a second a process)."""
+
+    def __init__(self):
+        DataQuality.__init__(self)
+        DataPosition.__init__(self)
+
+
 def quality_snapshot(quality, attempts: int = 5) -> dict:
     """The counts so far; retried because a busy actor can be briefly unreachable (ActorUnavailableError)."""
     import time

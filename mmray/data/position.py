@@ -58,6 +58,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data import FileShuffleConfig
 
+from mmray.data.pipeline import DataPosition  # noqa: F401  (the actor lives in a module without Ray Data)
 from mmray.data.reader import ShardDatasource
 
 CONSUMED_DIR = "data"
@@ -117,22 +118,6 @@ def read_consumed(directory: str | Path) -> pa.Table:
         if root.is_dir() else []
     tables = [pq.read_table(p, schema=SCHEMA) for p in files]
     return pa.concat_tables(tables) if tables else empty()
-
-
-class DataPosition:
-    """A Ray actor, one per training run: the epoch the training datasource serves and the ids to leave out of it.
-
-    Rank 0 sets it before each epoch starts (:meth:`set`); the datasource reads it when Ray Data plans the epoch's
-    reads, which happens only once every rank has asked for the epoch (the streaming split's barrier)."""
-
-    def __init__(self):
-        self.epoch, self.consumed = 0, empty()
-
-    def set(self, epoch: int, consumed: pa.Table) -> None:
-        self.epoch, self.consumed = epoch, consumed
-
-    def get(self) -> tuple[int, pa.Table]:
-        return self.epoch, self.consumed
 
 
 class ConsumedSamples:

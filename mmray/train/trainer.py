@@ -240,8 +240,7 @@ def train(cfg: Config, callbacks: Sequence = (), before_fit: Callable[[object], 
     import ray.train
 
     from mmray.data import sources
-    from mmray.data.pipeline import DataQuality, quality_snapshot
-    from mmray.data.position import DataPosition
+    from mmray.data.pipeline import RunData, quality_snapshot
 
     from mmray.cost import meter as cost_meter
     from mmray.cost import prices as cost_prices
@@ -265,8 +264,7 @@ def train(cfg: Config, callbacks: Sequence = (), before_fit: Callable[[object], 
         # Zero-CPU helpers are pinned to the driver's node (as Ray Train pins its controller): on a spot worker,
         # a preemption would take them down with it.
         here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
-        quality = ray.remote(DataQuality).options(num_cpus=0, label_selector=here).remote()
-        position = ray.remote(DataPosition).options(num_cpus=0, label_selector=here).remote()
+        quality = position = ray.remote(RunData).options(num_cpus=0, label_selector=here).remote()
         # The cost meter prices the cluster's nodes from their labels while the run trains and keeps the total in
         # RUN_DIR/cost.json; the loop asks it before each checkpoint interval when budget.usd caps the run.
         meter = cost_meter.start_meter(run_dir, budget_usd=cfg.budget.usd, prices_path=cfg.budget.prices,
