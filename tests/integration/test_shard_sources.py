@@ -91,11 +91,12 @@ def test_inspect_eval_and_embed_read_with_the_member_keys(ray_session, renamed, 
                                                                for i in range(SAMPLES)]
 
 
-def test_eval_data_takes_the_forms_of_data_source(ray_session, export, tmp_path):
+def test_eval_data_takes_the_forms_of_data_source(ray_session, export, tmp_path, s3_bucket):
     """A prefix (img2dataset's layout, metadata Parquet beside each tar), a brace pattern and a '::' list of the
-    same shards give the same metrics; a missing shard is named, unless allowed."""
+    same shards, locally and on S3, give the same metrics; a missing shard is named, unless allowed."""
     root = str(tmp_path / "laion")
     write_img2dataset(root, shards=3, urls_per_shard=5, failed_every=4)  # 4 samples a shard
+    write_img2dataset(f"s3://{s3_bucket}/laion", shards=3, urls_per_shard=5, failed_every=4)  # the same shards
     jpeg_keys = ["data.image_extensions=jpg", "data.caption_extension=txt", "data.metadata_extension=json"]
 
     def evaluate(src: str, *extra: str) -> dict:
@@ -103,7 +104,9 @@ def test_eval_data_takes_the_forms_of_data_source(ray_session, export, tmp_path)
 
     by_prefix = evaluate(root)
     assert by_prefix["shards"] == 3 and by_prefix["metrics"]["eval_pairs"] == 12 and by_prefix["bad"] == {}
-    for src in (f"{root}/{{00000..00002}}.tar", f"{root}/00000.tar::{root}/{{00001,00002}}.tar"):
+    s3 = f"s3://{s3_bucket}/laion"
+    for src in (f"{root}/{{00000..00002}}.tar", f"{root}/00000.tar::{root}/{{00001,00002}}.tar",
+                f"{s3}/{{00000..00001}}.tar::{s3}/00002.tar"):
         summary = evaluate(src)
         assert summary["shards"] == 3 and summary["metrics"] == by_prefix["metrics"], src
 
