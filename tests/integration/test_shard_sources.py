@@ -1,6 +1,6 @@
 """Shards read the way the config says, wherever shards are read: WebDataset member extensions from the config
 (data.image_extensions, data.caption_extension, data.metadata_extension) through the real Ray Data reader,
-`mmray data inspect`, `mmray eval` and `mmray embed`; and `mmray eval --data` in data.source's forms (prefix, brace
+training's datasource, `mmray data inspect`, `mmray eval` and `mmray embed`; and `mmray eval --data` in data.source's forms (prefix, brace
 pattern, '::' list), with missing shards named.
 
 The model is a random-weight tiny export (as in test_infer.py): what is checked is which samples reach it.
@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from mmray import config, storage
-from mmray.data.pipeline import read_raw, reader_options
+from mmray.data.pipeline import read_raw, read_split, reader_options
+from mmray.data.position import DataPosition
 from mmray.data.tokenizer import TextTokenizer, train_tokenizer
 from mmray.data.webdataset import build_tar
 from mmray.eval.run import run_eval
@@ -51,15 +52,20 @@ def renamed(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    """A tiny random late-fusion export whose tokenizer knows both data sets' captions."""
+def tokenizer():
+    """Knows both data sets' captions."""
     texts = [f"a picture numbered {i}" for i in range(SAMPLES)] + [f"photo 0 {i}" for i in range(100)]
-    tokenizer = TextTokenizer(train_tokenizer(texts, vocab_size=128))
+    return TextTokenizer(train_tokenizer(texts, vocab_size=128))
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory, tokenizer):
+    """A tiny random late-fusion export that reads WebDataset members with MEMBER_KEYS."""
     root = tmp_path_factory.mktemp("export")
     return random_export(str(root / "late"), tokenizer, *MEMBER_KEYS)
 
 
-def test_member_extensions_from_the_config_through_ray_data(ray_session, renamed):
+def test_member_extensions_from_the_config_through_ray_data(ray_session, renamed, tokenizer):
     paths = [str(renamed / "00000.tar")]
     rows = read_raw(paths, **reader_options(config.load(None, MEMBER_KEYS))).take_all()
     assert sorted(r["key"] for r in rows) == [f"s{i:03d}" for i in range(SAMPLES)]
@@ -70,6 +76,13 @@ def test_member_extensions_from_the_config_through_ray_data(ray_session, renamed
         assert json.loads(r["meta"]) == {"label": f"l{i % 2}"}
     defaults = read_raw(paths, **reader_options(config.load(None, []))).take_all()
     assert [r["error"] for r in defaults] == ["missing_image"] * SAMPLES
+
+    # Training's datasource (positioned, for exact resume) and decode path, with the same keys.
+    cfg = config.load(None, [*MEMBER_KEYS, "data.image_size=16"])
+    position = ray_session.remote(DataPosition).remote()
+    rows = read_split(paths, cfg, tokenizer, shuffle_seed=0, position=position).take_all()
+    assert sorted((r["key"], r["caption"], r["label"]) for r in rows) == [
+        (f"s{i:03d}", f"a picture numbered {i}", f"l{i % 2}") for i in range(SAMPLES)]
 
 
 def test_inspect_eval_and_embed_read_with_the_member_keys(ray_session, renamed, export, tmp_path):
@@ -104,16 +117,14 @@ def test_eval_data_takes_the_forms_of_data_source(ray_session, export, tmp_path,
 
     by_prefix = evaluate(root)
     assert by_prefix["shards"] == 3 and by_prefix["metrics"]["eval_pairs"] == 12 and by_prefix["bad"] == {}
-    s3 = f"s3://{s3_bucket}/laion"
-    for src in (f"{root}/{{00000..00002}}.tar", f"{root}/00000.tar::{root}/{{00001,00002}}.tar",
-                f"{s3}/{{00000..00001}}.tar::{s3}/00002.tar"):
-        summary = evaluate(src)
-        assert summary["shards"] == 3 and summary["metrics"] == by_prefix["metrics"], src
-
     with pytest.raises(storage.StorageError, match=f"shard does not exist: {root}/00003.tar"):
         evaluate(f"{root}/{{00000..00003}}.tar")
-    allowed = evaluate(f"{root}/{{00000..00003}}.tar", "data.allow_missing_shards=true")
-    assert allowed["shards"] == 3 and allowed["metrics"] == by_prefix["metrics"]
+    s3 = f"s3://{s3_bucket}/laion"
+    for src, extra in ((f"{root}/{{00000..00003}}.tar", ["data.allow_missing_shards=true"]),
+                       (f"{root}/00000.tar::{root}/{{00001,00002}}.tar", []),
+                       (f"{s3}/{{00000..00001}}.tar::{s3}/00002.tar", [])):
+        summary = evaluate(src, *extra)
+        assert summary["shards"] == 3 and summary["metrics"] == by_prefix["metrics"], src
     with pytest.raises(config.ConfigError, match="--data: .*named by more than one part"):
         evaluate(f"{root}/00000.tar::{root}/{{00000,00001}}.tar")
     with pytest.raises(config.ConfigError, match="--data: .*empty part"):
