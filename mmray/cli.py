@@ -151,10 +151,10 @@ layout), one shard file, a brace pattern ('s3://b/laion/{00000..00099}.tar'), or
 A shard that a pattern or file names but storage lacks fails naming its path (data.allow_missing_shards=true skips
 it). Shards are read with the model config's data-reading keys (data.image_extensions, data.caption_extension,
 data.metadata_extension, data.image_column, data.caption_column), which may be overridden like eval.* keys.
-The JSON summary's `metrics` hold what the model provides: retrieval i2t/t2i R@1, R@5, R@10 with chance levels and zero-shot classification accuracy (late,
-attention), ITM accuracy (early, hierarchical, attention), caption loss, BLEU-4 and CIDEr-D of greedy captions, and
-VQA exact-match accuracy overall, per question type and on the compositional types (with a decoder). Bad samples
-are skipped and counted in `bad`, as in training.
+The JSON summary's `metrics` hold what the model provides: retrieval i2t/t2i R@1, R@5, R@10 with chance levels and
+zero-shot classification accuracy (late, attention), ITM accuracy (early, hierarchical, attention), caption loss,
+BLEU-4 and CIDEr-D of greedy captions, and VQA exact-match accuracy overall, per question type and on the
+compositional types (with a decoder). Bad samples are skipped and counted in `bad`, as in training.
 """
 
 

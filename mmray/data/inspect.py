@@ -25,8 +25,9 @@ def inspect(src: str, image_size: int = 64, progress=None, allow_missing: bool =
     """Read and decode every sample of ``src``; returns the summary that `mmray data inspect` prints.
 
     ``reader`` holds the reader's options (:func:`mmray.data.pipeline.reader_options`: Parquet columns, WebDataset
-    member extensions; default: the config's defaults). ``expected_samples`` is the sum of the shards' ``_stats.json`` sample counts (img2dataset's ``successes``), or
-    null when a shard has none; progress lines count against it."""
+    member extensions; default: the config's defaults). ``expected_samples`` is the sum of the shards'
+    ``_stats.json`` sample counts (img2dataset's ``successes``), or null when a shard has none; progress lines
+    count against it."""
     import ray
 
     paths = find_shards(src, allow_missing)

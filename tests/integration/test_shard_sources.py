@@ -1,7 +1,7 @@
 """Shards read the way the config says, wherever shards are read: WebDataset member extensions from the config
 (data.image_extensions, data.caption_extension, data.metadata_extension) through the real Ray Data reader,
-training's datasource, `mmray data inspect`, `mmray eval` and `mmray embed`; and `mmray eval --data` in data.source's forms (prefix, brace
-pattern, '::' list), with missing shards named.
+training's datasource, `mmray data inspect`, `mmray eval` and `mmray embed`; and `mmray eval --data` in
+data.source's forms (prefix, brace pattern, '::' list, local and S3), with missing shards named.
 
 The model is a random-weight tiny export (as in test_infer.py): what is checked is which samples reach it.
 """
