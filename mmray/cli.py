@@ -90,9 +90,18 @@ def cmd_data_prepare(args: argparse.Namespace) -> dict:
 
 def cmd_data_inspect(args: argparse.Namespace) -> dict:
     from mmray.data.inspect import inspect
+    from mmray.data.pipeline import READER_KEYS, reader_options
 
+    keys = tuple(f"data.{k}" for k in READER_KEYS)
+    bad = config_lib.overrides_outside(args.overrides, keys)
+    if bad:
+        raise config_lib.ConfigError(f"only the data-reading keys ({', '.join(keys)}) can be set here, not: "
+                                     f"{', '.join(bad)}")
+    cfg = _load_config(args)
     log = logging.getLogger("mmray")
-    return inspect(args.src, image_size=args.image_size, progress=log.info, allow_missing=args.allow_missing_shards)
+    return inspect(args.src, image_size=args.image_size, progress=log.info,
+                   allow_missing=args.allow_missing_shards or cfg.data.allow_missing_shards,
+                   reader=reader_options(cfg))
 
 
 def cmd_model_list(args: argparse.Namespace) -> dict:
@@ -136,12 +145,16 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 
 EVAL_HELP = """\
 Evaluate MODEL (an export directory from `mmray export`, a checkpoint directory, or a run directory, meaning its
-newest complete checkpoint; local or s3://) on the data at --data (a prepared data set, whose --split is used, or a
-directory / s3:// prefix of .tar or .parquet shards, or one shard). The JSON summary's `metrics` hold what the
-model provides: retrieval i2t/t2i R@1, R@5, R@10 with chance levels and zero-shot classification accuracy (late,
-attention), ITM accuracy (early, hierarchical, attention), caption loss, BLEU-4 and CIDEr-D of greedy captions, and
-VQA exact-match accuracy overall, per question type and on the compositional types (with a decoder). Bad samples
-are skipped and counted in `bad`, as in training.
+newest complete checkpoint; local or s3://) on the data at --data, in data.source's forms: a prepared data set
+(whose --split is used), a directory / s3:// prefix with .tar or .parquet shards directly under it (img2dataset's
+layout), one shard file, a brace pattern ('s3://b/laion/{00000..00099}.tar'), or several of these joined by '::'.
+A shard that a pattern or file names but storage lacks fails naming its path (data.allow_missing_shards=true skips
+it). Shards are read with the model config's data-reading keys (data.image_extensions, data.caption_extension,
+data.metadata_extension, data.image_column, data.caption_column), which may be overridden like eval.* keys.
+The JSON summary's `metrics` hold what the model provides: retrieval i2t/t2i R@1, R@5, R@10 with chance levels and
+zero-shot classification accuracy (late, attention), ITM accuracy (early, hierarchical, attention), caption loss,
+BLEU-4 and CIDEr-D of greedy captions, and VQA exact-match accuracy overall, per question type and on the
+compositional types (with a decoder). Bad samples are skipped and counted in `bad`, as in training.
 """
 
 
@@ -222,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--image-size", type=int, default=64, help="decode and resize to this side (default 64)")
     insp.add_argument("--allow-missing-shards", action="store_true",
                       help="skip shards a pattern names but storage lacks (default: fail naming the first)")
+    insp.add_argument("--config", "-c", help="YAML config whose data-reading keys (and data.allow_missing_shards) "
+                                             "apply, e.g. a training config")
+    insp.add_argument("overrides", nargs="*", metavar="data.key=value",
+                      help="how shards are read: data.image_extensions, data.caption_extension, "
+                           "data.metadata_extension (WebDataset members), data.image_column, data.caption_column "
+                           "(Parquet), e.g. data.caption_extension=caption")
     insp.set_defaults(fn=cmd_data_inspect)
 
     model = sub.add_parser("model", help="model presets and fusion strategies").add_subparsers(
@@ -253,12 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate an export or checkpoint on a data set", description=EVAL_HELP)
     ev.add_argument("model", metavar="MODEL", help="export directory, checkpoint directory or run directory")
-    ev.add_argument("--data", required=True, metavar="SRC", help="prepared data set, shard directory or shard file")
+    ev.add_argument("--data", required=True, metavar="SRC",
+                    help="prepared data set, shard prefix, shard file, brace pattern or '::'-joined list "
+                         "(local or s3://)")
     ev.add_argument("--split", default="val", help="split of a prepared data set (default val)")
     ev.add_argument("--max-samples", type=int, default=None,
                     help="evaluate at most this many samples (default: the model config's eval.max_samples; 0 = all)")
     ev.add_argument("overrides", nargs="*", metavar="eval.key=value",
-                    help="evaluation settings, e.g. eval.generate=false eval.batch_size=128")
+                    help="evaluation settings, e.g. eval.generate=false eval.batch_size=128, and the data-reading "
+                         "keys, e.g. data.caption_extension=caption data.allow_missing_shards=true")
     ev.set_defaults(fn=cmd_eval)
 
     from mmray.cost import commands as cost_commands

@@ -57,6 +57,15 @@ class DataConfig:
                            "jpg, png, webp, jpeg, image (img2dataset names it after its --encode_format).")
     caption_column: str = _f("auto", "Parquet shards: the caption column; 'auto' takes txt, else caption "
                              "(img2dataset's parquet output).")
+    image_extensions: str = _f("jpg,jpeg,png,webp", "WebDataset shards: the member extensions that hold a sample's "
+                               "image, comma-separated, the first one a sample has wins. A member's extension is "
+                               "everything after the first dot of its file name, matched case-insensitively "
+                               "('000123.image.png' has 'image.png'); write it without the leading dot.")
+    caption_extension: str = _f("txt", "WebDataset shards: the member extension of the caption (UTF-8 text), e.g. "
+                                "'caption' for '000123.caption'; not one of data.image_extensions.")
+    metadata_extension: str = _f("json", "WebDataset shards: the member extension of the sample's JSON metadata "
+                                 "(QA pairs, zero-shot label; optional per sample); not one of "
+                                 "data.image_extensions nor data.caption_extension.")
     synthetic_samples: int = _f(12000, "Samples generated for 'synthetic:shapes' (train + held-out val).", min=16)
     synthetic_val_samples: int = _f(512, "Held-out validation samples for 'synthetic:shapes'.", min=8)
     synthetic_seed: int = _f(0, "Seed of the generated 'synthetic:shapes' set.")
@@ -356,6 +365,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def overrides_outside(overrides: list[str], keys: tuple[str, ...] = (), sections: tuple[str, ...] = ()) -> list[str]:
+    """The overrides (``section.key=value``) whose key is neither one of ``keys`` nor in one of ``sections``: what
+    a command that only reads some keys (`mmray eval`, `mmray data inspect`) must refuse."""
+    return [o for o in overrides if o.split("=", 1)[0] not in keys and o.split(".", 1)[0] not in sections]
+
+
 def _merge(base: dict, extra: Mapping) -> dict:
     for section, values in extra.items():
         if isinstance(values, Mapping) and isinstance(base.get(section), dict):
@@ -420,6 +435,7 @@ def _check_consistency(cfg: Config) -> None:
         raise ConfigError(f"train.warmup_steps ({cfg.train.warmup_steps}) must be below train.max_steps "
                           f"({cfg.train.max_steps}).")
     _check_sources(d)
+    webdataset_members(d)
     if d.source.startswith("synthetic:") and d.synthetic_val_samples * 2 > d.synthetic_samples:
         raise ConfigError(f"data.synthetic_val_samples ({d.synthetic_val_samples}) must be at most half of "
                           f"data.synthetic_samples ({d.synthetic_samples}).")
@@ -453,6 +469,37 @@ def _check_sources(d: DataConfig) -> None:
         parse_weights(d.source_weights, n_parts)
     except SourceError as e:
         raise ConfigError(f"data.source_weights: {e}") from None
+
+
+def _member_extension(key: str, value: str) -> str:
+    """One WebDataset member extension, lower-cased; ConfigError names the key when it is empty or ill-formed."""
+    ext = value.strip().lower()
+    if not ext:
+        raise ConfigError(f"{key}: an extension cannot be empty (got {value!r}).")
+    if ext.startswith("."):
+        raise ConfigError(f"{key}: write the extension without its leading dot: {ext[1:]!r}, not {ext!r}.")
+    if ext.endswith(".") or ".." in ext or any(c in ext for c in "/\\, \t"):
+        raise ConfigError(f"{key}: {value!r} is not a member extension: the part of a member's file name after its "
+                          "key's first dot, e.g. 'jpg' or 'image.png' (no empty part, slash, comma or space).")
+    return ext
+
+
+def webdataset_members(d: DataConfig) -> tuple[tuple[str, ...], str, str]:
+    """(image extensions, caption extension, metadata extension) that name WebDataset members, lower-cased;
+    a ConfigError names the key of an empty, ill-formed or clashing one."""
+    images = [_member_extension("data.image_extensions", e) for e in d.image_extensions.split(",")]
+    if len(set(images)) < len(images):
+        raise ConfigError(f"data.image_extensions: {d.image_extensions!r} names an extension twice.")
+    caption = _member_extension("data.caption_extension", d.caption_extension)
+    meta = _member_extension("data.metadata_extension", d.metadata_extension)
+    if caption in images:
+        raise ConfigError(f"data.caption_extension: {caption!r} is also one of data.image_extensions "
+                          f"({d.image_extensions!r}); a member is either the image or the caption.")
+    if meta in images or meta == caption:
+        which = ("data.caption_extension" if meta == caption
+                 else f"one of data.image_extensions ({d.image_extensions!r})")
+        raise ConfigError(f"data.metadata_extension: {meta!r} is also {which}; each member has one role.")
+    return tuple(images), caption, meta
 
 
 def _check_deepspeed(t: TrainConfig) -> None:

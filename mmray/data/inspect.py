@@ -20,11 +20,14 @@ def _total_bytes(paths: list[str]) -> int:
     return sum(info.size or 0 for info in fs.get_file_info([storage.resolve(p)[1] for p in paths]))
 
 
-def inspect(src: str, image_size: int = 64, progress=None, allow_missing: bool = False) -> dict:
+def inspect(src: str, image_size: int = 64, progress=None, allow_missing: bool = False,
+            reader: dict | None = None) -> dict:
     """Read and decode every sample of ``src``; returns the summary that `mmray data inspect` prints.
 
-    ``expected_samples`` is the sum of the shards' ``_stats.json`` sample counts (img2dataset's ``successes``), or
-    null when a shard has none; progress lines count against it."""
+    ``reader`` holds the reader's options (:func:`mmray.data.pipeline.reader_options`: Parquet columns, WebDataset
+    member extensions; default: the config's defaults). ``expected_samples`` is the sum of the shards'
+    ``_stats.json`` sample counts (img2dataset's ``successes``), or null when a shard has none; progress lines
+    count against it."""
     import ray
 
     paths = find_shards(src, allow_missing)
@@ -36,8 +39,8 @@ def inspect(src: str, image_size: int = 64, progress=None, allow_missing: bool =
         ray.data.DataContext.get_current().enable_progress_bars = False
         quality = ray.remote(DataQuality).options(num_cpus=0).remote()
         t0 = time.perf_counter()
-        ds = read_raw(paths).map_batches(Preprocess(None, image_size, 0, quality), batch_size=None,
-                                         batch_format="numpy")
+        ds = read_raw(paths, **(reader or {})).map_batches(Preprocess(None, image_size, 0, quality),
+                                                          batch_size=None, batch_format="numpy")
         seen = 0
         for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
             seen += len(batch["key"])

@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 from mmray import storage
-from mmray.config import Config
+from mmray.config import Config, webdataset_members
 from mmray.data.tokenizer import TextTokenizer
 
 # Images above this many pixels are refused before decoding (a decompression bomb costs memory, not just time).
@@ -309,9 +309,16 @@ def read_raw(paths: list[str], shuffle_seed: int | None = None, weights: dict[st
     return ds
 
 
+READER_KEYS = ("image_column", "caption_column", "image_extensions", "caption_extension", "metadata_extension")
+
+
 def reader_options(cfg: Config) -> dict:
-    """ShardDatasource options from the config (Parquet column names)."""
-    return {"image_column": cfg.data.image_column, "caption_column": cfg.data.caption_column}
+    """ShardDatasource options from the config's ``data`` keys in READER_KEYS: Parquet column names and WebDataset
+    member extensions. Every reader of shards (training, evaluation, `mmray data inspect`, inference) takes them
+    from here."""
+    image_exts, caption_ext, meta_ext = webdataset_members(cfg.data)
+    return {"image_column": cfg.data.image_column, "caption_column": cfg.data.caption_column,
+            "image_exts": image_exts, "caption_ext": caption_ext, "meta_ext": meta_ext}
 
 
 def read_split(paths: list[str], cfg: Config, tokenizer: TextTokenizer, shuffle_seed: int | None = None,

@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # data.image_extensions' default, in order of preference
+CAPTION_EXTENSION, METADATA_EXTENSION = "txt", "json"  # data.caption_extension, data.metadata_extension
 
 RAW_SCHEMA = pa.schema([
     ("key", pa.string()),        # the sample key (WebDataset member stem, or the Parquet key column / row number)
@@ -59,7 +60,7 @@ class _Rows:
 
 
 def _sample_row(key: str, members: dict[str, bytes], image_exts: Sequence[str], caption_ext: str,
-                meta_ext: str = "json"):
+                meta_ext: str = METADATA_EXTENSION):
     """(key, image, caption, error, meta) for one grouped WebDataset sample."""
     image = next((members[e] for e in image_exts if e in members), None)
     caption = members.get(caption_ext)
@@ -178,23 +179,30 @@ def tar_members(blocks: _Blocks) -> Iterator[tuple[str, bytes]]:
 
 
 def iter_tar(stream, shard: str, rows_per_block: int, image_exts: Sequence[str] = IMAGE_EXTENSIONS,
-             caption_ext: str = "txt") -> Iterator[pa.Table]:
-    """Stream a WebDataset tar (members grouped by key, as the format requires) into blocks of raw samples."""
+             caption_ext: str = CAPTION_EXTENSION, meta_ext: str = METADATA_EXTENSION) -> Iterator[pa.Table]:
+    """Stream a WebDataset tar (members grouped by key, as the format requires) into blocks of raw samples.
+
+    A member's extension is everything after the first dot of its file name, lower-cased (``000123.image.png``:
+    ``image.png``); the sample's image is its member with the first of ``image_exts`` present, its caption the
+    ``caption_ext`` member, its metadata the ``meta_ext`` member. Other members are ignored."""
     rows = _Rows(shard, rows_per_block)
     try:
-        yield from _iter_tar_members(_Blocks(stream), shard, rows, image_exts, caption_ext)
+        yield from _iter_tar_members(_Blocks(stream), shard, rows, image_exts, caption_ext, meta_ext)
     except StreamError as e:
         raise e.__cause__ from None
 
 
 def _iter_tar_members(blocks: _Blocks, shard: str, rows: _Rows, image_exts: Sequence[str],
-                      caption_ext: str) -> Iterator[pa.Table]:
+                      caption_ext: str, meta_ext: str) -> Iterator[pa.Table]:
+    def sample(k: str, m: dict[str, bytes]):
+        return _sample_row(k, m, image_exts, caption_ext, meta_ext)
+
     key, members = None, {}
     try:
         for name, data in tar_members(blocks):
             k, ext = _split_name(name)
             if k != key:
-                if key is not None and (block := rows.add(*_sample_row(key, members, image_exts, caption_ext))):
+                if key is not None and (block := rows.add(*sample(key, members))):
                     yield block
                 key, members = k, {}
             members[ext] = data
@@ -206,7 +214,7 @@ def _iter_tar_members(blocks: _Blocks, shard: str, rows: _Rows, image_exts: Sequ
         key, members = None, {}
         if block := rows.add(f"{shard}#truncated", None, None, f"truncated_shard: {e}"):
             yield block
-    if key is not None and (block := rows.add(*_sample_row(key, members, image_exts, caption_ext))):
+    if key is not None and (block := rows.add(*sample(key, members))):
         yield block
     if (block := rows.flush()) is not None:
         yield block
@@ -275,16 +283,20 @@ def iter_parquet(data: bytes, shard: str, rows_per_block: int, image_column: str
 
 
 class ShardDatasource(FileBasedDatasource):
-    """Ray Data datasource for img2dataset-style shards: ``.tar`` (WebDataset) and ``.parquet`` files."""
+    """Ray Data datasource for img2dataset-style shards: ``.tar`` (WebDataset) and ``.parquet`` files.
+
+    ``image_exts`` / ``caption_ext`` / ``meta_ext`` name the WebDataset members (data.image_extensions, ...; see
+    :func:`iter_tar`), ``image_column`` / ``caption_column`` the Parquet columns (see :func:`iter_parquet`)."""
 
     _FILE_EXTENSIONS = ["tar", "parquet"]
 
     def __init__(self, paths, *, rows_per_block: int = 256, image_exts: Sequence[str] = IMAGE_EXTENSIONS,
-                 caption_ext: str = "txt", image_column: str = AUTO, caption_column: str = AUTO,
-                 key_column: str | None = "key", **kwargs):
+                 caption_ext: str = CAPTION_EXTENSION, meta_ext: str = METADATA_EXTENSION, image_column: str = AUTO,
+                 caption_column: str = AUTO, key_column: str | None = "key", **kwargs):
         super().__init__(paths, **kwargs)
         self.rows_per_block = rows_per_block
-        self.image_exts, self.caption_ext = tuple(image_exts), caption_ext
+        self.image_exts = tuple(e.lower() for e in image_exts)  # member extensions are compared lower-cased
+        self.caption_ext, self.meta_ext = caption_ext.lower(), meta_ext.lower()
         self.image_column, self.caption_column, self.key_column = image_column, caption_column, key_column
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
@@ -292,4 +304,4 @@ class ShardDatasource(FileBasedDatasource):
             yield from iter_parquet(f.read(), path, self.rows_per_block, self.image_column, self.caption_column,
                                     self.key_column)
         else:
-            yield from iter_tar(f, path, self.rows_per_block, self.image_exts, self.caption_ext)
+            yield from iter_tar(f, path, self.rows_per_block, self.image_exts, self.caption_ext, self.meta_ext)

@@ -222,6 +222,19 @@ def parts(spec: str) -> list[Part]:
     return out
 
 
+def split_shards(spec: str, split: str, allow_missing: bool = False) -> list[str]:
+    """Every shard a spec names for one split, in part order: the ``split`` shards of its prepared data sets and the
+    shards of its other parts (held-out data: data.val_source, `mmray eval --data`). StorageError names what is
+    missing; SourceError a shard that two parts name (it would be read twice)."""
+    found = [s for part in parts(spec) for s in part.shards(split, allow_missing)]
+    seen: set[str] = set()
+    for shard in found:
+        if shard in seen:
+            raise SourceError(f"shard {shard} is named by more than one part of {spec!r}")
+        seen.add(shard)
+    return found
+
+
 def inspect_shards(spec: str, allow_missing: bool = False) -> list[str]:
     """Every shard a spec names, for `mmray data inspect`: a prepared data set gives both splits."""
     found = []

@@ -1,8 +1,10 @@
 """`mmray eval MODEL --data SRC`: evaluate an export or a training checkpoint on a data set.
 
 MODEL is an export directory (``mmray export``), a checkpoint directory, or a run directory (its newest complete
-checkpoint); local or ``s3://``. The data streams through Ray Data with the training pipeline's decode path, so bad
-samples are skipped and counted the same way; the model's own tokenizer and image size are used.
+checkpoint); local or ``s3://``. SRC takes data.source's forms (see :func:`eval_shards`). The data streams through
+Ray Data with the training pipeline's reader and decode path, so bad samples are skipped and counted the same way;
+the model's own tokenizer and image size are used, and its config's data-reading keys (Parquet columns, WebDataset
+member extensions) unless overridden.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import yaml
 
 from mmray import config as config_lib
 from mmray import storage
+from mmray.data.pipeline import READER_KEYS
 
 
 def _is_export(path: str) -> bool:
@@ -44,25 +47,22 @@ def load_model(path: str):
     return model.eval(), cfg, tokenizer, checkpoint
 
 
-def eval_shards(src: str, split: str) -> list[str]:
-    """The shards to evaluate: ``SRC/<split>/`` of a prepared data set, else the shards directly under SRC, or
-    SRC itself when it is one shard file."""
-    from mmray.data.sources import SHARD_SUFFIXES, list_shards
-    from mmray.data.sources import is_dir as _is_dir
+def eval_shards(src: str, split: str, allow_missing: bool = False) -> list[str]:
+    """The shards to evaluate, from SRC in data.source's forms (mmray.data.sources): the ``split`` shards of a
+    prepared data set; a prefix with shards directly under it; a shard file; a brace pattern; several of these
+    joined by '::'; local or s3://. A missing shard fails naming its path, unless ``allow_missing``."""
+    from mmray.data import sources
 
-    if src.endswith(SHARD_SUFFIXES):
-        if not storage.exists(src):
-            raise storage.StorageError(f"{src} does not exist")
-        return [src]
-    if _is_dir(storage.join(src, split)):
-        paths = list_shards(storage.join(src, split))
-    elif _is_dir(src):
-        paths = list_shards(src)
-    else:
-        raise storage.StorageError(f"{src} is not a directory or a .tar/.parquet shard")
-    if not paths:
-        raise storage.StorageError(f"no .tar or .parquet shards under {src} (nor under {storage.join(src, split)})")
-    return paths
+    try:
+        sources.check_spec(src)
+        return sources.split_shards(src, split, allow_missing)
+    except sources.SourceError as e:
+        raise config_lib.ConfigError(f"--data: {e}") from None
+
+
+# Besides eval.*, `mmray eval` may override how the data at --data is read: it may be laid out unlike the training
+# data (other Parquet columns or WebDataset member extensions, shards missing from a pattern).
+DATA_KEYS = ("data.allow_missing_shards", *(f"data.{k}" for k in READER_KEYS))
 
 
 def run_eval(model_path: str, data: str, split: str = "val", max_samples: int | None = None,
@@ -75,13 +75,14 @@ def run_eval(model_path: str, data: str, split: str = "val", max_samples: int | 
 
     t0 = time.perf_counter()
     model, cfg, tokenizer, source = load_model(model_path)
-    if overrides:  # evaluation settings only: the model's architecture comes from its own config
-        bad = [o for o in overrides if not o.startswith("eval.")]
+    if overrides:  # evaluation and data-reading settings only: the model's architecture comes from its own config
+        bad = config_lib.overrides_outside(overrides, DATA_KEYS, sections=("eval",))
         if bad:
-            raise config_lib.ConfigError(f"only eval.* keys can be overridden here, not: {', '.join(bad)}")
+            raise config_lib.ConfigError(f"only eval.* keys and the data-reading keys ({', '.join(DATA_KEYS)}) can "
+                                         f"be overridden here, not: {', '.join(bad)}")
         cfg = config_lib.from_dict(config_lib._merge(cfg.to_dict(), config_lib.parse_overrides(overrides)))
     limit = cfg.eval.max_samples if max_samples is None else max_samples
-    paths = eval_shards(data, split)
+    paths = eval_shards(data, split, cfg.data.allow_missing_shards)
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,

@@ -175,17 +175,18 @@ class CountedShardDatasource(ShardDatasource):
         yield _end_row(path, rows)
 
 
-def read_counted(paths: list[str], **read_args):
+def read_counted(paths: list[str], reader: dict | None = None, **read_args):
     """A streaming Ray Dataset of raw samples (mmray.data.reader.RAW_SCHEMA) with end-of-shard rows.
 
     The same as :func:`mmray.data.pipeline.read_raw` (in file order: no shuffle) but for the datasource;
-    ``read_args`` go to ``ray.data.read_datasource`` (``num_cpus``, ``concurrency``).
+    ``reader`` holds the datasource's options (:func:`mmray.data.pipeline.reader_options`: Parquet columns,
+    WebDataset member extensions), ``read_args`` go to ``ray.data.read_datasource`` (``num_cpus``, ``concurrency``).
     """
     import ray.data
 
     fs, _ = storage.resolve(paths[0])
-    return ray.data.read_datasource(CountedShardDatasource([storage.resolve(p)[1] for p in paths], filesystem=fs),
-                                    **read_args)
+    source = CountedShardDatasource([storage.resolve(p)[1] for p in paths], filesystem=fs, **(reader or {}))
+    return ray.data.read_datasource(source, **read_args)
 
 
 def _take(batch: dict[str, np.ndarray], rows: list[int]) -> dict[str, np.ndarray]:

@@ -21,6 +21,7 @@ import yaml
 from mmray import config as config_lib
 from mmray import storage
 from mmray.config import ConfigError
+from mmray.data.pipeline import reader_options
 from mmray.data.tokenizer import TextTokenizer
 from mmray.export import MANIFEST_FILE, WEIGHTS_FILE, ExportError, _sha256
 from mmray.infer import DEVICES
@@ -166,7 +167,7 @@ def build_dataset(job: "Job", todo: list[tuple[str, str]], pool: Pool, quality):
 
     cfg = job.info.cfg
     decode = Decode(job.info.tokenizer_json, cfg.data.image_size, cfg.data.max_text_len, quality, job.rows)
-    ds = read_counted([uri for uri, _ in todo], **pool.read_args())
+    ds = read_counted([uri for uri, _ in todo], reader_options(cfg), **pool.read_args())
     worker_args = (*job.worker_args, pool.use_gpu, pool.threads)
     if pool.use_gpu:
         ds = ds.map_batches(decode, batch_size=job.batch_size, batch_format="numpy")

@@ -108,6 +108,7 @@ def _query_embedding(model, cfg, tokenizer, text: str | None, image: str | None)
 def search(out: str, text: str | None = None, image: str | None = None, k: int = 5, export_dir: str | None = None,
            contact_sheet: str | None = None) -> dict:
     """Text-to-image (``text``) or image-to-text (``image``, a path or URI) top-k; returns the summary to print."""
+    from mmray.data.pipeline import reader_options
     from mmray.infer.embed import check_can_embed
     from mmray.infer.runner import load_model, read_export
 
@@ -131,15 +132,19 @@ def search(out: str, text: str | None = None, image: str | None = None, k: int =
                "direction": "text->image" if text is not None else "image->text", "k": k, "hits": hits}
     if contact_sheet:
         title = f'"{text}"' if text is not None else f"image {image}"
-        storage.write_bytes(contact_sheet, render_contact_sheet(hits, title))
+        storage.write_bytes(contact_sheet, render_contact_sheet(hits, title, reader_options(cfg)))
         summary["contact_sheet"] = contact_sheet
     return summary
 
 
-def hit_images(hits: list[dict]) -> list[bytes | None]:
-    """The encoded image of each hit, read back from its source shard through mmray's reader (None if gone)."""
+def hit_images(hits: list[dict], reader: dict | None = None) -> list[bytes | None]:
+    """The encoded image of each hit, read back from its source shard through mmray's reader (None if gone), with
+    the reader options the shards were embedded with (:func:`mmray.data.pipeline.reader_options`)."""
+    from mmray.config import Config
+    from mmray.data.pipeline import reader_options
     from mmray.data.reader import iter_parquet, iter_tar
 
+    opts = reader or reader_options(Config())
     wanted: dict[str, set[str]] = {}
     for hit in hits:
         wanted.setdefault(hit["shard"], set()).add(hit["key"])
@@ -150,8 +155,10 @@ def hit_images(hits: list[dict]) -> list[bytes | None]:
         except storage.StorageError:
             continue
         fs_path = storage.resolve(shard)[1]
-        blocks = (iter_parquet(data, fs_path, 4096, "jpg", "txt", "key") if shard.endswith(".parquet")
-                  else iter_tar(io.BytesIO(data), fs_path, 4096))
+        blocks = (iter_parquet(data, fs_path, 4096, opts["image_column"], opts["caption_column"], "key")
+                  if shard.endswith(".parquet")
+                  else iter_tar(io.BytesIO(data), fs_path, 4096, opts["image_exts"], opts["caption_ext"],
+                                opts["meta_ext"]))
         for block in blocks:
             for key, img in zip(block.column("key").to_pylist(), block.column("image").to_pylist()):
                 if key in keys and img is not None:
@@ -159,8 +166,9 @@ def hit_images(hits: list[dict]) -> list[bytes | None]:
     return [found.get((h["shard"], h["key"])) for h in hits]
 
 
-def render_contact_sheet(hits: list[dict], title: str) -> bytes:
-    """PNG bytes: a grid of the hits' images, each with its rank, score and caption under it."""
+def render_contact_sheet(hits: list[dict], title: str, reader: dict | None = None) -> bytes:
+    """PNG bytes: a grid of the hits' images (read back with ``reader``'s options, see :func:`hit_images`), each
+    with its rank, score and caption under it."""
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()
@@ -170,7 +178,7 @@ def render_contact_sheet(hits: list[dict], title: str) -> bytes:
     sheet = Image.new("RGB", (cols * CELL, head + rows * (CELL + text_h)), "white")
     draw = ImageDraw.Draw(sheet)
     draw.text((4, 4), f"query: {title}"[:120], fill="black", font=font)
-    for i, (hit, data) in enumerate(zip(hits, hit_images(hits))):
+    for i, (hit, data) in enumerate(zip(hits, hit_images(hits, reader))):
         x, y = (i % cols) * CELL, head + (i // cols) * (CELL + text_h)
         try:
             img = Image.open(io.BytesIO(data)).convert("RGB").resize((CELL - 8, CELL - 8)) if data else None

@@ -74,7 +74,10 @@ def resolve_data(cfg: Config) -> DataSet:
             by_shard[shard] = weight
     prepared = [p for p in parts if p.prepared]
     if d.val_source:
-        val = [s for p in sources.parts(d.val_source) for s in p.shards("val", d.allow_missing_shards)]
+        try:
+            val = sources.split_shards(d.val_source, "val", d.allow_missing_shards)
+        except sources.SourceError as e:
+            raise ConfigError(f"data.val_source: {e}") from None
     elif prepared:
         val = [s for p in prepared for s in p.shards("val")]
     else:

@@ -61,6 +61,41 @@ def test_bad_input_names_the_key(overrides, needles):
         assert needle in str(e.value)
 
 
+def test_webdataset_member_keys_are_parsed_and_defaults_match_the_reader():
+    from mmray.data.pipeline import reader_options
+    from mmray.data.reader import CAPTION_EXTENSION, IMAGE_EXTENSIONS, METADATA_EXTENSION
+
+    assert config.webdataset_members(config.Config().data) == (IMAGE_EXTENSIONS, CAPTION_EXTENSION,
+                                                               METADATA_EXTENSION)
+    cfg = config.load(None, ["data.image_extensions= image.PNG , webp", "data.caption_extension=Caption",
+                             "data.metadata_extension=meta.json"])
+    assert reader_options(cfg) == {"image_column": "auto", "caption_column": "auto",
+                                   "image_exts": ("image.png", "webp"), "caption_ext": "caption",
+                                   "meta_ext": "meta.json"}
+
+
+@pytest.mark.parametrize("overrides, needles", [
+    (["data.image_extensions="], ["data.image_extensions", "cannot be empty"]),
+    (["data.image_extensions=jpg,,png"], ["data.image_extensions", "cannot be empty"]),
+    (["data.image_extensions=.jpg"], ["data.image_extensions", "without its leading dot: 'jpg'"]),
+    (["data.image_extensions=jpg,png,jpg"], ["data.image_extensions", "twice"]),
+    (["data.image_extensions=image..png"], ["data.image_extensions", "is not a member extension"]),
+    (["data.caption_extension=txt."], ["data.caption_extension", "is not a member extension"]),
+    (["data.caption_extension=a/txt"], ["data.caption_extension", "is not a member extension"]),
+    (["data.caption_extension=''"], ["data.caption_extension", "cannot be empty"]),
+    (["data.caption_extension=.txt"], ["data.caption_extension", "'txt', not '.txt'"]),
+    (["data.caption_extension=PNG"], ["data.caption_extension: 'png' is also one of data.image_extensions"]),
+    (["data.metadata_extension=txt"], ["data.metadata_extension: 'txt' is also data.caption_extension"]),
+    (["data.metadata_extension=webp"], ["data.metadata_extension: 'webp' is also one of data.image_extensions"]),
+    (["data.image_extensions=[jpg, png]"], ["data.image_extensions", "expected str", "comma-separated"]),
+])
+def test_bad_webdataset_member_keys_name_the_key(overrides, needles):
+    with pytest.raises(ConfigError) as e:
+        config.load(None, overrides)
+    for needle in needles:
+        assert needle in str(e.value)
+
+
 def test_use_gpu_accepts_yaml_booleans():
     assert config.load(None, ["train.use_gpu=true"]).train.use_gpu == "true"
     assert config.load(None, ["train.use_gpu=false"]).train.use_gpu == "false"

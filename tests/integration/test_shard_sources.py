@@ -1,0 +1,133 @@
+"""Shards read the way the config says, wherever shards are read: WebDataset member extensions from the config
+(data.image_extensions, data.caption_extension, data.metadata_extension) through the real Ray Data reader,
+training's datasource, `mmray data inspect`, `mmray eval` and `mmray embed`; and `mmray eval --data` in
+data.source's forms (prefix, brace pattern, '::' list, local and S3), with missing shards named.
+
+The model is a random-weight tiny export (as in test_infer.py): what is checked is which samples reach it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from mmray import config, storage
+from mmray.data.pipeline import read_raw, read_split, reader_options
+from mmray.data.position import DataPosition
+from mmray.data.tokenizer import TextTokenizer, train_tokenizer
+from mmray.data.webdataset import build_tar
+from mmray.eval.run import run_eval
+from tests.img2dataset_layout import write_img2dataset
+from tests.integration.test_infer import mmray, random_export
+
+SAMPLES = 6
+MEMBER_KEYS = ["data.image_extensions=image.png", "data.caption_extension=caption",
+               "data.metadata_extension=meta.json"]
+
+
+def _png(i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray((np.random.RandomState(i).rand(12, 12, 3) * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def renamed(tmp_path_factory):
+    """One tar whose samples are KEY.image.png, KEY.caption and KEY.meta.json, plus a KEY.txt that is not the
+    caption: the default keys find no image in it."""
+    root = tmp_path_factory.mktemp("renamed")
+    members = []
+    for i in range(SAMPLES):
+        key = f"s{i:03d}"
+        members += [(f"{key}.image.png", _png(i)), (f"{key}.caption", f"a picture numbered {i}".encode()),
+                    (f"{key}.meta.json", json.dumps({"label": f"l{i % 2}"}).encode()),
+                    (f"{key}.txt", b"not the caption")]
+    (root / "00000.tar").write_bytes(build_tar(members))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """Knows both data sets' captions."""
+    texts = [f"a picture numbered {i}" for i in range(SAMPLES)] + [f"photo 0 {i}" for i in range(100)]
+    return TextTokenizer(train_tokenizer(texts, vocab_size=128))
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory, tokenizer):
+    """A tiny random late-fusion export that reads WebDataset members with MEMBER_KEYS."""
+    root = tmp_path_factory.mktemp("export")
+    return random_export(str(root / "late"), tokenizer, *MEMBER_KEYS)
+
+
+def test_member_extensions_from_the_config_through_ray_data(ray_session, renamed, tokenizer):
+    paths = [str(renamed / "00000.tar")]
+    rows = read_raw(paths, **reader_options(config.load(None, MEMBER_KEYS))).take_all()
+    assert sorted(r["key"] for r in rows) == [f"s{i:03d}" for i in range(SAMPLES)]
+    for r in rows:
+        i = int(r["key"][1:])
+        assert r["error"] == "" and r["image"] == _png(i)
+        assert r["caption"] == f"a picture numbered {i}".encode()
+        assert json.loads(r["meta"]) == {"label": f"l{i % 2}"}
+    defaults = read_raw(paths, **reader_options(config.load(None, []))).take_all()
+    assert [r["error"] for r in defaults] == ["missing_image"] * SAMPLES
+
+    # Training's datasource (positioned, for exact resume) and decode path, with the same keys.
+    cfg = config.load(None, [*MEMBER_KEYS, "data.image_size=16"])
+    position = ray_session.remote(DataPosition).remote()
+    rows = read_split(paths, cfg, tokenizer, shuffle_seed=0, position=position).take_all()
+    assert sorted((r["key"], r["caption"], r["label"]) for r in rows) == [
+        (f"s{i:03d}", f"a picture numbered {i}", f"l{i % 2}") for i in range(SAMPLES)]
+
+
+def test_inspect_eval_and_embed_read_with_the_member_keys(ray_session, renamed, export, tmp_path):
+    code, summary = mmray("data", "inspect", str(renamed), *MEMBER_KEYS, "--image-size", "16")
+    assert code == 0 and (summary["samples"], summary["bad"]) == (SAMPLES, {})
+    code, summary = mmray("data", "inspect", str(renamed), "--image-size", "16")
+    assert code == 0 and summary["samples"] == 0  # the default keys find no image (see the test above)
+    code, summary = mmray("data", "inspect", str(renamed), "model.fusion=early")
+    assert code == 2 and "only the data-reading keys" in summary["error"]
+
+    # The export was trained with these keys: eval and embed read its data with them, with no override.
+    metrics = run_eval(export, str(renamed), max_samples=0, overrides=["eval.generate=false"])["metrics"]
+    assert metrics["eval_pairs"] == SAMPLES
+    code, summary = mmray("embed", export, str(renamed), str(tmp_path / "emb"), "--actors", "1")
+    assert code == 0 and (summary["samples"], summary["bad"]) == (SAMPLES, {}), summary
+    (written,) = storage.list_files(str(tmp_path / "emb"), ".parquet")
+    table = pq.read_table(written, columns=["key", "caption"]).to_pylist()
+    assert sorted((r["key"], r["caption"]) for r in table) == [(f"s{i:03d}", f"a picture numbered {i}")
+                                                               for i in range(SAMPLES)]
+
+
+def test_eval_data_takes_the_forms_of_data_source(ray_session, export, tmp_path, s3_bucket):
+    """A prefix (img2dataset's layout, metadata Parquet beside each tar), a brace pattern and a '::' list of the
+    same shards, locally and on S3, give the same metrics; a missing shard is named, unless allowed."""
+    root = str(tmp_path / "laion")
+    write_img2dataset(root, shards=3, urls_per_shard=5, failed_every=4)  # 4 samples a shard
+    write_img2dataset(f"s3://{s3_bucket}/laion", shards=3, urls_per_shard=5, failed_every=4)  # the same shards
+    jpeg_keys = ["data.image_extensions=jpg", "data.caption_extension=txt", "data.metadata_extension=json"]
+
+    def evaluate(src: str, *extra: str) -> dict:
+        return run_eval(export, src, max_samples=0, overrides=["eval.generate=false", *jpeg_keys, *extra])
+
+    by_prefix = evaluate(root)
+    assert by_prefix["shards"] == 3 and by_prefix["metrics"]["eval_pairs"] == 12 and by_prefix["bad"] == {}
+    with pytest.raises(storage.StorageError, match=f"shard does not exist: {root}/00003.tar"):
+        evaluate(f"{root}/{{00000..00003}}.tar")
+    s3 = f"s3://{s3_bucket}/laion"
+    for src, extra in ((f"{root}/{{00000..00003}}.tar", ["data.allow_missing_shards=true"]),
+                       (f"{root}/00000.tar::{root}/{{00001,00002}}.tar", []),
+                       (f"{s3}/{{00000..00001}}.tar::{s3}/00002.tar", [])):
+        summary = evaluate(src, *extra)
+        assert summary["shards"] == 3 and summary["metrics"] == by_prefix["metrics"], src
+    with pytest.raises(config.ConfigError, match="--data: .*named by more than one part"):
+        evaluate(f"{root}/00000.tar::{root}/{{00000,00001}}.tar")
+    with pytest.raises(config.ConfigError, match="--data: .*empty part"):
+        evaluate(f"{root}::")
+    with pytest.raises(config.ConfigError, match="only eval.\\* keys"):
+        evaluate(root, "model.fusion=early")
