@@ -243,7 +243,14 @@ class Preprocess:
             labels.append(zero_shot_label(info))
         if self.quality is not None:  # a DataQuality actor handle, or a plain DataQuality in-process
             add = self.quality.add
-            getattr(add, "remote", add)(len(keys), bad)
+            if hasattr(add, "remote"):
+                import ray
+
+                # Waited for (one short actor call a block): once a block is out, its counts are in the totals, so
+                # a snapshot taken after the data was consumed (inspect, the run's summary) misses none.
+                ray.get(add.remote(len(keys), bad))
+            else:
+                add(len(keys), bad)
         size = self.image_size
         out = {"image": np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8),
                "caption": np.array(captions, dtype=object), "key": np.array(keys, dtype=object),

@@ -89,7 +89,8 @@ def test_inspect_eval_and_embed_read_with_the_member_keys(ray_session, renamed, 
     code, summary = mmray("data", "inspect", str(renamed), *MEMBER_KEYS, "--image-size", "16")
     assert code == 0 and (summary["samples"], summary["bad"]) == (SAMPLES, {})
     code, summary = mmray("data", "inspect", str(renamed), "--image-size", "16")
-    assert code == 0 and summary["samples"] == 0  # the default keys find no image (see the test above)
+    # The default keys find no image (see the test above): every sample is counted bad, none lost on the way.
+    assert code == 0 and (summary["samples"], summary["bad"]) == (0, {"missing_image": SAMPLES})
     code, summary = mmray("data", "inspect", str(renamed), "model.fusion=early")
     assert code == 2 and "only the data-reading keys" in summary["error"]
 
