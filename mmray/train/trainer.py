@@ -213,6 +213,33 @@ def build_trainer(cfg: Config, data: DataSet, quality=None, cost_meter=None, cal
     )
 
 
+class RunFailedError(RuntimeError):
+    """Training failed and Ray Train's failure budget is used up. The message names the budget, each failed rank's
+    error and how to go on; ``worker_failures`` keeps Ray Train's rank -> exception mapping."""
+
+    def __init__(self, message: str, worker_failures: dict | None = None):
+        super().__init__(message)
+        self.worker_failures = dict(worker_failures or {})
+
+
+def _failed_for_good(cfg: Config, error: BaseException, run_dir: str) -> RunFailedError:
+    """The final error of a run whose failures outlasted train.max_failures (worker crashes, lost nodes) or
+    train.max_preemption_failures (announced preemptions)."""
+    failures = getattr(error, "worker_failures", None) or {}
+    if failures:
+        lines = [f"rank {rank}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                 for rank, e in sorted(failures.items())]
+    else:
+        cause = getattr(error, "controller_failure", None) or error
+        lines = [f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"]
+    budget = (f"train.max_failures={cfg.train.max_failures}, "
+              f"train.max_preemption_failures={cfg.train.max_preemption_failures}")
+    return RunFailedError(
+        f"run {cfg.run_name} failed and its failure budget is used up ({budget}); the last failure: "
+        + "; ".join(lines) + f". Its complete checkpoints stay in {run_dir}: run the same command again to resume "
+        "from the newest one, after fixing the cause (or with a larger train.max_failures).", failures)
+
+
 def _user_error(error: BaseException) -> BaseException | None:
     """The bad-input error (bad data, bad config) that made the workers fail, if that is what happened.
 
@@ -278,7 +305,7 @@ def train(cfg: Config, callbacks: Sequence = (), before_fit: Callable[[object], 
                 before_fit(trainer)
             result = trainer.fit()
         except ray.train.TrainingFailedError as e:
-            raise _user_error(e) or e
+            raise (_user_error(e) or _failed_for_good(cfg, e, run_dir)) from e
         finally:
             cost = ray.get(meter.stop.remote())  # a clean end, saved; the next start of this run continues from it
             ray.kill(meter)
