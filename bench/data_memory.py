@@ -2,8 +2,9 @@
 
 The pipeline is the training one (mmray.data.pipeline.read_split with a DataPosition actor: shard reader, shuffled
 shard order, rows shuffled in windows of data.shuffle_buffer, decode, resize, tokenize) consumed like the training
-loop consumes it (iter_batches of train.micro_batch_size), with a short sleep per batch standing in for a training step, so that the
-producers run ahead of the consumer and Ray Data's backpressure has to hold them.
+loop consumes it (iter_batches of train.micro_batch_size, with Ray Data's preserve_order as the trainer sets it),
+with a short sleep per batch standing in for a training step, so that the producers run ahead of the consumer and
+Ray Data's backpressure has to hold them.
 
 Memory is the resident set (RSS) summed over the driver and every process under it: Ray's GCS, raylet (which holds
 the object store's shared memory) and the worker processes, sampled every --interval seconds. Shared pages mapped by
@@ -105,6 +106,7 @@ def main() -> None:
         def consume(paths: list[str]) -> tuple[int, int, float]:
             position = ray.remote(DataPosition).options(num_cpus=0).remote()
             ds = read_split(paths, cfg, tokenizer, shuffle_seed=cfg.train.seed, position=position)
+            ds.context.execution_options.preserve_order = True  # as the trainer runs its split (ordered_ingest_options)
             t0, n = time.perf_counter(), 0
             with PeakSampler(args.interval) as sampler:
                 for batch in ds.iter_batches(batch_size=cfg.train.micro_batch_size, drop_last=True,
