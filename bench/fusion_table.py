@@ -23,7 +23,8 @@ FUSIONS = ("late", "early", "hierarchical", "attention")
 TYPES = ("count", "colour", "shape", "position")
 
 
-def overrides(fusion: str, steps: int, samples: int, workers: int, storage: str, data_dir: str) -> list[str]:
+def overrides(fusion: str, steps: int, samples: int, workers: int, storage: str, data_dir: str,
+              seed: int = 0) -> list[str]:
     return [
         # The same objectives for every strategy: VQA and captioning through the decoder (contrastive and ITM,
         # which only some strategies provide, are off).
@@ -36,7 +37,7 @@ def overrides(fusion: str, steps: int, samples: int, workers: int, storage: str,
         "train.micro_batch_size=64", f"train.max_steps={steps}", "train.lr=1e-3",
         f"train.warmup_steps={max(1, steps // 20)}", f"train.checkpoint_every={steps}",
         f"train.log_every={max(1, steps // 6)}", "eval.max_samples=512", "eval.max_new_tokens=4",
-        f"run.storage_path={storage}", f"run.name=fusion-{fusion}",
+        f"run.storage_path={storage}", f"run.name=fusion-{fusion}", f"train.seed={seed}",
     ]
 
 
@@ -82,6 +83,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--samples", type=int, default=8000, help="generated samples (train + 512 val)")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="train.seed: initialisation and data order (the data set is "
+                   "the same for every seed)")
     p.add_argument("--fusions", default=",".join(FUSIONS))
     p.add_argument("--out", default="bench/results", help="directory for fusion_table.md / .png / .json")
     p.add_argument("--data-dir", default="~/.cache/mmray/bench-data")
@@ -103,18 +106,19 @@ def main() -> None:
             if args.reuse and os.path.exists(row_path):
                 with open(row_path) as f:
                     row = json.load(f)
-                if (row["steps"], row.get("samples")) == (args.steps, args.samples):
+                if (row["steps"], row.get("samples"), row.get("seed", 0)) == (args.steps, args.samples, args.seed):
                     rows.append(row)
                     print(f"{fusion}: reusing {row_path}", file=sys.stderr, flush=True)
                     continue
             cfg = config.load(None, overrides(fusion, args.steps, args.samples, args.workers, storage,
-                                              args.data_dir))
+                                              args.data_dir, args.seed))
             t0 = time.perf_counter()
             summary = train(cfg)
             tokenizer = resolve_data(cfg).tokenizer
             parameters = sum(t.numel() for t in build_model(cfg, tokenizer).parameters())
             m = summary["metrics"]
-            row = {"fusion": fusion, "steps": summary["steps"], "samples": args.samples, "parameters": parameters,
+            row = {"fusion": fusion, "steps": summary["steps"], "samples": args.samples, "seed": args.seed,
+                   "parameters": parameters,
                    "s_per_step": m.get("train_s", time.perf_counter() - t0) / max(1, summary["steps"]),
                    "wall_s": round(time.perf_counter() - t0, 1),
                    "metrics": {k: v for k, v in m.items() if k.startswith("val_")}}
