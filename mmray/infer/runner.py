@@ -241,21 +241,8 @@ def run(job: Job, progress: Callable[[str], None] | None = None) -> dict:
         elapsed = time.perf_counter() - t0
         if assembler.pending():
             raise RuntimeError(f"the stream ended before these shards were complete: {assembler.pending()}")
-        snap = _final_quality(quality, summary["samples_read"])
+        snap = quality_snapshot(quality)  # complete: Preprocess waits for each block's counts before passing it on
     return {**summary, "samples": snap["good"], "bad": snap["bad"], "bad_examples": snap["bad_examples"],
             "device": "gpu" if pool.use_gpu else "cpu", "actors": pool.size,
             "samples_per_s": round(snap["good"] / max(elapsed, 1e-9), 1),
             "wall_s": round(time.perf_counter() - started, 3)}
-
-
-def _final_quality(quality, raw_rows: int, timeout_s: float = 30.0) -> dict:
-    """The quality counts once every decoded row is in them: decode tasks report asynchronously, so the last
-    reports may still be on their way when the stream ends. Good + bad must add up to the rows read."""
-    from mmray.data.pipeline import quality_snapshot
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        snap = quality_snapshot(quality)
-        if snap["good"] + sum(snap["bad"].values()) >= raw_rows or time.monotonic() > deadline:
-            return snap
-        time.sleep(0.05)
