@@ -36,6 +36,7 @@ from collections import Counter
 from functools import lru_cache
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from mmray import storage
@@ -157,6 +158,10 @@ class DataQuality:
         return {"good": self.good, "bad": dict(self.bad), "bad_examples": dict(self.examples)}
 
 
+# A sample's id, (shard, key): the rows of a data position's consumed set (mmray.data.position).
+SAMPLE_IDS = pa.schema([("shard", pa.string()), ("key", pa.string())])
+
+
 class DataPosition:
     """A Ray actor, one per training run: the epoch the training datasource serves and the ids to leave out of it
     (see mmray.data.position).
@@ -165,10 +170,7 @@ class DataPosition:
     reads, which happens only once every rank has asked for the epoch (the streaming split's barrier)."""
 
     def __init__(self):
-        import pyarrow as pa
-
-        self.epoch = 0
-        self.consumed = pa.table({"shard": pa.array([], pa.string()), "key": pa.array([], pa.string())})
+        self.epoch, self.consumed = 0, SAMPLE_IDS.empty_table()
 
     def set(self, epoch: int, consumed) -> None:
         self.epoch, self.consumed = epoch, consumed

@@ -58,12 +58,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data import FileShuffleConfig
 
-from mmray.data.pipeline import DataPosition  # noqa: F401  (the actor lives in a module without Ray Data)
+from mmray.data.pipeline import SAMPLE_IDS, DataPosition  # noqa: F401  (the actor lives in a module without Ray Data)
 from mmray.data.reader import ShardDatasource
 
 CONSUMED_DIR = "data"
 _CONSUMED_FILE = re.compile(r"^consumed\.rank(\d+)\.parquet$")
-SCHEMA = pa.schema([("shard", pa.string()), ("key", pa.string())])
+SCHEMA = SAMPLE_IDS
 
 
 def consumed_name(rank: int) -> str:
