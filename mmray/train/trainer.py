@@ -225,13 +225,14 @@ class RunFailedError(RuntimeError):
 def _failed_for_good(cfg: Config, error: BaseException, run_dir: str) -> RunFailedError:
     """The final error of a run whose failures outlasted train.max_failures (worker crashes, lost nodes) or
     train.max_preemption_failures (announced preemptions)."""
+    def first_line(e: BaseException) -> str:
+        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
     failures = getattr(error, "worker_failures", None) or {}
     if failures:
-        lines = [f"rank {rank}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                 for rank, e in sorted(failures.items())]
+        lines = [f"rank {rank}: {first_line(e)}" for rank, e in sorted(failures.items())]
     else:
-        cause = getattr(error, "controller_failure", None) or error
-        lines = [f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"]
+        lines = [first_line(getattr(error, "controller_failure", None) or error)]
     budget = (f"train.max_failures={cfg.train.max_failures}, "
               f"train.max_preemption_failures={cfg.train.max_preemption_failures}")
     return RunFailedError(
