@@ -2,9 +2,10 @@
 
 Batch schema (numpy, one row per sample), produced by :class:`Preprocess` and consumed by mmray.train.loop:
 
-    image     uint8   (N, 3, S, S)  RGB pixels, S = data.image_size; the model scales them to [-1, 1] on the
-                                    training worker (mmray.models.encoders.normalise_pixels), so the object store
-                                    carries a quarter of the bytes of float32 and no worker spends time on it
+    image     uint8   (N, S, S, 3)  RGB pixels, channels last as decoded, S = data.image_size; the model moves
+                                    the channels first and scales them to [-1, 1] on the training worker
+                                    (mmray.models.encoders.normalise_pixels), so the object store carries a quarter
+                                    of the bytes of float32 and no CPU worker spends time transposing or scaling
     text_ids  int64   (N, T)        token ids, right-padded with the tokenizer's pad id, T = data.max_text_len
     caption   object  (N,)          the caption text (retrieval counts a hit when texts are equal)
     key       object  (N,)          the sample key inside its shard
@@ -59,7 +60,8 @@ def _tokenizer(tokenizer_json: str) -> TextTokenizer:
 
 
 def decode_pixels(data: bytes, size: int) -> np.ndarray:
-    """Encoded bytes -> uint8 RGB (3, size, size). Raises ValueError with a short reason on bad input.
+    """Encoded bytes -> uint8 RGB (size, size, 3), as Pillow decodes it. Raises ValueError with a short reason on
+    bad input.
 
     JPEGs are decoded in draft mode (DCT scaling) straight to the smallest scale at least ``size``, which is much
     cheaper than a full decode followed by a resize.
@@ -84,13 +86,14 @@ def decode_pixels(data: bytes, size: int) -> np.ndarray:
         raise ValueError("corrupt_image") from None
     if img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC)
-    return np.asarray(img).transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W), a view; np.stack copies it once
+    return np.asarray(img)  # channels last: a (3, S, S) transpose here costs ~25% of a 224 px decode, downstream
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
-    """Encoded bytes -> float32 (3, size, size) in [-1, 1], for single images (search queries, tests): the same
-    values, bit for bit, that the model computes from :func:`decode_pixels`' uint8 (``x / 127.5 - 1``)."""
-    return decode_pixels(data, size).astype(np.float32) / 127.5 - 1.0
+    """Encoded bytes -> float32 (3, size, size) in [-1, 1], channels first, for single images (search queries,
+    tests): the same values, bit for bit, that the model computes from :func:`decode_pixels`' uint8
+    (``x / 127.5 - 1``)."""
+    return decode_pixels(data, size).transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
 
 
 def decode_caption(data: bytes | None) -> str:
@@ -254,7 +257,7 @@ class Preprocess:
             else:
                 add(len(keys), bad)
         size = self.image_size
-        out = {"image": np.stack(images) if images else np.zeros((0, 3, size, size), np.uint8),
+        out = {"image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
                "caption": np.array(captions, dtype=object), "key": np.array(keys, dtype=object),
                "shard": np.array(shards, dtype=object),
                "question": np.array([q["question"] for q in qas], dtype=object),
@@ -318,16 +321,32 @@ def read_raw(paths: list[str], shuffle_seed: int | None = None, weights: dict[st
     return ds
 
 
+BLOCK_PIXEL_BYTES = 24 << 20
+
+
+def block_rows(image_size: int) -> int:
+    """Samples per block for images of side ``image_size``: 256, halved until a block's pixels fit in 24 MiB (128
+    at 224 px). Larger blocks pass glibc malloc's largest mmap threshold (32 MiB), so every one would be mapped and
+    zero-filled afresh instead of reusing freed heap memory: ~10% more CPU a sample at 224 px
+    (bench/data_throughput.py). A power of two, so that micro-batches of the usual sizes slice blocks without
+    copying."""
+    rows = 256
+    while rows > 16 and rows * image_size * image_size * 3 > BLOCK_PIXEL_BYTES:
+        rows //= 2
+    return rows
+
+
 READER_KEYS = ("image_column", "caption_column", "image_extensions", "caption_extension", "metadata_extension")
 
 
 def reader_options(cfg: Config) -> dict:
     """ShardDatasource options from the config's ``data`` keys in READER_KEYS: Parquet column names and WebDataset
-    member extensions. Every reader of shards (training, evaluation, `mmray data inspect`, inference) takes them
-    from here."""
+    member extensions, and the block size for data.image_size (:func:`block_rows`). Every reader of shards
+    (training, evaluation, `mmray data inspect`, inference) takes them from here."""
     image_exts, caption_ext, meta_ext = webdataset_members(cfg.data)
     return {"image_column": cfg.data.image_column, "caption_column": cfg.data.caption_column,
-            "image_exts": image_exts, "caption_ext": caption_ext, "meta_ext": meta_ext}
+            "image_exts": image_exts, "caption_ext": caption_ext, "meta_ext": meta_ext,
+            "rows_per_block": block_rows(cfg.data.image_size)}
 
 
 def read_split(paths: list[str], cfg: Config, tokenizer: TextTokenizer, shuffle_seed: int | None = None,
@@ -337,4 +356,4 @@ def read_split(paths: list[str], cfg: Config, tokenizer: TextTokenizer, shuffle_
     return read_raw(paths, shuffle_seed, weights, cfg.train.seed, position=position,
                     shuffle_window=cfg.data.shuffle_buffer, **reader_options(cfg)).map_batches(
         Preprocess(tokenizer.to_str(), cfg.data.image_size, cfg.data.max_text_len, quality),
-        batch_size=None, batch_format="numpy")  # whole reader blocks (256 rows), fused with the read; see read_raw
+        batch_size=None, batch_format="numpy")  # whole reader blocks (block_rows), fused with the read; see read_raw

@@ -12,7 +12,7 @@ when the end-of-shard row was among them, the shard's total. A shard is complete
 Batch schema of :class:`Decode` (numpy, one row per usable sample or tally):
 
     ...       the columns of mmray.data.pipeline.Preprocess that the command keeps (see :class:`Rows`), e.g.
-              image (N, 3, S, S), text_ids (N, T), caption, key; zeros or "" in tally rows
+              image (N, S, S, 3), text_ids (N, T), caption, key; zeros or "" in tally rows
     shard     object  (N,)          the shard's path as the reader names it (inside its filesystem)
     tally     bool    (N,)          True for tally rows
     n_raw     int64   (N,)          tally rows: raw rows of the shard in this batch (good and bad); else 0

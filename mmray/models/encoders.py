@@ -13,15 +13,19 @@ from mmray.models.layers import Transformer
 
 
 def normalise_pixels(images: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB pixels (B, 3, S, S), as the data pipeline ships them, -> float32 in [-1, 1] (``x / 127.5 - 1``,
-    bit for bit what mmray.data.pipeline.decode_image computes in NumPy). Float images are already normalised."""
-    return images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images
+    """uint8 RGB pixels (B, S, S, 3), channels last as the data pipeline ships them, -> float32 (B, 3, S, S) in
+    [-1, 1] (``x / 127.5 - 1``, bit for bit what mmray.data.pipeline.decode_image computes in NumPy). Float images
+    are taken as already normalised and channels first, (B, 3, S, S)."""
+    if images.dtype != torch.uint8:
+        return images
+    return images.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 class ImageEmbedding(nn.Module):
     """Patchify with a strided conv, prepend a [CLS] token, add learned positions (the ViT input stage).
 
-    Images are uint8 pixels (the data pipeline's batches) or float32 already in [-1, 1]; see normalise_pixels."""
+    Images are uint8 pixels (B, S, S, 3) (the data pipeline's batches) or float32 (B, 3, S, S) already in [-1, 1];
+    see normalise_pixels."""
 
     def __init__(self, image_size: int, patch_size: int, width: int):
         super().__init__()

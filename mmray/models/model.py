@@ -14,8 +14,9 @@ IGNORE_INDEX = -100  # caption targets at padding; F.cross_entropy's default ign
 
 
 class MultimodalModel(nn.Module):
-    """``forward(images (B,3,S,S), text_ids (B,T) long[, question_ids (B,T), answer_ids (B,A)]) -> dict`` of
-    named outputs, one group per objective. Images are uint8 pixels (the data pipeline's batches) or float in [-1, 1].
+    """``forward(images, text_ids (B,T) long[, question_ids (B,T), answer_ids (B,A)]) -> dict`` of named outputs,
+    one group per objective. Images are uint8 pixels (B, S, S, 3) (the data pipeline's batches) or float
+    (B, 3, S, S) in [-1, 1].
 
     ``late`` returns ``image_embeds``, ``text_embeds`` and ``logit_scale`` (CLIP); fusing strategies return
     ``itm_logits`` (3B, 2) and ``itm_labels`` (3B,); with a decoder, ``caption_logits`` (B, T-1, V) and

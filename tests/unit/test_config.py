@@ -71,7 +71,7 @@ def test_webdataset_member_keys_are_parsed_and_defaults_match_the_reader():
                              "data.metadata_extension=meta.json"])
     assert reader_options(cfg) == {"image_column": "auto", "caption_column": "auto",
                                    "image_exts": ("image.png", "webp"), "caption_ext": "caption",
-                                   "meta_ext": "meta.json"}
+                                   "meta_ext": "meta.json", "rows_per_block": 256}
 
 
 @pytest.mark.parametrize("overrides, needles", [

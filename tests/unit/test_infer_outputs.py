@@ -52,7 +52,7 @@ def test_decode_drops_bad_samples_and_tallies_every_raw_row(decode):
     out = decode(raw)
     tally = out["tally"]
     assert list(out["key"][~tally]) == ["0000", "0002", "0003", "0000", "0001", "0002"]
-    assert out["image"].shape == (8, 3, 8, 8) and out["text_ids"].shape == (8, 6)
+    assert out["image"].shape == (8, 8, 8, 3) and out["text_ids"].shape == (8, 6)
     assert {(s, n, t) for s, n, t in zip(out["shard"][tally], out["n_raw"][tally], out["n_total"][tally])} == \
         {("s1", 4, 4), ("s2", 3, -1)}
 

@@ -158,12 +158,14 @@ def test_model_normalises_pipeline_pixels_bit_for_bit_like_decode_image():
 
     data = _jpeg((255, 0, 0), (100, 60))
     pixels = decode_pixels(data, 32)
-    assert pixels.shape == (3, 32, 32) and pixels.dtype == np.uint8
+    assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8  # channels last, as decoded
     assert np.array_equal(normalise_pixels(torch.from_numpy(pixels[None].copy()))[0].numpy(), decode_image(data, 32))
-    every = np.arange(256, dtype=np.uint8)
+    every = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1) * np.ones(3, np.uint8)  # (1, 16, 16, 3)
+    every[..., 1] = 255 - every[..., 1]  # the channels differ, so a wrong transpose cannot pass
     via_torch = normalise_pixels(torch.from_numpy(every)).numpy()
-    assert via_torch.dtype == np.float32 and np.array_equal(via_torch, every.astype(np.float32) / 127.5 - 1.0)
-    assert (via_torch[0], via_torch[255]) == (-1.0, 1.0)
+    assert via_torch.shape == (1, 3, 16, 16) and via_torch.dtype == np.float32
+    assert np.array_equal(via_torch, every.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0)
+    assert (via_torch[0, 0, 0, 0], via_torch[0, 0, 15, 15], via_torch[0, 1, 0, 0]) == (-1.0, 1.0, 1.0)
     floats = torch.zeros(2, 3)
     assert normalise_pixels(floats) is floats  # float images are taken as already normalised
 
@@ -182,7 +184,7 @@ def test_preprocess_drops_bad_samples_per_sample_not_per_block():
              "caption": np.array([b"a red circle", b"x", b"\xff", b"y"], dtype=object),
              "error": np.array(["", "", "", "missing_image"], dtype=object)}
     out = Preprocess(tok.to_str(), 32, 8)(batch)
-    assert list(out["key"]) == ["0"] and out["image"].shape == (1, 3, 32, 32) and out["text_ids"].shape == (1, 8)
+    assert list(out["key"]) == ["0"] and out["image"].shape == (1, 32, 32, 3) and out["text_ids"].shape == (1, 8)
     assert out["image"].dtype == np.uint8 and np.array_equal(out["image"][0], decode_pixels(_jpeg(), 32))
     assert list(out["caption"]) == ["a red circle"]
 
@@ -191,3 +193,13 @@ def test_quality_limit_names_reasons_and_examples():
     check_quality({"good": 99, "bad": {"corrupt_image": 1}, "bad_examples": {}}, 0.01)
     with pytest.raises(BadDataError, match=r"2 of 100 samples \(2.0%\).*corrupt_image.*s:7"):
         check_quality({"good": 98, "bad": {"corrupt_image": 2}, "bad_examples": {"corrupt_image": ["s:7"]}}, 0.01)
+
+
+@pytest.mark.parametrize("size, rows", [(32, 256), (64, 256), (160, 256), (224, 128), (384, 32), (4096, 16)])
+def test_blocks_of_large_images_stay_under_the_mmap_threshold(size, rows):
+    """A block's pixels (rows x S x S x 3 bytes) stay within 24 MiB, under glibc's 32 MiB mmap ceiling, as a power of
+    two of at most 256 rows and at least 16."""
+    from mmray.data.pipeline import BLOCK_PIXEL_BYTES, block_rows
+
+    assert block_rows(size) == rows
+    assert rows == 16 or rows * size * size * 3 <= BLOCK_PIXEL_BYTES < 2 * rows * size * size * 3 or rows == 256
