@@ -2,17 +2,26 @@
 
 - mmray: ShardDatasource (batched tar reading) + Preprocess (draft-mode decode, resize, tokenize; uint8 pixels);
 - decode_limit: a plain single-process loop that only decodes and resizes the same images (per core);
-- stock: Ray Data's read_webdataset + the same preprocessing in map_batches.
+- stock: Ray Data's read_webdataset as documented (its default decoder turns each .jpg into a full-size NumPy
+  array, .txt into str, .json into a dict) + the same preprocessing in map_batches: resize to the model size,
+  pick the QA pair, tokenize caption, question and answer, uint8 pixels;
+- stock_reader: read_webdataset without its decoder (raw bytes) + mmray's own Preprocess, so it differs from the
+  mmray path in the reader alone.
 
-Both Ray paths run in one Ray instance with the same --cpus, on the same shards, through the same Preprocess, and
-must give the same sample keys; they alternate after one unmeasured warm-up run of each, and each keeps its best of
---repeats. Besides wall-clock rates, each run's CPU time is summed over the whole process tree (driver, GCS, raylet,
-Ray workers), so ``*_samples_per_cpu_s`` is throughput per busy core, which stays meaningful on a machine shared
-with other work (wall-clock rates there measure the load as much as the code).
+The shards hold img2dataset-style samples (KEY.jpg, KEY.txt, KEY.json). ``--content photo`` (the default) writes
+photographs: random crops of the photo matplotlib ships (grace_hopper.jpg), flipped at random, resized to
+``--source-size`` and saved at JPEG quality 95, img2dataset's default ``encode_quality``; ``--content shapes`` keeps
+the synthetic shapes images (flat colours, ~1.7 KB at 64 px, far cheaper to decode than photographs).
+
+All Ray paths run in one Ray instance with the same --cpus, on the same shards, and must give the same sample keys;
+they alternate after one unmeasured warm-up run of each, and each keeps its best of --repeats. Besides wall-clock
+rates, each run's CPU time is summed over the whole process tree (driver, GCS, raylet, Ray workers), so
+``*_samples_per_cpu_s`` is throughput per busy core, which stays meaningful on a machine shared with other work
+(wall-clock rates there measure the load as much as the code).
 
 Goals (issue 3): mmray per core >= 0.8x the decode-only limit, and >= 2x the stock path.
 
-    python bench/data_throughput.py --samples 30000 --image-size 32
+    python bench/data_throughput.py --source-size 512 --image-size 224 --samples 4000 --repeats 3
 """
 from __future__ import annotations
 
@@ -27,8 +36,11 @@ import time
 import numpy as np
 
 
+CONSUMER_BATCH = 64  # train.micro_batch_size's default: the training loop iterates its shard in batches of this size
+
+
 def _drain(ds) -> list[str]:
-    return [k for b in ds.iter_batches(batch_size=1024, batch_format="numpy") for k in b["key"]]
+    return [k for b in ds.iter_batches(batch_size=CONSUMER_BATCH, batch_format="numpy") for k in b["key"]]
 
 
 def _tree_cpu_s() -> float:
@@ -45,33 +57,106 @@ def _tree_cpu_s() -> float:
     return total
 
 
+PHOTO = "sample_data/grace_hopper.jpg"  # in matplotlib's mpl-data (matplotlib is a dependency: sweep plots)
+
+
+def _photos(paths: list[str], side: int, seed: int = 0) -> None:
+    """Rewrites each shard's .jpg members as photographs: random square crops (at least half the photo's shorter
+    side) of matplotlib's sample photo, flipped at random, resized to ``side`` and saved at JPEG quality 95."""
+    import io
+    import random
+
+    import matplotlib
+    from PIL import Image
+
+    photo = Image.open(os.path.join(matplotlib.get_data_path(), PHOTO)).convert("RGB")
+    rng = random.Random(seed)
+    for path in paths:
+        with tarfile.open(path) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar]
+        with tarfile.open(path + ".tmp", "w") as out:
+            for member, data in members:
+                if member.name.endswith(".jpg"):
+                    s = rng.randint(min(photo.size) // 2, min(photo.size))
+                    x, y = rng.randint(0, photo.size[0] - s), rng.randint(0, photo.size[1] - s)
+                    image = photo.crop((x, y, x + s, y + s)).resize((side, side), Image.BICUBIC)
+                    if rng.random() < 0.5:
+                        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+                    buf = io.BytesIO()
+                    image.save(buf, "JPEG", quality=95)
+                    data = buf.getvalue()
+                    member.size = len(data)
+                out.addfile(member, io.BytesIO(data))
+        os.replace(path + ".tmp", path)
+
+
+class StockPreprocess:
+    """The preprocessing a user of stock read_webdataset writes: its rows hold decoded full-size images (NumPy),
+    the caption (str) and the metadata (dict); this resizes the image to the model size and tokenizes, giving the
+    same output columns and values as mmray's Preprocess."""
+
+    def __init__(self, tokenizer_json: str, image_size: int, max_text_len: int):
+        self.tokenizer_json, self.image_size, self.max_text_len = tokenizer_json, image_size, max_text_len
+
+    def __call__(self, batch: dict) -> dict:
+        from PIL import Image
+
+        from mmray.data.pipeline import ANSWER_LEN, _tokenizer, pick_qa, zero_shot_label
+
+        size, tok = self.image_size, _tokenizer(self.tokenizer_json)
+        images, qas, labels = [], [], []
+        for key, image, meta in zip(batch["__key__"], batch["jpg"], batch["json"]):
+            img = Image.fromarray(np.asarray(image)).convert("RGB")
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.BICUBIC)
+            images.append(np.asarray(img).transpose(2, 0, 1))
+            qas.append(pick_qa(key, meta) or {"question": "", "answer": "", "type": ""})
+            labels.append(zero_shot_label(meta))
+        captions = [str(c).strip() for c in batch["txt"]]
+        out = {"image": np.stack(images), "caption": np.array(captions, dtype=object), "key": batch["__key__"],
+               "question": np.array([q["question"] for q in qas], dtype=object),
+               "answer": np.array([q["answer"] for q in qas], dtype=object),
+               "qa_type": np.array([str(q.get("type", "")) for q in qas], dtype=object),
+               "label": np.array(labels, dtype=object)}
+        out["text_ids"] = tok.encode_batch(captions, self.max_text_len)
+        out["question_ids"] = tok.encode_batch(list(out["question"]), self.max_text_len)
+        answers = tok.encode_batch(list(out["answer"]), min(ANSWER_LEN, self.max_text_len))
+        answers[out["answer"] == "", 1:] = tok.pad_id
+        out["answer_ids"] = answers
+        return out
+
+
 def _stock_rows(batch: dict) -> dict:
-    """read_webdataset rows (one block per sample, raw bytes) -> the raw schema that Preprocess takes."""
+    """read_webdataset rows (raw bytes) -> the raw schema that mmray's Preprocess takes."""
     n = len(batch["__key__"])
     return {"key": batch["__key__"], "shard": np.array(["stock"] * n, dtype=object), "image": batch["jpg"],
-            "caption": batch["txt"], "error": np.array([""] * n, dtype=object)}
+            "caption": batch["txt"], "meta": batch["json"], "error": np.array([""] * n, dtype=object)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--samples", type=int, default=8000)
-    p.add_argument("--image-size", type=int, default=32, help="model input side")
-    p.add_argument("--source-size", type=int, default=64, help="side of the generated JPEGs")
+    p.add_argument("--samples", type=int, default=4000)
+    p.add_argument("--image-size", type=int, default=224, help="model input side (ViT-B/16's is 224)")
+    p.add_argument("--source-size", type=int, default=512, help="side of the generated JPEGs")
+    p.add_argument("--content", choices=("photo", "shapes"), default="photo",
+                   help="photographs (crops of matplotlib's sample photo) or the synthetic shapes images")
     p.add_argument("--cpus", type=int, default=os.cpu_count())
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
 
     import ray
 
-    from mmray.data.pipeline import Preprocess, decode_pixels, read_raw
+    from mmray.data.pipeline import Preprocess, block_rows, decode_pixels, read_raw
     from mmray.data.prepare import prepare_synthetic
     from mmray.data.tokenizer import TextTokenizer
 
     root = tempfile.mkdtemp(prefix="mmray-bench-")
     prepare_synthetic(root, samples=args.samples + 256, seed=0, val_samples=256, samples_per_shard=1000,
-                      image_size=args.source_size)
+                      image_size=args.source_size if args.content == "shapes" else 64)
     paths = sorted(os.path.join(root, "train", f) for f in os.listdir(os.path.join(root, "train"))
                    if f.endswith(".tar"))
+    if args.content == "photo":
+        _photos(paths, args.source_size)
     tok = TextTokenizer.from_file(os.path.join(root, "tokenizer.json")).to_str()
 
     # Decode-only limit: one core, images already in memory, nothing but decode + resize.
@@ -79,13 +164,12 @@ def main() -> None:
     for path in paths:
         with tarfile.open(path) as tar:
             images += [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")]
-    decode_per_core = decode_per_cpu_s = 0.0
-    for _ in range(args.repeats):  # best of --repeats, like the Ray paths
+
+    def decode_only() -> tuple[float, float]:
         t0, c0 = time.perf_counter(), time.process_time()
         for data in images:
             decode_pixels(data, args.image_size)
-        decode_per_core = max(decode_per_core, len(images) / (time.perf_counter() - t0))
-        decode_per_cpu_s = max(decode_per_cpu_s, len(images) / (time.process_time() - c0))
+        return len(images) / (time.perf_counter() - t0), len(images) / (time.process_time() - c0)
 
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -96,41 +180,57 @@ def main() -> None:
         keys = _drain(ds)
         return keys, len(keys) / (time.perf_counter() - t), len(keys) / (_tree_cpu_s() - c)
 
-    # Both paths as read_split builds mmray's: one read task per file, fused with the maps (batch_size=None takes
-    # the reader's blocks whole: mmray's 256 rows, read_webdataset's 512), so they differ only in the reader.
+    # Every path as read_split builds mmray's: one read task per file, fused with the maps (batch_size=None takes
+    # the reader's blocks whole: mmray's block_rows (128 at 224 px), read_webdataset's 512).
     def mmray_ds():
-        return read_raw(paths).map_batches(pre, batch_size=None, batch_format="numpy")
+        return read_raw(paths, rows_per_block=block_rows(args.image_size)).map_batches(pre, batch_size=None,
+                                                                                         batch_format="numpy")
 
-    def stock_ds():
+    def stock_ds():  # read_webdataset as documented: its default decoder
+        stock = ray.data.read_webdataset(paths, override_num_blocks=len(paths))
+        return stock.map_batches(StockPreprocess(tok, args.image_size, 32), batch_size=None, batch_format="numpy")
+
+    def stock_reader_ds():
         stock = ray.data.read_webdataset(paths, decoder=None, override_num_blocks=len(paths))
         stock = stock.map_batches(_stock_rows, batch_size=None, batch_format="numpy")
         return stock.map_batches(pre, batch_size=None, batch_format="numpy")
 
-    # Alternate the two paths and keep each one's best of --repeats, so neither gains from warm-up or load spikes.
-    timed(mmray_ds()), timed(stock_ds())  # warm-up: worker processes start and import, not measured
-    runs = {"mmray": [], "stock": []}
+    paths_ds = {"mmray": mmray_ds, "stock": stock_ds, "stock_reader": stock_reader_ds}
+    # Alternate the paths and the decode-only loop, and keep each one's best of --repeats, so that none gains from
+    # warm-up or from a quiet moment of a shared machine.
+    for make in paths_ds.values():
+        timed(make())  # warm-up: worker processes start and import, not measured
+    runs = {name: [] for name in paths_ds}
+    limit = []
     for _ in range(args.repeats):
-        runs["mmray"].append(timed(mmray_ds()))
-        runs["stock"].append(timed(stock_ds()))
+        limit.append(decode_only())
+        for name, make in paths_ds.items():
+            runs[name].append(timed(make()))
     ray.shutdown()
     shutil.rmtree(root, ignore_errors=True)  # the generated shards
     best = {k: (max(r[1] for r in v), max(r[2] for r in v)) for k, v in runs.items()}
     (mmray_rate, mmray_cpu), (stock_rate, stock_cpu) = best["mmray"], best["stock"]
+    decode_per_core, decode_per_cpu_s = max(r[0] for r in limit), max(r[1] for r in limit)
 
     keys = {k: sorted(v[0][0]) for k, v in runs.items()}
-    assert len(keys["mmray"]) == args.samples and keys["mmray"] == keys["stock"], "the paths read different samples"
+    assert len(keys["mmray"]) == args.samples and all(k == keys["mmray"] for k in keys.values()), \
+        "the paths read different samples"
     print(json.dumps({
-        "benchmark": "data_throughput", "samples": args.samples, "image_size": args.image_size,
+        "benchmark": "data_throughput", "samples": args.samples, "content": args.content,
+        "image_size": args.image_size,
         "source_size": args.source_size, "cpus": args.cpus, "load_average": [round(x, 1) for x in os.getloadavg()],
         "mmray_samples_per_s": round(mmray_rate, 1),
         "mmray_samples_per_s_per_core": round(mmray_rate / args.cpus, 1),
         "mmray_samples_per_cpu_s": round(mmray_cpu, 1),
         "stock_samples_per_s": round(stock_rate, 1),
         "stock_samples_per_cpu_s": round(stock_cpu, 1),
+        "stock_reader_samples_per_s": round(best["stock_reader"][0], 1),
+        "stock_reader_samples_per_cpu_s": round(best["stock_reader"][1], 1),
         "decode_limit_samples_per_s_per_core": round(decode_per_core, 1),
         "decode_limit_samples_per_cpu_s": round(decode_per_cpu_s, 1),
         "ratio_vs_stock": round(mmray_rate / stock_rate, 3),
         "ratio_vs_stock_per_cpu_s": round(mmray_cpu / stock_cpu, 3),
+        "ratio_vs_stock_reader_per_cpu_s": round(mmray_cpu / best["stock_reader"][1], 3),
         "ratio_vs_decode_limit_per_core": round(mmray_rate / args.cpus / decode_per_core, 3),
         "ratio_vs_decode_limit_per_cpu_s": round(mmray_cpu / decode_per_cpu_s, 3),
         "goals": {"vs_decode_limit_per_core": 0.8, "vs_stock": 2.0},
