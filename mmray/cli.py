@@ -90,7 +90,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> dict:
 
 def cmd_data_inspect(args: argparse.Namespace) -> dict:
     from mmray.data.inspect import inspect
-    from mmray.data.pipeline import READER_KEYS, reader_options
+    from mmray.data.pipeline import READER_KEYS, block_rows, reader_options
 
     keys = tuple(f"data.{k}" for k in READER_KEYS)
     bad = config_lib.overrides_outside(args.overrides, keys)
@@ -101,7 +101,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> dict:
     log = logging.getLogger("mmray")
     return inspect(args.src, image_size=args.image_size, progress=log.info,
                    allow_missing=args.allow_missing_shards or cfg.data.allow_missing_shards,
-                   reader=reader_options(cfg))
+                   reader={**reader_options(cfg), "rows_per_block": block_rows(args.image_size)})
 
 
 def cmd_model_list(args: argparse.Namespace) -> dict:
