@@ -371,6 +371,18 @@ def overrides_outside(overrides: list[str], keys: tuple[str, ...] = (), sections
     return [o for o in overrides if o.split("=", 1)[0] not in keys and o.split(".", 1)[0] not in sections]
 
 
+def with_overrides(cfg: "Config", overrides: list[str], keys: tuple[str, ...] = (), sections: tuple[str, ...] = (),
+                   allowed: str = "") -> "Config":
+    """``cfg`` with ``overrides`` applied, for a command that may change only ``keys`` and ``sections`` (described
+    to the user as ``allowed``); any other override is refused with a ConfigError naming it."""
+    if not overrides:
+        return cfg
+    bad = overrides_outside(overrides, keys, sections)
+    if bad:
+        raise ConfigError(f"only {allowed} can be overridden here, not: {', '.join(bad)}")
+    return from_dict(_merge(cfg.to_dict(), parse_overrides(overrides)))
+
+
 def _merge(base: dict, extra: Mapping) -> dict:
     for section, values in extra.items():
         if isinstance(values, Mapping) and isinstance(base.get(section), dict):

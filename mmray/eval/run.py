@@ -75,12 +75,9 @@ def run_eval(model_path: str, data: str, split: str = "val", max_samples: int | 
 
     t0 = time.perf_counter()
     model, cfg, tokenizer, source = load_model(model_path)
-    if overrides:  # evaluation and data-reading settings only: the model's architecture comes from its own config
-        bad = config_lib.overrides_outside(overrides, DATA_KEYS, sections=("eval",))
-        if bad:
-            raise config_lib.ConfigError(f"only eval.* keys and the data-reading keys ({', '.join(DATA_KEYS)}) can "
-                                         f"be overridden here, not: {', '.join(bad)}")
-        cfg = config_lib.from_dict(config_lib._merge(cfg.to_dict(), config_lib.parse_overrides(overrides)))
+    # Evaluation and data-reading settings only: the model's architecture comes from its own config.
+    cfg = config_lib.with_overrides(cfg, overrides or [], DATA_KEYS, sections=("eval",),
+                                    allowed=f"eval.* keys and the data-reading keys ({', '.join(DATA_KEYS)})")
     limit = cfg.eval.max_samples if max_samples is None else max_samples
     paths = eval_shards(data, split, cfg.data.allow_missing_shards)
     started_here = not ray.is_initialized()

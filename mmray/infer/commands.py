@@ -17,8 +17,9 @@ last two are written as shards under OUT/_staged once, as `mmray data prepare` w
 GPU when the cluster has GPUs, else CPU actors), and write one Parquet file per input shard to OUT with the columns
 key, shard, caption, image_embedding and text_embedding (L2-normalised list<float32>). Only exports whose
 model.fusion keeps separate towers (late, attention) have embeddings. Bad samples are skipped and counted as in
-training. Rerunning resumes: shards already written to OUT are skipped. The JSON summary holds samples, bad (per
-reason), shards_written, shards_skipped, samples_per_s and wall_s.
+training. Shards are read with the export's data-reading keys unless --set overrides them. Rerunning resumes:
+shards already written to OUT are skipped. The JSON summary holds samples, bad (per reason), shards_written,
+shards_skipped, samples_per_s and wall_s.
 """
 SEARCH_HELP = """\
 Brute-force cosine top-k over the embeddings that `mmray embed` wrote to OUT: text to image with a QUERY text,
@@ -43,7 +44,7 @@ def cmd_embed(args: argparse.Namespace) -> dict:
 
     return embed(args.export, args.src, args.out, batch_size=args.batch_size or 256, device=args.device,
                  actors=args.actors, cpus_per_actor=args.cpus_per_actor, max_bad_fraction=args.max_bad_fraction,
-                 progress=_progress())
+                 progress=_progress(), reader_overrides=args.set)
 
 
 def cmd_search(args: argparse.Namespace) -> dict:
@@ -59,7 +60,7 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     return generate(args.export, args.src, args.out, task=args.task, beam=args.beam,
                     max_new_tokens=args.max_new_tokens, fmt=args.format, batch_size=args.batch_size or 64,
                     device=args.device, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
-                    max_bad_fraction=args.max_bad_fraction, progress=_progress())
+                    max_bad_fraction=args.max_bad_fraction, progress=_progress(), reader_overrides=args.set)
 
 
 def _with_inputs_and_pool(sp: argparse.ArgumentParser, default_batch: int) -> None:
@@ -76,6 +77,10 @@ def _with_inputs_and_pool(sp: argparse.ArgumentParser, default_batch: int) -> No
     sp.add_argument("--max-bad-fraction", type=float, default=None,
                     help="stop when more than this fraction of samples is bad (default: the export's "
                          "data.max_bad_fraction)")
+    sp.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE",
+                    help="read SRC's shards unlike the export's training data (repeatable): data.image_extensions, "
+                         "data.caption_extension, data.metadata_extension (WebDataset members), data.image_column, "
+                         "data.caption_column (Parquet), e.g. --set data.caption_extension=caption")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -88,9 +88,10 @@ def to_table(rows: dict[str, np.ndarray], shard: str) -> pa.Table:
 
 def embed(export_dir: str, srcs: list[str], out: str, *, batch_size: int = 256, device: str = "auto",
           actors: int | None = None, cpus_per_actor: float = 1.0, max_bad_fraction: float | None = None,
-          progress: Callable[[str], None] | None = None) -> dict:
-    """Embed every shard of ``srcs`` that ``out`` does not hold yet; returns the summary `mmray embed` prints."""
-    info = read_export(export_dir)
+          progress: Callable[[str], None] | None = None, reader_overrides: list[str] | None = None) -> dict:
+    """Embed every shard of ``srcs`` that ``out`` does not hold yet; returns the summary `mmray embed` prints.
+    ``reader_overrides``: see :func:`mmray.infer.runner.read_export`."""
+    info = read_export(export_dir, reader_overrides)
     check_can_embed(info.cfg)
     job = Job("embed", info, [], OutputDir(out, "parquet"), EmbedWorker, (export_dir,), to_table,
               Rows(), batch_size, device, actors, cpus_per_actor, max_bad_fraction)

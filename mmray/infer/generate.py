@@ -135,12 +135,13 @@ class GenerateWorker:
 def generate(export_dir: str, srcs: list[str], out: str, *, task: str = "caption", beam: int = 1,
              max_new_tokens: int | None = None, fmt: str = "parquet", batch_size: int = 64, device: str = "auto",
              actors: int | None = None, cpus_per_actor: float = 1.0, max_bad_fraction: float | None = None,
-             progress: Callable[[str], None] | None = None) -> dict:
-    """Generate for every shard of ``srcs`` that ``out`` does not hold yet; returns the summary to print."""
+             progress: Callable[[str], None] | None = None, reader_overrides: list[str] | None = None) -> dict:
+    """Generate for every shard of ``srcs`` that ``out`` does not hold yet; returns the summary to print.
+    ``reader_overrides``: see :func:`mmray.infer.runner.read_export`."""
     if task not in TASKS:
         raise ConfigError(f"--task {task!r} is not supported; allowed values: {', '.join(TASKS)}")
     spec = TASKS[task]
-    info = read_export(export_dir)
+    info = read_export(export_dir, reader_overrides)
     max_new = (min(info.cfg.eval.max_new_tokens, info.cfg.data.max_text_len - 1) if max_new_tokens is None
                else max_new_tokens)
     check_can_generate(info.cfg, spec, max_new, beam)

@@ -105,6 +105,23 @@ def test_inspect_eval_and_embed_read_with_the_member_keys(ray_session, renamed, 
                                                                for i in range(SAMPLES)]
 
 
+def test_embed_and_generate_take_the_data_reading_keys_as_overrides(ray_session, renamed, tokenizer, tmp_path):
+    """An export trained on default members reads data laid out otherwise with --set; other keys are refused."""
+    plain = random_export(str(tmp_path / "plain"), tokenizer)
+    sets = [arg for key in MEMBER_KEYS for arg in ("--set", key)]
+    code, summary = mmray("embed", plain, str(renamed), str(tmp_path / "emb"), "--actors", "1", *sets)
+    assert code == 0 and (summary["samples"], summary["bad"]) == (SAMPLES, {}), summary
+    (written,) = storage.list_files(str(tmp_path / "emb"), ".parquet")
+    assert sorted(pq.read_table(written, columns=["key"]).column("key").to_pylist()) == [
+        f"s{i:03d}" for i in range(SAMPLES)]
+    for command in ("embed", "generate"):
+        code, summary = mmray(command, plain, str(renamed), str(tmp_path / f"bad-{command}"),
+                              "--set", "data.caption_extension=caption", "--set", "model.fusion=early")
+        assert code == 2 and "only the data-reading keys" in summary["error"] and "model.fusion=early" in \
+            summary["error"], summary
+        assert not os.path.exists(tmp_path / f"bad-{command}")  # refused before OUT was claimed
+
+
 def test_eval_data_takes_the_forms_of_data_source(ray_session, export, tmp_path, s3_bucket):
     """A prefix (img2dataset's layout, metadata Parquet beside each tar), a brace pattern and a '::' list of the
     same shards, locally and on S3, give the same metrics; a missing shard is named, unless allowed."""
