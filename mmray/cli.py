@@ -90,18 +90,17 @@ def cmd_data_prepare(args: argparse.Namespace) -> dict:
 
 def cmd_data_inspect(args: argparse.Namespace) -> dict:
     from mmray.data.inspect import inspect
-    from mmray.data.pipeline import READER_KEYS, block_rows, reader_options
+    from mmray.data.pipeline import READER_OVERRIDES, reader_options
 
-    keys = tuple(f"data.{k}" for k in READER_KEYS)
-    bad = config_lib.overrides_outside(args.overrides, keys)
+    bad = config_lib.overrides_outside(args.overrides, READER_OVERRIDES)
     if bad:
-        raise config_lib.ConfigError(f"only the data-reading keys ({', '.join(keys)}) can be set here, not: "
-                                     f"{', '.join(bad)}")
+        raise config_lib.ConfigError(f"only the data-reading keys ({', '.join(READER_OVERRIDES)}) can be set "
+                                     f"here, not: {', '.join(bad)}")
     cfg = _load_config(args)
     log = logging.getLogger("mmray")
     return inspect(args.src, image_size=args.image_size, progress=log.info,
                    allow_missing=args.allow_missing_shards or cfg.data.allow_missing_shards,
-                   reader={**reader_options(cfg), "rows_per_block": block_rows(args.image_size)})
+                   reader=reader_options(cfg))
 
 
 def cmd_model_list(args: argparse.Namespace) -> dict:

@@ -5,7 +5,7 @@ import os
 import time
 
 from mmray import storage
-from mmray.data.pipeline import DataQuality, Preprocess, quality_snapshot, read_raw
+from mmray.data.pipeline import DataQuality, Preprocess, block_rows, quality_snapshot, read_raw
 from mmray.data.sources import count_samples, inspect_shards, total_samples
 
 
@@ -39,8 +39,9 @@ def inspect(src: str, image_size: int = 64, progress=None, allow_missing: bool =
         ray.data.DataContext.get_current().enable_progress_bars = False
         quality = ray.remote(DataQuality).options(num_cpus=0).remote()
         t0 = time.perf_counter()
-        ds = read_raw(paths, **(reader or {})).map_batches(Preprocess(None, image_size, 0, quality),
-                                                          batch_size=None, batch_format="numpy")
+        options = {**(reader or {}), "rows_per_block": block_rows(image_size)}  # for the size decoded here
+        ds = read_raw(paths, **options).map_batches(Preprocess(None, image_size, 0, quality),
+                                                    batch_size=None, batch_format="numpy")
         seen = 0
         for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
             seen += len(batch["key"])

@@ -338,6 +338,7 @@ def block_rows(image_size: int) -> int:
 
 
 READER_KEYS = ("image_column", "caption_column", "image_extensions", "caption_extension", "metadata_extension")
+READER_OVERRIDES = tuple(f"data.{k}" for k in READER_KEYS)  # as commands that read data accept them
 
 
 def reader_options(cfg: Config) -> dict:

@@ -15,7 +15,7 @@ import yaml
 
 from mmray import config as config_lib
 from mmray import storage
-from mmray.data.pipeline import READER_KEYS
+from mmray.data.pipeline import READER_OVERRIDES
 
 
 def _is_export(path: str) -> bool:
@@ -62,7 +62,7 @@ def eval_shards(src: str, split: str, allow_missing: bool = False) -> list[str]:
 
 # Besides eval.*, `mmray eval` may override how the data at --data is read: it may be laid out unlike the training
 # data (other Parquet columns or WebDataset member extensions, shards missing from a pattern).
-DATA_KEYS = ("data.allow_missing_shards", *(f"data.{k}" for k in READER_KEYS))
+DATA_KEYS = ("data.allow_missing_shards", *READER_OVERRIDES)
 
 
 def run_eval(model_path: str, data: str, split: str = "val", max_samples: int | None = None,

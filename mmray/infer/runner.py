@@ -21,7 +21,7 @@ import yaml
 from mmray import config as config_lib
 from mmray import storage
 from mmray.config import ConfigError
-from mmray.data.pipeline import READER_KEYS, reader_options
+from mmray.data.pipeline import READER_OVERRIDES, reader_options
 from mmray.data.tokenizer import TextTokenizer
 from mmray.export import MANIFEST_FILE, WEIGHTS_FILE, ExportError, _sha256
 from mmray.infer import DEVICES
@@ -48,7 +48,7 @@ class ExportInfo:
 def read_export(path: str, reader_overrides: list[str] | None = None) -> ExportInfo:
     """The small files of an export, verified, so that bad input is found before Ray starts and without reading the
     weights (each actor reads and verifies those through :func:`mmray.export.load`). ``reader_overrides``
-    (``data.KEY=VALUE`` of the data-reading keys, READER_KEYS) change how the data is read, for data laid out
+    (``data.KEY=VALUE`` of the data-reading keys, READER_OVERRIDES) change how the data is read, for data laid out
     unlike the export's training data."""
     manifest_path = storage.join(path, MANIFEST_FILE)
     if not storage.exists(manifest_path):
@@ -64,9 +64,8 @@ def read_export(path: str, reader_overrides: list[str] | None = None) -> ExportI
             raise ExportError(f"{storage.join(path, name)} does not match its sha256 in {MANIFEST_FILE}")
         texts[name] = data.decode()
     cfg = config_lib.from_dict(yaml.safe_load(texts["config.yaml"]))
-    keys = tuple(f"data.{k}" for k in READER_KEYS)
-    cfg = config_lib.with_overrides(cfg, reader_overrides or [], keys,
-                                    allowed=f"the data-reading keys ({', '.join(keys)})")
+    cfg = config_lib.with_overrides(cfg, reader_overrides or [], READER_OVERRIDES,
+                                    allowed=f"the data-reading keys ({', '.join(READER_OVERRIDES)})")
     return ExportInfo(path, cfg, TextTokenizer.from_str(texts["tokenizer.json"]), files[WEIGHTS_FILE]["sha256"])
 
 
