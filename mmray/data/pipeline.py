@@ -86,7 +86,7 @@ def decode_pixels(data: bytes, size: int) -> np.ndarray:
         raise ValueError("corrupt_image") from None
     if img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC)
-    return np.asarray(img)  # channels last: a (3, S, S) transpose here costs ~25% of a 224 px decode, downstream
+    return np.asarray(img)  # channels last: a (3, S, S) transpose cost 3-8% of a 224 px sample's CPU downstream
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:

@@ -45,7 +45,8 @@ def check_can_embed(cfg: Config) -> None:
 
 
 def image_embeddings(model, images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, S, S, 3) or float (B, 3, S, S) (see normalise_pixels) -> (B, E) L2-normalised: the ``image_embeds`` of ``model(images, ids)``, without the text."""
+    """uint8 (B, S, S, 3) or float (B, 3, S, S) (see normalise_pixels) -> (B, E) L2-normalised: the
+    ``image_embeds`` of ``model(images, ids)``, without the text."""
     return model.fusion.contrast_image(model.fusion.encode_image(images))
 
 
