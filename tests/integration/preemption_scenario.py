@@ -20,6 +20,7 @@ stdout).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -30,6 +31,8 @@ import threading
 import time
 import traceback
 from pathlib import Path
+
+import psutil
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -148,9 +151,19 @@ class Cloud:
         self.found["on_demand_id"] = on_demand.node_id
         self._wait(lambda: self._trained_steps() % CHECKPOINT_EVERY != 0, "a step past a checkpoint",
                    time.time() + 120)
+        # A vanished instance stops every process on it at once. `remove_node` SIGKILLs the raylet, but the workers it
+        # started notice only later and could finish a checkpoint meanwhile: freeze them first, so that what is on
+        # storage now is what the run will find.
+        workers = psutil.Process(self.spot.all_processes["raylet"][0].process.pid).children(recursive=True)
+        for p in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.suspend()
         self._at("kill_at")
         self.found["at_kill"] = checkpoints_on_storage(self.run_dir)
         self.cluster.remove_node(self.spot, allow_graceful=False)
+        for p in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
         self._at("removed_at")
         self._wait_dead()
 
