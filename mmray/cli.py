@@ -90,17 +90,38 @@ def cmd_data_prepare(args: argparse.Namespace) -> dict:
 
 def cmd_data_inspect(args: argparse.Namespace) -> dict:
     from mmray.data.inspect import inspect
-    from mmray.data.pipeline import READER_OVERRIDES, reader_options
+    from mmray.data.pipeline import reader_options
+
+    cfg = _reader_config(args)
+    log = logging.getLogger("mmray")
+    return inspect(args.src, image_size=args.image_size, progress=log.info,
+                   allow_missing=args.allow_missing_shards or cfg.data.allow_missing_shards,
+                   reader=reader_options(cfg))
+
+
+def _reader_config(args: argparse.Namespace) -> config_lib.Config:
+    """The config of a data command that takes only the data-reading keys as overrides (others: exit 2)."""
+    from mmray.data.pipeline import READER_OVERRIDES
 
     bad = config_lib.overrides_outside(args.overrides, READER_OVERRIDES)
     if bad:
         raise config_lib.ConfigError(f"only the data-reading keys ({', '.join(READER_OVERRIDES)}) can be set "
                                      f"here, not: {', '.join(bad)}")
-    cfg = _load_config(args)
-    log = logging.getLogger("mmray")
-    return inspect(args.src, image_size=args.image_size, progress=log.info,
-                   allow_missing=args.allow_missing_shards or cfg.data.allow_missing_shards,
-                   reader=reader_options(cfg))
+    return _load_config(args)
+
+
+def cmd_data_tokenizer(args: argparse.Namespace) -> dict:
+    from mmray.data.pipeline import reader_options
+    from mmray.data.vocab import train_from_shards
+
+    cfg = _reader_config(args)
+    try:
+        return train_from_shards(args.src, args.out, vocab_size=args.vocab_size, max_samples=args.max_samples,
+                                 reader=reader_options(cfg), overwrite=args.overwrite,
+                                 allow_missing=args.allow_missing_shards or cfg.data.allow_missing_shards,
+                                 progress=logging.getLogger("mmray").info)
+    except ValueError as e:  # bad argument, existing OUT, no usable caption: the message names which
+        raise config_lib.ConfigError(str(e)) from None
 
 
 def cmd_model_list(args: argparse.Namespace) -> dict:
@@ -196,6 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(cfg)
     cfg.set_defaults(fn=cmd_config)
 
+    def shard_reading(sp: argparse.ArgumentParser) -> None:
+        """The options of the data commands that read shards: which shards, and how they are read."""
+        sp.add_argument("--allow-missing-shards", action="store_true",
+                        help="skip shards a pattern names but storage lacks (default: fail naming the first)")
+        sp.add_argument("--config", "-c", help="YAML config whose data-reading keys (and data.allow_missing_shards) "
+                                               "apply, e.g. a training config")
+        sp.add_argument("overrides", nargs="*", metavar="data.key=value",
+                        help="how shards are read: data.image_extensions, data.caption_extension, "
+                             "data.metadata_extension (WebDataset members), data.image_column, data.caption_column "
+                             "(Parquet), e.g. data.caption_extension=caption")
+
     data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_command", required=True)
     prep = data.add_parser("prepare", help="write a data set as WebDataset or Parquet shards with its tokenizer",
                            description=PREPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -232,15 +264,25 @@ def build_parser() -> argparse.ArgumentParser:
                                        "bad_examples, shards, bytes and samples_per_s.")
     insp.add_argument("src", help="shards: prefix, file, brace pattern or '::'-joined list (local or s3://)")
     insp.add_argument("--image-size", type=int, default=64, help="decode and resize to this side (default 64)")
-    insp.add_argument("--allow-missing-shards", action="store_true",
-                      help="skip shards a pattern names but storage lacks (default: fail naming the first)")
-    insp.add_argument("--config", "-c", help="YAML config whose data-reading keys (and data.allow_missing_shards) "
-                                             "apply, e.g. a training config")
-    insp.add_argument("overrides", nargs="*", metavar="data.key=value",
-                      help="how shards are read: data.image_extensions, data.caption_extension, "
-                           "data.metadata_extension (WebDataset members), data.image_column, data.caption_column "
-                           "(Parquet), e.g. data.caption_extension=caption")
+    shard_reading(insp)
     insp.set_defaults(fn=cmd_data_inspect)
+    tok = data.add_parser("tokenizer", help="train a tokenizer.json on the captions of shards that came without one",
+                          description="Stream the training text of SRC (captions, and the questions and answers "
+                                      "of a sample's metadata 'qa' list) through the real reader and train the BPE "
+                                      "tokenizer that `mmray data prepare` trains, for shards written by other "
+                                      "tools (img2dataset, webdataset). SRC takes every form of data.source; a "
+                                      "prepared data set gives its train/ split only. Images are not decoded. "
+                                      "Point data.tokenizer at OUT to train on SRC. The JSON summary holds "
+                                      "tokenizer, vocab_size, samples, texts, capped, bad (count per reason), "
+                                      "bad_examples, shards and samples_per_s.")
+    tok.add_argument("src", help="shards: prefix, file, brace pattern or '::'-joined list (local or s3://)")
+    tok.add_argument("out", help="where to write tokenizer.json (local path or s3://bucket/key)")
+    tok.add_argument("--vocab-size", type=int, default=512, help="largest vocabulary to learn (default 512)")
+    tok.add_argument("--max-samples", type=int, default=1_000_000,
+                     help="train on the first N usable samples in shard order (default 1000000; 0: all)")
+    tok.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (default: refuse)")
+    shard_reading(tok)
+    tok.set_defaults(fn=cmd_data_tokenizer)
 
     model = sub.add_parser("model", help="model presets and fusion strategies").add_subparsers(
         dest="model_command", required=True)

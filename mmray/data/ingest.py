@@ -43,7 +43,7 @@ from PIL import Image
 from mmray import storage
 from mmray.data.pipeline import MAX_IMAGE_PIXELS
 from mmray.data.prepare import (MANIFEST, TOKENIZER, default_val_samples, remove_stale_shards, split_manifest)
-from mmray.data.tokenizer import MIN_VOCAB_SIZE, TextTokenizer, train_tokenizer
+from mmray.data.tokenizer import MIN_VOCAB_SIZE, TextTokenizer, sample_texts, train_tokenizer
 from mmray.data.webdataset import FORMATS, ShardInfo, ShardWriter
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -376,13 +376,6 @@ def _write(writer: ShardWriter, sample: Loaded) -> None:
     writer.write_encoded(sample.image, sample.ext, sample.caption, sample.width, sample.height, sample.meta)
 
 
-def _texts(sample: Loaded) -> list[str]:
-    """The text a sample gives the tokenizer: its caption, and its metadata's questions and answers if any."""
-    qa = sample.meta.get("qa")
-    pairs = [q for q in qa if isinstance(q, dict)] if isinstance(qa, list) else []
-    return [sample.caption] + [f"{q.get('question', '')} {q.get('answer', '')}".strip() for q in pairs]
-
-
 def prepare_ingest(src: str, dest: str, format: str = "webdataset", samples_per_shard: int = 1000,
                    val_samples: int | None = None, seed: int = 0, tokenizer: str | None = None,
                    vocab_size: int = 512, image_column: str | None = None, caption_column: str | None = None,
@@ -452,7 +445,7 @@ def prepare_ingest(src: str, dest: str, format: str = "webdataset", samples_per_
                 bad.add(result, candidates[i])
                 continue
             _write(train, result)
-            texts += _texts(result)
+            texts += sample_texts(result.caption, result.meta)
     if not train.samples:
         raise ValueError(f"no usable training samples in {src} (bad: {bad}); examples: {bad.examples}")
     for split, writer in (("train", train), ("val", val)):

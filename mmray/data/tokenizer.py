@@ -22,6 +22,14 @@ MIN_VOCAB_SIZE = 128  # the base alphabet, the special tokens and room for merge
 PAD_CANDIDATES = ("[PAD]", "<pad>", "<|pad|>", "<|endoftext|>")
 
 
+def sample_texts(caption: str, meta: dict) -> list[str]:
+    """The text one sample gives the tokenizer: its caption, and the questions and answers of its metadata's ``qa``
+    list (the shapes set's, or any data set's in that form) when it has one."""
+    qa = meta.get("qa")
+    pairs = [q for q in qa if isinstance(q, dict)] if isinstance(qa, list) else []
+    return [caption] + [f"{q.get('question', '')} {q.get('answer', '')}".strip() for q in pairs]
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Tokenizer:
     """Train a lowercase BPE tokenizer that wraps every text as ``[BOS] ... [EOS]``.
 

@@ -1,0 +1,91 @@
+"""`mmray data tokenizer`: train a tokenizer on the text of shards that came without one.
+
+Shards written by other tools (img2dataset's LAION / CC12M downloads, webdataset's ShardWriter, Parquet exports)
+carry captions but no tokenizer, and training needs one (``data.tokenizer``). This streams the training text of a
+source through the real reader (the same source forms and reading keys as ``data.source``), and trains the same
+BPE tokenizer as `mmray data prepare` (:func:`mmray.data.tokenizer.train_tokenizer`) on it.
+
+A prepared data set contributes its ``train/`` split only, so held-out text stays unseen. Images are read but not
+decoded. Samples whose caption is missing, empty or not UTF-8, or whose shard is damaged, are skipped and counted by
+reason, as training would count them.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from typing import Callable
+
+from mmray import storage
+from mmray.data.pipeline import decode_caption, decode_meta, read_raw
+from mmray.data.sources import split_shards
+from mmray.data.tokenizer import MIN_VOCAB_SIZE, TextTokenizer, sample_texts, train_tokenizer
+
+DEFAULT_MAX_SAMPLES = 1_000_000  # ~100 MB of captions: BPE merges settle long before a web-scale data set ends
+PROGRESS_EVERY = 50_000
+
+
+def train_from_shards(src: str, out: str, vocab_size: int = 512, max_samples: int = DEFAULT_MAX_SAMPLES,
+                      reader: dict | None = None, allow_missing: bool = False, overwrite: bool = False,
+                      progress: Callable[[str], None] | None = None) -> dict:
+    """Train a tokenizer on the text of the first ``max_samples`` usable samples of ``src`` (0: all of them, in
+    shard order) and write it to ``out`` (a local path or ``s3://`` URI). Returns the summary that the command
+    prints. ValueError names a bad argument or an ``out`` that exists (unless ``overwrite``) before anything is
+    read; the source's own problems (no shards, a missing shard) raise what ``data.source`` would."""
+    import ray
+
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"--vocab-size must be at least {MIN_VOCAB_SIZE}, got {vocab_size}")
+    if max_samples < 0:
+        raise ValueError(f"--max-samples must be >= 0 (0: every sample), got {max_samples}")
+    if not overwrite and storage.exists(out):
+        raise ValueError(f"{out} already exists; choose another path or pass --overwrite to replace it")
+    paths = split_shards(src, "train", allow_missing)
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+    texts: list[str] = []
+    bad: Counter[str] = Counter()
+    examples: dict[str, list[str]] = {}
+    used, capped = 0, False
+    t0 = time.perf_counter()
+    try:
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.execution_options.preserve_order = True  # "the first N samples" is the same set on every run
+        ds = read_raw(paths, **(reader or {})).select_columns(["key", "shard", "caption", "meta", "error"])
+        for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
+            for key, shard, caption, meta, error in zip(batch["key"], batch["shard"], batch["caption"],
+                                                        batch["meta"], batch["error"]):
+                try:
+                    if error:
+                        raise ValueError(error.split(":")[0])
+                    sample = sample_texts(decode_caption(caption), decode_meta(meta))
+                except ValueError as e:
+                    bad[str(e)] += 1
+                    if len(examples.setdefault(str(e), [])) < 3:
+                        examples[str(e)].append(f"{shard}:{key}")
+                    continue
+                texts += sample
+                used += 1
+                if progress and used % PROGRESS_EVERY == 0:
+                    progress(f"{used} samples read for the tokenizer")
+                if used == max_samples:
+                    capped = True
+                    break
+            if capped:
+                break
+    finally:
+        if started_here:
+            ray.shutdown()
+    read_s = time.perf_counter() - t0
+    if not texts:
+        raise ValueError(f"{src} has no usable caption to train a tokenizer on (skipped: {dict(bad) or 'none'})")
+    tokenizer = TextTokenizer(train_tokenizer(texts, vocab_size=vocab_size))
+    tokenizer.save(out)
+    if progress:
+        progress(f"tokenizer: {tokenizer.vocab_size} tokens from {used} samples -> {out}")
+    return {"tokenizer": out, "vocab_size": tokenizer.vocab_size, "samples": used, "texts": len(texts),
+            "capped": capped, "bad": dict(bad), "bad_examples": examples, "shards": len(paths),
+            "samples_per_s": round((used + sum(bad.values())) / max(read_s, 1e-9), 1)}
