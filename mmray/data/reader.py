@@ -221,7 +221,8 @@ def _iter_tar_members(blocks: _Blocks, shard: str, rows: _Rows, image_exts: Sequ
 
 
 IMAGE_COLUMNS = ("jpg", "png", "webp", "jpeg", "image")  # img2dataset names the column after --encode_format
-CAPTION_COLUMNS = ("txt", "caption")  # img2dataset writes `caption` (its input's caption column), some versions `txt`
+# img2dataset writes `caption` (its input's caption column), some versions `txt`; Hugging Face datasets use `text`
+CAPTION_COLUMNS = ("txt", "caption", "text")
 AUTO = "auto"
 
 

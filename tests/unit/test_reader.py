@@ -118,6 +118,9 @@ def test_parquet_rows_and_hf_style_image_structs(tmp_path):
     pq.write_table(structs, buf)
     rows = _rows(iter_parquet(buf.getvalue(), "q.parquet", 10, "image", "text", "key"))
     assert rows[0]["key"] == "0" and rows[0]["image"][:2] == b"\xff\xd8"
+    # Hugging Face datasets' own column names (an `image` struct, a `text` caption) are found with `auto` too.
+    rows = _rows(iter_parquet(buf.getvalue(), "q.parquet", 10))
+    assert rows[0]["image"][:2] == b"\xff\xd8" and rows[0]["caption"] == b"x"
 
 
 def test_parquet_without_the_columns_names_them():
