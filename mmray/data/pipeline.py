@@ -38,7 +38,7 @@ from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mmray import storage
 from mmray.config import Config, webdataset_members
@@ -64,7 +64,9 @@ def decode_pixels(data: bytes, size: int) -> np.ndarray:
     bad input.
 
     JPEGs are decoded in draft mode (DCT scaling) straight to the smallest scale at least ``size``, which is much
-    cheaper than a full decode followed by a resize.
+    cheaper than a full decode followed by a resize. The image is turned upright as its EXIF orientation says (a
+    phone photo stored sideways is seen as the caption describes it), and 16-bit greyscale is scaled to 8 bits
+    (Pillow's RGB conversion would clip it).
     """
     if not data:
         raise ValueError("empty_image")
@@ -77,7 +79,9 @@ def decode_pixels(data: bytes, size: int) -> np.ndarray:
             img.draft("RGB", (size, size))
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = img.convert("RGB")
+            if img.mode.startswith("I;16"):
+                img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
+            img = ImageOps.exif_transpose(img.convert("RGB"))
     except ValueError as e:
         if str(e) == "image_too_large":
             raise

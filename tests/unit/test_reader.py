@@ -153,6 +153,23 @@ def test_decode_image_resizes_and_normalises():
     assert arr[0].mean() > 0.9 and arr[1].mean() < -0.8
 
 
+def test_decode_turns_photos_upright_and_scales_16_bit_greyscale():
+    # Stored sideways (100 x 50, the left half white) with EXIF orientation 6: shown rotated 90 degrees clockwise,
+    # so the white half is on top, as a viewer (and the caption's author) sees it.
+    img = Image.new("RGB", (100, 50), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 50, 50))
+    exif = img.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes())
+    px = decode_pixels(buf.getvalue(), 32)
+    assert px[:12].min() > 240 and px[-12:].max() < 15
+    # A 16-bit greyscale PNG at 40000 / 65535 is grey 156 (40000 >> 8), not clipped to white.
+    buf = io.BytesIO()
+    Image.fromarray(np.full((20, 30), 40000, np.uint16)).save(buf, format="PNG")
+    assert np.array_equal(decode_pixels(buf.getvalue(), 32), np.full((32, 32, 3), 156, np.uint8))
+
+
 def test_model_normalises_pipeline_pixels_bit_for_bit_like_decode_image():
     """Batches carry uint8 pixels; the model's float input must be exactly what decode_image gives, for every value."""
     import torch
