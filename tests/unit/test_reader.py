@@ -106,6 +106,16 @@ def test_tar_with_a_corrupt_header_reports_the_shard_instead_of_ending_silently(
     assert rows[-1]["error"].startswith("truncated_shard: bad header checksum at byte")
 
 
+def test_members_apart_from_their_sample_are_counted_as_such():
+    """WebDataset keeps a sample's members adjacent; a tar written in directory order (`tar cf x.tar dir/`) splits
+    samples. Each later part is counted as members_not_adjacent (the reason names the fix), never joined silently."""
+    members = [("a.jpg", _jpeg()), ("b.jpg", _jpeg()), ("b.txt", b"bee"), ("a.txt", b"ay"), ("c.jpg", _jpeg()),
+               ("c.txt", b"see")]
+    rows = _rows(iter_tar(io.BytesIO(_tar(members)), "d.tar", 100))
+    assert [(r["key"], r["error"]) for r in rows] == [
+        ("a", "missing_caption"), ("b", ""), ("a", "members_not_adjacent"), ("c", "")]
+
+
 def test_parquet_rows_and_hf_style_image_structs(tmp_path):
     table = pa.table({"key": ["k0", "k1"], "jpg": [_jpeg(), None], "txt": ["red", "blue"]})
     buf = io.BytesIO()
