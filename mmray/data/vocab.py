@@ -50,8 +50,9 @@ def train_from_shards(src: str, out: str, vocab_size: int = 512, max_samples: in
     examples: dict[str, list[str]] = {}
     used, capped = 0, False
     t0 = time.perf_counter()
+    context = ray.data.DataContext.get_current()
+    kept = context.enable_progress_bars, context.execution_options.preserve_order
     try:
-        context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.execution_options.preserve_order = True  # "the first N samples" is the same set on every run
         ds = read_raw(paths, **(reader or {})).select_columns(["key", "shard", "caption", "meta", "error"])
@@ -77,6 +78,7 @@ def train_from_shards(src: str, out: str, vocab_size: int = 512, max_samples: in
             if capped:
                 break
     finally:
+        context.enable_progress_bars, context.execution_options.preserve_order = kept  # the caller's, for its reads
         if started_here:
             ray.shutdown()
     read_s = time.perf_counter() - t0
