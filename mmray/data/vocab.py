@@ -33,6 +33,7 @@ def train_from_shards(src: str, out: str, vocab_size: int = 512, max_samples: in
     prints. ValueError names a bad argument or an ``out`` that exists (unless ``overwrite``) before anything is
     read; the source's own problems (no shards, a missing shard) raise what ``data.source`` would."""
     import ray
+    import ray.data
 
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"--vocab-size must be at least {MIN_VOCAB_SIZE}, got {vocab_size}")
