@@ -273,8 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "tools (img2dataset, webdataset). SRC takes every form of data.source; a "
                                       "prepared data set gives its train/ split only. Images are not decoded. "
                                       "Point data.tokenizer at OUT to train on SRC. The JSON summary holds "
-                                      "tokenizer, vocab_size, samples, texts, capped, bad (count per reason), "
-                                      "bad_examples, shards and samples_per_s.")
+                                      "tokenizer, vocab_size, samples, texts, capped (it stopped at "
+                                      "--max-samples), bad (count per reason), bad_examples, shards and "
+                                      "samples_per_s.")
     tok.add_argument("src", help="shards: prefix, file, brace pattern or '::'-joined list (local or s3://)")
     tok.add_argument("out", help="where to write tokenizer.json (local path or s3://bucket/key)")
     tok.add_argument("--vocab-size", type=int, default=512, help="largest vocabulary to learn (default 512)")

@@ -38,7 +38,7 @@ from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from mmray import storage
 from mmray.config import Config, webdataset_members
@@ -59,6 +59,17 @@ def _tokenizer(tokenizer_json: str) -> TextTokenizer:
     return TextTokenizer.from_str(tokenizer_json)
 
 
+def _upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation says; as stored when it has none, or an EXIF block Pillow cannot parse
+    (the pixels are fine: a damaged tag is no reason to drop the image)."""
+    try:
+        if img.getexif().get(ExifTags.Base.Orientation, 1) == 1:
+            return img  # upright already: no copy (exif_transpose would make one)
+        return ImageOps.exif_transpose(img)
+    except Exception:  # Pillow raises SyntaxError, struct.error, ... for malformed EXIF
+        return img
+
+
 def decode_pixels(data: bytes, size: int) -> np.ndarray:
     """Encoded bytes -> uint8 RGB (size, size, 3), as Pillow decodes it. Raises ValueError with a short reason on
     bad input.
@@ -77,11 +88,15 @@ def decode_pixels(data: bytes, size: int) -> np.ndarray:
             raise ValueError("image_too_large")
         if img.format == "JPEG":
             img.draft("RGB", (size, size))
+        # 16-bit greyscale: "I;16" in current Pillow, "I" for a 16-bit PNG in older releases.
+        sixteen_bit = img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PNG")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if img.mode.startswith("I;16"):
-                img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
-            img = ImageOps.exif_transpose(img.convert("RGB"))
+            img.load()  # a truncated or hostile file fails here, as corrupt_image / image_too_large
+        img = _upright(img)
+        if sixteen_bit:
+            img = Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
+        img = img.convert("RGB")
     except ValueError as e:
         if str(e) == "image_too_large":
             raise

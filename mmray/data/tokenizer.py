@@ -27,7 +27,7 @@ def sample_texts(caption: str, meta: dict) -> list[str]:
     list (the shapes set's, or any data set's in that form) when it has one."""
     qa = meta.get("qa")
     pairs = [q for q in qa if isinstance(q, dict)] if isinstance(qa, list) else []
-    return [caption] + [f"{q.get('question', '')} {q.get('answer', '')}".strip() for q in pairs]
+    return [caption] + [f"{q.get('question') or ''} {q.get('answer') or ''}".strip() for q in pairs]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Tokenizer:

@@ -16,6 +16,8 @@ import time
 from collections import Counter
 from typing import Callable
 
+import pyarrow.fs as pafs
+
 from mmray import storage
 from mmray.data.pipeline import decode_caption, decode_meta, read_raw
 from mmray.data.sources import split_shards
@@ -23,6 +25,30 @@ from mmray.data.tokenizer import MIN_VOCAB_SIZE, TextTokenizer, sample_texts, tr
 
 DEFAULT_MAX_SAMPLES = 1_000_000  # ~100 MB of captions: BPE merges settle long before a web-scale data set ends
 PROGRESS_EVERY = 50_000
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    """Refuse, before hours of reading, an OUT that the tokenizer could not be written to (or must not be)."""
+    if storage.is_s3(out):
+        bucket, _, key = out[len("s3://"):].partition("/")
+        if not key or out.endswith("/"):
+            raise ValueError(f"{out} names a bucket or prefix; OUT must name the file "
+                             f"(e.g. s3://{bucket}/tokenizer.json)")
+        fs, _ = storage.resolve(out)
+        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise ValueError(f"bucket {bucket!r} of {out} does not exist")
+    else:
+        path = os.path.abspath(os.path.expanduser(out))
+        if os.path.isdir(path):
+            raise ValueError(f"{out} is a directory; OUT must name the file "
+                             f"(e.g. {os.path.join(out, 'tokenizer.json')})")
+        parent = os.path.dirname(path)
+        while not os.path.exists(parent):  # storage creates the missing folders: the nearest existing one decides
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+            raise ValueError(f"cannot write {out}: {parent} is not a writable folder")
+    if not overwrite and storage.exists(out):
+        raise ValueError(f"{out} already exists; choose another path or pass --overwrite to replace it")
 
 
 def train_from_shards(src: str, out: str, vocab_size: int = 512, max_samples: int = DEFAULT_MAX_SAMPLES,
@@ -39,8 +65,7 @@ def train_from_shards(src: str, out: str, vocab_size: int = 512, max_samples: in
         raise ValueError(f"--vocab-size must be at least {MIN_VOCAB_SIZE}, got {vocab_size}")
     if max_samples < 0:
         raise ValueError(f"--max-samples must be >= 0 (0: every sample), got {max_samples}")
-    if not overwrite and storage.exists(out):
-        raise ValueError(f"{out} already exists; choose another path or pass --overwrite to replace it")
+    _check_out(out, overwrite)
     paths = split_shards(src, "train", allow_missing)
 
     started_here = not ray.is_initialized()
@@ -86,7 +111,10 @@ def train_from_shards(src: str, out: str, vocab_size: int = 512, max_samples: in
     if not texts:
         raise ValueError(f"{src} has no usable caption to train a tokenizer on (skipped: {dict(bad) or 'none'})")
     tokenizer = TextTokenizer(train_tokenizer(texts, vocab_size=vocab_size))
-    tokenizer.save(out)
+    try:
+        tokenizer.save(out)
+    except OSError as e:  # checked before reading, but storage can still refuse (permissions, a vanished bucket)
+        raise ValueError(f"cannot write the tokenizer to {out}: {e}") from None
     if progress:
         progress(f"tokenizer: {tokenizer.vocab_size} tokens from {used} samples -> {out}")
     return {"tokenizer": out, "vocab_size": tokenizer.vocab_size, "samples": used, "texts": len(texts),

@@ -1,5 +1,5 @@
 """`mmray data tokenizer`: a tokenizer trained on the text of shards written by other tools (Python's tarfile in
-PAX format, img2dataset's Parquet layout on S3), through the real reader, that training can then use."""
+PAX format, with member paths in PAX headers; img2dataset's Parquet layout on S3), through the real reader."""
 import json
 import tarfile
 from pathlib import Path
@@ -22,17 +22,22 @@ CAPTIONS = [
 QA = {"question": "What colour is the kite?", "answer": "vermilion"}  # words only the metadata holds
 
 
+# A folder name past ustar's 100-byte name field (and non-ASCII): tarfile stores each member's path in a PAX header.
+DIR = "photos-" + "ø" * 60 + "/2024"
+
+
 def _write_tar(path: Path, samples: list[tuple[str, bytes | None, dict | None]]) -> None:
-    """A WebDataset shard as Python's tarfile writes one (PAX headers): KEY.jpg, KEY.txt (unless None), KEY.json."""
+    """A WebDataset shard as Python's tarfile writes one, PAX format: DIR/KEY.jpg, DIR/KEY.txt (unless None),
+    DIR/KEY.json."""
     import io
 
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
         for i, (key, caption, meta) in enumerate(samples):
-            members = [(f"{key}.jpg", jpeg(i))]
+            members = [(f"{DIR}/{key}.jpg", jpeg(i))]
             if caption is not None:
-                members.append((f"{key}.txt", caption))
+                members.append((f"{DIR}/{key}.txt", caption))
             if meta is not None:
-                members.append((f"{key}.json", json.dumps(meta).encode()))
+                members.append((f"{DIR}/{key}.json", json.dumps(meta).encode()))
             for name, data in members:
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
@@ -48,6 +53,7 @@ def shards(tmp_path):
     good[3] = (good[3][0], good[3][1], {"qa": [QA]})
     _write_tar(root / "00000.tar", good[:5] + [("bad0", b"caf\xe9 \xff", None)])
     _write_tar(root / "00001.tar", [("bad1", None, None)] + good[5:])
+    assert b"path=" in (root / "00000.tar").read_bytes()  # the members' names are in PAX headers
     return root
 
 
@@ -60,7 +66,7 @@ def test_tokenizer_from_pax_tars_learns_the_captions_and_metadata_text(ray_sessi
     summary = train_from_shards(f"{shards}/{{00000..00001}}.tar", str(out), vocab_size=1024)
     assert summary["samples"] == 10 and summary["texts"] == 11 and summary["shards"] == 2
     assert summary["bad"] == {"non_utf8_caption": 1, "missing_caption": 1} and not summary["capped"]
-    assert summary["bad_examples"]["non_utf8_caption"] == [f"{shards}/00000.tar:bad0"]
+    assert summary["bad_examples"]["non_utf8_caption"] == [f"{shards}/00000.tar:{DIR}/bad0"]  # the PAX path
 
     tok = TextTokenizer.from_file(str(out))
     assert summary["vocab_size"] == tok.vocab_size <= 1024
@@ -94,6 +100,9 @@ def test_tokenizer_from_img2dataset_parquet_on_s3(ray_session, s3_bucket):
     assert summary["samples"] == sum(len(k) for k in keys.values()) == 8 and summary["bad"] == {}
     body = boto3.client("s3").get_object(Bucket=s3_bucket, Key="tokenizers/laion.json")["Body"].read()
     assert TextTokenizer.from_str(body.decode()).vocab_size == summary["vocab_size"]
+    # A bucket that does not exist is refused before the read, naming it.
+    with pytest.raises(ValueError, match=r"bucket 'no-such-bucket' of s3://no-such-bucket/t.json does not exist"):
+        train_from_shards(f"s3://{s3_bucket}/laion/", "s3://no-such-bucket/t.json")
 
 
 def test_a_prepared_data_set_gives_its_training_text_only(ray_session, tmp_path):
@@ -111,6 +120,8 @@ def test_cli_refuses_before_reading(shards, tmp_path, capsys):
         ([str(shards), str(tmp_path / "new.json"), "--vocab-size", "10"], "--vocab-size must be at least 128"),
         ([str(shards), str(tmp_path / "new.json"), "train.lr=1"], "only the data-reading keys"),
         ([str(tmp_path / "nowhere"), str(tmp_path / "new.json")], "nowhere"),
+        ([str(shards), str(tmp_path), "--overwrite"], f"{tmp_path} is a directory; OUT must name the file"),
+        ([str(shards), "s3://some-bucket/"], "names a bucket or prefix; OUT must name the file"),
     ]
     for argv, needle in cases:
         assert cli.main(["data", "tokenizer", *argv]) == cli.EXIT_BAD_INPUT, argv

@@ -163,7 +163,7 @@ def test_decode_image_resizes_and_normalises():
     assert arr[0].mean() > 0.9 and arr[1].mean() < -0.8
 
 
-def test_decode_turns_photos_upright_and_scales_16_bit_greyscale():
+def test_decode_turns_photos_upright_keeps_bad_exif_and_scales_16_bit_greyscale():
     # Stored sideways (100 x 50, the left half white) with EXIF orientation 6: shown rotated 90 degrees clockwise,
     # so the white half is on top, as a viewer (and the caption's author) sees it.
     img = Image.new("RGB", (100, 50), (0, 0, 0))
@@ -174,6 +174,10 @@ def test_decode_turns_photos_upright_and_scales_16_bit_greyscale():
     img.save(buf, format="JPEG", exif=exif.tobytes())
     px = decode_pixels(buf.getvalue(), 32)
     assert px[:12].min() > 240 and px[-12:].max() < 15
+    # An EXIF block Pillow cannot parse leaves the image as stored: the pixels are fine, so it is not dropped.
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(buf, format="JPEG", exif=b"Exif\x00\x00garbage-garbage")
+    assert np.abs(decode_pixels(buf.getvalue(), 32).astype(int) - (10, 200, 30)).max() <= 3
     # A 16-bit greyscale PNG at 40000 / 65535 is grey 156 (40000 >> 8), not clipped to white.
     buf = io.BytesIO()
     Image.fromarray(np.full((20, 30), 40000, np.uint16)).save(buf, format="PNG")
