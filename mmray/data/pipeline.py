@@ -225,14 +225,28 @@ def quality_snapshot(quality, attempts: int = 5) -> dict:
             time.sleep(1 + attempt)
 
 
+# What to check for the reasons whose usual cause is how the shards were written or are read, not a bad sample.
+BAD_REASON_HINTS = {
+    "missing_caption": "a sample without its caption: are captions in another member (data.caption_extension) or "
+                       "Parquet column (data.caption_column)?",
+    "missing_image": "a sample without its image: are images in other members (data.image_extensions) or another "
+                     "Parquet column (data.image_column)?",
+    "members_not_adjacent": "WebDataset needs a sample's files next to each other in the tar: write shards with "
+                            "their members sorted by name (tar --sort=name, or webdataset's ShardWriter)",
+    "truncated_shard": "a tar that ends early or has a corrupt header: download or write the shard again",
+}
+
+
 def check_quality(snapshot: dict, max_bad_fraction: float) -> None:
-    """Raise BadDataError when the bad fraction so far exceeds the limit; the message names reasons and examples."""
+    """Raise BadDataError when the bad fraction so far exceeds the limit; the message names reasons and examples,
+    and what to check for the reasons that usually come from how the shards were written or are read."""
     bad = sum(snapshot["bad"].values())
     total = bad + snapshot["good"]
     if total and bad / total > max_bad_fraction:
+        hints = "; ".join(f"{r}: {BAD_REASON_HINTS[r]}" for r in snapshot["bad"] if r in BAD_REASON_HINTS)
         raise BadDataError(
             f"{bad} of {total} samples ({bad / total:.1%}) are bad, over data.max_bad_fraction={max_bad_fraction}: "
-            f"{snapshot['bad']}; examples: {snapshot['bad_examples']}")
+            f"{snapshot['bad']}; examples: {snapshot['bad_examples']}" + (f". What to check: {hints}" if hints else ""))
 
 
 class Preprocess:

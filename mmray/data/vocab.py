@@ -110,6 +110,8 @@ def train_from_shards(src: str, out: str, vocab_size: int = 512, max_samples: in
     read_s = time.perf_counter() - t0
     if not texts:
         raise ValueError(f"{src} has no usable caption to train a tokenizer on (skipped: {dict(bad) or 'none'})")
+    if progress:
+        progress(f"read {used} samples in {read_s:.0f} s; training the tokenizer on their {len(texts)} texts")
     tokenizer = TextTokenizer(train_tokenizer(texts, vocab_size=vocab_size))
     try:
         tokenizer.save(out)

@@ -227,6 +227,11 @@ def test_quality_limit_names_reasons_and_examples():
     check_quality({"good": 99, "bad": {"corrupt_image": 1}, "bad_examples": {}}, 0.01)
     with pytest.raises(BadDataError, match=r"2 of 100 samples \(2.0%\).*corrupt_image.*s:7"):
         check_quality({"good": 98, "bad": {"corrupt_image": 2}, "bad_examples": {"corrupt_image": ["s:7"]}}, 0.01)
+    # Reasons that usually come from how the shards were written or are read say what to check.
+    with pytest.raises(BadDataError, match=r"What to check: missing_caption: .*data\.caption_extension.*"
+                                           r"; members_not_adjacent: .*tar --sort=name"):
+        check_quality({"good": 0, "bad": {"missing_caption": 5, "members_not_adjacent": 5, "corrupt_image": 1},
+                       "bad_examples": {}}, 0.01)
 
 
 @pytest.mark.parametrize("size, rows", [(32, 256), (64, 256), (160, 256), (224, 128), (384, 32), (4096, 16)])
