@@ -1,11 +1,10 @@
 """`mmray data inspect`: stream a whole data set through the real read + decode path and count what is usable."""
 from __future__ import annotations
 
-import os
 import time
 
 from mmray import storage
-from mmray.data.pipeline import DataQuality, Preprocess, block_rows, quality_snapshot, read_raw
+from mmray.data.pipeline import DataQuality, Preprocess, block_rows, quality_snapshot, ray_running, read_raw
 from mmray.data.sources import count_samples, inspect_shards, total_samples
 
 
@@ -32,11 +31,7 @@ def inspect(src: str, image_size: int = 64, progress=None, allow_missing: bool =
 
     paths = find_shards(src, allow_missing)
     expected = total_samples(count_samples(paths, progress))
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
-    try:
-        ray.data.DataContext.get_current().enable_progress_bars = False
+    with ray_running():
         quality = ray.remote(DataQuality).options(num_cpus=0).remote()
         t0 = time.perf_counter()
         options = {**(reader or {}), "rows_per_block": block_rows(image_size)}  # for the size decoded here
@@ -49,9 +44,6 @@ def inspect(src: str, image_size: int = 64, progress=None, allow_missing: bool =
                 progress(f"{seen}{'' if expected is None else f'/{expected}'} usable samples decoded")
         wall = time.perf_counter() - t0
         snap = quality_snapshot(quality)
-    finally:
-        if started_here:
-            ray.shutdown()
     return {"src": src, "samples": seen, "expected_samples": expected, "bad": snap["bad"],
             "bad_examples": snap["bad_examples"], "shards": len(paths), "bytes": _total_bytes(paths),
             "samples_per_s": round((seen + sum(snap["bad"].values())) / max(wall, 1e-9), 1)}

@@ -31,10 +31,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import warnings
 import zlib
 from collections import Counter
+from contextlib import contextmanager
 from functools import lru_cache
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -208,6 +211,25 @@ class RunData(DataQuality, DataPosition):
     def __init__(self):
         DataQuality.__init__(self)
         DataPosition.__init__(self)
+
+
+@contextmanager
+def ray_running(log_to_driver: bool = True) -> Iterator[None]:
+    """For a command that reads data (inspect, eval, embed, ...): join the cluster in RAY_ADDRESS, use the caller's
+    Ray, or start (and then stop) a local one. Ray Data's progress bars are off: progress is our lines on stderr."""
+    import ray
+    import ray.data
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
+                 log_to_driver=log_to_driver)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def quality_snapshot(quality, attempts: int = 5) -> dict:

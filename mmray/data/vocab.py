@@ -19,7 +19,7 @@ from typing import Callable
 import pyarrow.fs as pafs
 
 from mmray import storage
-from mmray.data.pipeline import decode_caption, decode_meta, read_raw
+from mmray.data.pipeline import decode_caption, decode_meta, ray_running, read_raw
 from mmray.data.sources import split_shards
 from mmray.data.tokenizer import MIN_VOCAB_SIZE, TextTokenizer, sample_texts, train_tokenizer
 
@@ -68,45 +68,39 @@ def train_from_shards(src: str, out: str, vocab_size: int = 512, max_samples: in
     _check_out(out, overwrite)
     paths = split_shards(src, "train", allow_missing)
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
     texts: list[str] = []
     bad: Counter[str] = Counter()
     examples: dict[str, list[str]] = {}
     used, capped = 0, False
     t0 = time.perf_counter()
-    context = ray.data.DataContext.get_current()
-    kept = context.enable_progress_bars, context.execution_options.preserve_order
-    try:
-        context.enable_progress_bars = False
-        context.execution_options.preserve_order = True  # "the first N samples" is the same set on every run
-        ds = read_raw(paths, **(reader or {})).select_columns(["key", "shard", "caption", "meta", "error"])
-        for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
-            for key, shard, caption, meta, error in zip(batch["key"], batch["shard"], batch["caption"],
-                                                        batch["meta"], batch["error"]):
-                try:
-                    if error:
-                        raise ValueError(error.split(":")[0])
-                    sample = sample_texts(decode_caption(caption), decode_meta(meta))
-                except ValueError as e:
-                    bad[str(e)] += 1
-                    if len(examples.setdefault(str(e), [])) < 3:
-                        examples[str(e)].append(f"{shard}:{key}")
-                    continue
-                texts += sample
-                used += 1
-                if progress and used % PROGRESS_EVERY == 0:
-                    progress(f"{used} samples read for the tokenizer")
-                if used == max_samples:
-                    capped = True
+    with ray_running():
+        options = ray.data.DataContext.get_current().execution_options
+        kept, options.preserve_order = options.preserve_order, True  # "the first N": the same set on every run
+        try:
+            ds = read_raw(paths, **(reader or {})).select_columns(["key", "shard", "caption", "meta", "error"])
+            for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
+                for key, shard, caption, meta, error in zip(batch["key"], batch["shard"], batch["caption"],
+                                                            batch["meta"], batch["error"]):
+                    try:
+                        if error:
+                            raise ValueError(error.split(":")[0])
+                        sample = sample_texts(decode_caption(caption), decode_meta(meta))
+                    except ValueError as e:
+                        bad[str(e)] += 1
+                        if len(examples.setdefault(str(e), [])) < 3:
+                            examples[str(e)].append(f"{shard}:{key}")
+                        continue
+                    texts += sample
+                    used += 1
+                    if progress and used % PROGRESS_EVERY == 0:
+                        progress(f"{used} samples read for the tokenizer")
+                    if used == max_samples:
+                        capped = True
+                        break
+                if capped:
                     break
-            if capped:
-                break
-    finally:
-        context.enable_progress_bars, context.execution_options.preserve_order = kept  # the caller's, for its reads
-        if started_here:
-            ray.shutdown()
+        finally:
+            options.preserve_order = kept  # the caller's, for its own reads
     read_s = time.perf_counter() - t0
     if not texts:
         raise ValueError(f"{src} has no usable caption to train a tokenizer on (skipped: {dict(bad) or 'none'})")

@@ -8,7 +8,6 @@ member extensions) unless overridden.
 """
 from __future__ import annotations
 
-import os
 import time
 
 import yaml
@@ -70,7 +69,7 @@ def run_eval(model_path: str, data: str, split: str = "val", max_samples: int | 
     """Evaluate; returns the JSON summary (metrics, data quality, timings) that `mmray eval` prints."""
     import ray
 
-    from mmray.data.pipeline import DataQuality, quality_snapshot, read_split
+    from mmray.data.pipeline import DataQuality, quality_snapshot, ray_running, read_split
     from mmray.eval.evaluate import evaluate
 
     t0 = time.perf_counter()
@@ -80,12 +79,7 @@ def run_eval(model_path: str, data: str, split: str = "val", max_samples: int | 
                                     allowed=f"eval.* keys and the data-reading keys ({', '.join(DATA_KEYS)})")
     limit = cfg.eval.max_samples if max_samples is None else max_samples
     paths = eval_shards(data, split, cfg.data.allow_missing_shards)
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-                 log_to_driver=False)
-    try:
-        ray.data.DataContext.get_current().enable_progress_bars = False
+    with ray_running(log_to_driver=False):
         quality = ray.remote(DataQuality).options(num_cpus=0).remote()
         ds = read_split(paths, cfg, tokenizer, quality=quality)
         if limit:
@@ -95,9 +89,6 @@ def run_eval(model_path: str, data: str, split: str = "val", max_samples: int | 
         metrics = evaluate(model, ds.iter_batches(batch_size=cfg.eval.batch_size, batch_format="numpy"), tokenizer,
                            cfg, max_samples=limit)
         snapshot = quality_snapshot(quality)
-    finally:
-        if started_here:
-            ray.shutdown()
     return {"model": source, "data": data, "shards": len(paths), "fusion": cfg.model.fusion,
             "metrics": metrics, "bad": snapshot["bad"], "bad_examples": snapshot["bad_examples"],
             "wall_s": round(time.perf_counter() - t0, 2)}

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +19,7 @@ import yaml
 from mmray import config as config_lib
 from mmray import storage
 from mmray.config import ConfigError
-from mmray.data.pipeline import READER_OVERRIDES, reader_options
+from mmray.data.pipeline import READER_OVERRIDES, ray_running, reader_options
 from mmray.data.tokenizer import TextTokenizer
 from mmray.export import MANIFEST_FILE, WEIGHTS_FILE, ExportError, _sha256
 from mmray.infer import DEVICES
@@ -80,23 +78,6 @@ def load_model(export_dir: str, use_gpu: bool = False, threads: int | None = Non
     model, cfg, tokenizer = load(export_dir)
     device = torch.device("cuda" if use_gpu else "cpu")
     return model.to(device), cfg, tokenizer, device
-
-
-@contextmanager
-def ray_running() -> Iterator[None]:
-    """Join the cluster in RAY_ADDRESS, use the caller's Ray, or start (and then stop) a local one."""
-    import ray
-    import ray.data
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
-    try:
-        ray.data.DataContext.get_current().enable_progress_bars = False  # progress is our lines on stderr
-        yield
-    finally:
-        if started:
-            ray.shutdown()
 
 
 @dataclass(frozen=True)
