@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections import Counter
-from typing import Callable
+from typing import Callable, Iterator
 
 import pyarrow.fs as pafs
 
 from mmray import storage
-from mmray.data.pipeline import decode_caption, decode_meta, ray_running, read_raw
+from mmray.data.pipeline import DataQuality, decode_caption, decode_meta, ray_running, read_raw
 from mmray.data.sources import split_shards
 from mmray.data.tokenizer import MIN_VOCAB_SIZE, TextTokenizer, sample_texts, train_tokenizer
 
@@ -51,6 +50,12 @@ def _check_out(out: str, overwrite: bool) -> None:
         raise ValueError(f"{out} already exists; choose another path or pass --overwrite to replace it")
 
 
+def _rows(ds) -> Iterator[tuple]:
+    """(key, shard, caption, meta, error) of each raw sample of ``ds``, in order."""
+    for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
+        yield from zip(batch["key"], batch["shard"], batch["caption"], batch["meta"], batch["error"])
+
+
 def train_from_shards(src: str, out: str, vocab_size: int = 512, max_samples: int = DEFAULT_MAX_SAMPLES,
                       reader: dict | None = None, allow_missing: bool = False, overwrite: bool = False,
                       progress: Callable[[str], None] | None = None) -> dict:
@@ -68,9 +73,8 @@ def train_from_shards(src: str, out: str, vocab_size: int = 512, max_samples: in
     _check_out(out, overwrite)
     paths = split_shards(src, "train", allow_missing)
 
+    quality = DataQuality()  # in-process: no task decodes here, this loop is the one that sees each sample
     texts: list[str] = []
-    bad: Counter[str] = Counter()
-    examples: dict[str, list[str]] = {}
     used, capped = 0, False
     t0 = time.perf_counter()
     with ray_running():
@@ -78,32 +82,26 @@ def train_from_shards(src: str, out: str, vocab_size: int = 512, max_samples: in
         kept, options.preserve_order = options.preserve_order, True  # "the first N": the same set on every run
         try:
             ds = read_raw(paths, **(reader or {})).select_columns(["key", "shard", "caption", "meta", "error"])
-            for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
-                for key, shard, caption, meta, error in zip(batch["key"], batch["shard"], batch["caption"],
-                                                            batch["meta"], batch["error"]):
-                    try:
-                        if error:
-                            raise ValueError(error.split(":")[0])
-                        sample = sample_texts(decode_caption(caption), decode_meta(meta))
-                    except ValueError as e:
-                        bad[str(e)] += 1
-                        if len(examples.setdefault(str(e), [])) < 3:
-                            examples[str(e)].append(f"{shard}:{key}")
-                        continue
-                    texts += sample
-                    used += 1
-                    if progress and used % PROGRESS_EVERY == 0:
-                        progress(f"{used} samples read for the tokenizer")
-                    if used == max_samples:
-                        capped = True
-                        break
-                if capped:
+            for key, shard, caption, meta, error in _rows(ds):
+                try:
+                    if error:
+                        raise ValueError(error.split(":")[0])
+                    texts += sample_texts(decode_caption(caption), decode_meta(meta))
+                except ValueError as e:
+                    quality.add(0, {str(e): [f"{shard}:{key}"]})
+                    continue
+                used += 1
+                if progress and used % PROGRESS_EVERY == 0:
+                    progress(f"{used} samples read for the tokenizer")
+                if used == max_samples:
+                    capped = True
                     break
         finally:
             options.preserve_order = kept  # the caller's, for its own reads
+    snap = quality.snapshot()
     read_s = time.perf_counter() - t0
     if not texts:
-        raise ValueError(f"{src} has no usable caption to train a tokenizer on (skipped: {dict(bad) or 'none'})")
+        raise ValueError(f"{src} has no usable caption to train a tokenizer on (skipped: {snap['bad'] or 'none'})")
     if progress:
         progress(f"read {used} samples in {read_s:.0f} s; training the tokenizer on their {len(texts)} texts")
     tokenizer = TextTokenizer(train_tokenizer(texts, vocab_size=vocab_size))
@@ -114,5 +112,5 @@ def train_from_shards(src: str, out: str, vocab_size: int = 512, max_samples: in
     if progress:
         progress(f"tokenizer: {tokenizer.vocab_size} tokens from {used} samples -> {out}")
     return {"tokenizer": out, "vocab_size": tokenizer.vocab_size, "samples": used, "texts": len(texts),
-            "capped": capped, "bad": dict(bad), "bad_examples": examples, "shards": len(paths),
-            "samples_per_s": round((used + sum(bad.values())) / max(read_s, 1e-9), 1)}
+            "capped": capped, "bad": snap["bad"], "bad_examples": snap["bad_examples"], "shards": len(paths),
+            "samples_per_s": round((used + sum(snap["bad"].values())) / max(read_s, 1e-9), 1)}
