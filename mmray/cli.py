@@ -103,11 +103,8 @@ def _reader_config(args: argparse.Namespace) -> config_lib.Config:
     """The config of a data command that takes only the data-reading keys as overrides (others: exit 2)."""
     from mmray.data.pipeline import READER_OVERRIDES
 
-    bad = config_lib.overrides_outside(args.overrides, READER_OVERRIDES)
-    if bad:
-        raise config_lib.ConfigError(f"only the data-reading keys ({', '.join(READER_OVERRIDES)}) can be set "
-                                     f"here, not: {', '.join(bad)}")
-    return _load_config(args)
+    return config_lib.with_overrides(config_lib.load(args.config), args.overrides, READER_OVERRIDES,
+                                     allowed=f"the data-reading keys ({', '.join(READER_OVERRIDES)})")
 
 
 def cmd_data_tokenizer(args: argparse.Namespace) -> dict:

@@ -28,16 +28,15 @@ PROGRESS_EVERY = 50_000
 
 def _check_out(out: str, overwrite: bool) -> None:
     """Refuse, before hours of reading, an OUT that the tokenizer could not be written to (or must not be)."""
+    fs, path = storage.resolve(out)  # S3: bucket/key; local: the absolute path
     if storage.is_s3(out):
-        bucket, _, key = out[len("s3://"):].partition("/")
+        bucket, _, key = path.partition("/")
         if not key or out.endswith("/"):
             raise ValueError(f"{out} names a bucket or prefix; OUT must name the file "
                              f"(e.g. s3://{bucket}/tokenizer.json)")
-        fs, _ = storage.resolve(out)
         if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
             raise ValueError(f"bucket {bucket!r} of {out} does not exist")
     else:
-        path = os.path.abspath(os.path.expanduser(out))
         if os.path.isdir(path):
             raise ValueError(f"{out} is a directory; OUT must name the file "
                              f"(e.g. {os.path.join(out, 'tokenizer.json')})")
