@@ -59,14 +59,9 @@ class _Rows:
         return table
 
 
-SPLIT = "\0split"  # a member "extension" no tar name can hold (NUL ends names): marks a non-adjacent part
-
-
 def _sample_row(key: str, members: dict[str, bytes], image_exts: Sequence[str], caption_ext: str,
                 meta_ext: str = METADATA_EXTENSION):
     """(key, image, caption, error, meta) for one grouped WebDataset sample."""
-    if SPLIT in members:  # marked by _iter_tar_members: a later part of a sample whose members are not adjacent
-        return key, None, None, "members_not_adjacent", None
     image = next((members[e] for e in image_exts if e in members), None)
     caption = members.get(caption_ext)
     error = "missing_image" if image is None else "missing_caption" if caption is None else ""
@@ -199,26 +194,27 @@ def iter_tar(stream, shard: str, rows_per_block: int, image_exts: Sequence[str] 
 
 def _iter_tar_members(blocks: _Blocks, shard: str, rows: _Rows, image_exts: Sequence[str],
                       caption_ext: str, meta_ext: str) -> Iterator[pa.Table]:
+    seen: set[str] = set()  # keys whose group has ended: WebDataset keeps a sample's members adjacent
+
     def sample(k: str, m: dict[str, bytes]):
+        if k in seen:
+            # Its other members came earlier, apart from these (a tar written as `tar cf x.tar dir/`, in directory
+            # order, not sorted by name): the first part was emitted without its pair, this part is counted under
+            # its own reason, which tells what to fix.
+            return k, None, None, "members_not_adjacent", None
         return _sample_row(k, m, image_exts, caption_ext, meta_ext)
 
     key, members = None, {}
-    seen: set[str] = set()  # keys whose group has ended: WebDataset keeps a sample's members adjacent
     try:
         for name, data in tar_members(blocks):
             k, ext = _split_name(name)
             if k != key:
-                if key is not None and (block := rows.add(*sample(key, members))):
-                    yield block
                 if key is not None:
+                    if block := rows.add(*sample(key, members)):
+                        yield block
                     seen.add(key)
                 key, members = k, {}
             members[ext] = data
-            if k in seen:
-                # Its other members came earlier, apart from this one (a tar written as `tar cf x.tar dir/`,
-                # in directory order, not sorted by name): the first part was emitted without its pair, this part
-                # is counted under its own reason, which tells what to fix.
-                members = {SPLIT: b""}
     except StreamError:
         raise
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
