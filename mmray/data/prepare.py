@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from mmray import storage
 from mmray.data import shapes
-from mmray.data.tokenizer import MIN_VOCAB_SIZE, TextTokenizer, train_tokenizer
+from mmray.data.tokenizer import MIN_VOCAB_SIZE, TextTokenizer, sample_texts, train_tokenizer
 from mmray.data.webdataset import ShardInfo, ShardWriter, shard_name
 
 SOURCES = {"synthetic:shapes": "images of 1-3 coloured shapes with captions and QA pairs"}
@@ -95,10 +95,9 @@ def _write_split(dest_dir: str, indices: range, seed: int, image_size: int, samp
     with ShardWriter(dest_dir, samples_per_shard, on_shard=report) as writer:
         for index in indices:
             sample = shapes.generate_sample(seed, index, image_size)
-            writer.write(sample.image, sample.caption,
-                         {"seed": seed, "index": index, "objects": sample.objects, "qa": sample.qa})
-            texts.append(sample.caption)
-            texts += [f"{qa['question']} {qa['answer']}" for qa in sample.qa]
+            meta = {"seed": seed, "index": index, "objects": sample.objects, "qa": sample.qa}
+            writer.write(sample.image, sample.caption, meta)
+            texts += sample_texts(sample.caption, meta)
     return writer.shards, texts
 
 
