@@ -184,6 +184,47 @@ def test_decode_turns_photos_upright_keeps_bad_exif_and_scales_16_bit_greyscale(
     assert np.array_equal(decode_pixels(buf.getvalue(), 32), np.full((32, 32, 3), 156, np.uint8))
 
 
+def _photo_jpeg(side: int, mode: str = "RGB") -> bytes:
+    """A photograph-like JPEG (smooth gradients plus noise, so DCT scaling and resizing differ measurably)."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:side, 0:side] / side
+    rgb = np.stack([x, y, (x + y) / 2], -1) * 200 + rng.normal(0, 4, (side, side, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).convert(mode).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _pillow_reference(data: bytes, size: int) -> np.ndarray:
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", (size, size))
+    return np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC))
+
+
+def test_jpegs_decode_at_the_dct_scale_of_the_model_size(monkeypatch):
+    # 512 px -> 224: decoded at 1/2 (256 px) and resized, the same pixels, bit for bit, as Pillow's draft mode.
+    big = _photo_jpeg(512)
+    assert np.array_equal(decode_pixels(big, 224), _pillow_reference(big, 224))
+    # CMYK goes through Pillow (Adobe's inverted CMYK): the same pixels as Pillow gives.
+    cmyk = _photo_jpeg(64, "CMYK")
+    assert np.array_equal(decode_pixels(cmyk, 32), _pillow_reference(cmyk, 32))
+    # 256 px (img2dataset's default) -> 224: decoded at 7/8 straight to 224 px; no resize runs. Close to a full
+    # decode resized by Pillow, not equal (a different, DCT-domain, filter).
+    small = _photo_jpeg(256)
+    reference = _pillow_reference(small, 224)
+    with monkeypatch.context() as m:
+        m.setattr(Image.Image, "resize", lambda *a, **k: pytest.fail("resized a JPEG that DCT scaling fits"))
+        pixels = decode_pixels(small, 224)
+    assert pixels.shape == (224, 224, 3) and pixels.dtype == np.uint8
+    assert np.abs(pixels.astype(int) - reference).mean() < 3
+    # A truncated JPEG is still corrupt; a header claiming more pixels than allowed is refused before decoding.
+    with pytest.raises(ValueError, match="corrupt_image"):
+        decode_pixels(big[:len(big) // 2], 224)
+    sof = small.index(b"\xff\xc0")  # baseline frame header: length(2) precision(1) height(2) width(2)
+    bomb = small[:sof + 5] + (9000).to_bytes(2, "big") * 2 + small[sof + 9:]
+    with pytest.raises(ValueError, match="image_too_large"):
+        decode_pixels(bomb, 224)
+
+
 def test_model_normalises_pipeline_pixels_bit_for_bit_like_decode_image():
     """Batches carry uint8 pixels; the model's float input must be exactly what decode_image gives, for every value."""
     import torch
