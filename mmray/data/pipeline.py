@@ -98,12 +98,23 @@ def _jpeg_has_exif(data: bytes) -> bool:
     return True
 
 
-def _decode_jpeg_fast(data: bytes, size: int) -> np.ndarray | None:
+def _dct_scaled(h: int, w: int, size: int) -> tuple[int, int]:
+    """The sides libjpeg-turbo decodes an (h, w) JPEG to at the smallest M/8 scale (M = 1..8) that keeps both at
+    least ``size`` (or whole, for a smaller image): ceil(side * M / 8)."""
+    for m in range(1, 9):
+        sh, sw = -(-h * m // 8), -(-w * m // 8)
+        if sh >= min(size, h) and sw >= min(size, w):
+            return sh, sw
+    return h, w
+
+
+def _decode_jpeg_fast(data: bytes, size: int, out: np.ndarray | None = None) -> np.ndarray | None:
     """A baseline or progressive JPEG without EXIF, decoded by libjpeg-turbo through simplejpeg at the smallest DCT
     scale (M/8, M = 1..8) whose sides are at least ``size``; None when the file needs Pillow's path (EXIF
     orientation, CMYK, an error). Pillow's draft mode scales by 1/2, 1/4 or 1/8 only, so a 256 px source decodes
     whole and is then resized to 224 px; here it decodes at 7/8, straight to 224, 2.7x cheaper (the resize is most
-    of the cost). At the scales both can use the pixels are the same, bit for bit: the same library decodes them."""
+    of the cost). At the scales both can use the pixels are the same, bit for bit: the same library decodes them.
+    With ``out`` (uint8, (size, size, 3)), an image whose scale lands on ``size`` is decoded straight into it."""
     import simplejpeg
 
     try:
@@ -114,15 +125,23 @@ def _decode_jpeg_fast(data: bytes, size: int) -> np.ndarray | None:
         raise ValueError("image_too_large")
     if colorspace not in _FAST_JPEG_COLORSPACES or _jpeg_has_exif(data):
         return None
+    scale = {"colorspace": "RGB", "min_height": min(size, h), "min_width": min(size, w), "strict": True}
+    if out is not None and _dct_scaled(h, w, size) == (size, size):
+        try:
+            return simplejpeg.decode_jpeg(data, buffer=out, **scale)
+        except ValueError:
+            pass  # the file needs Pillow's path after all: tried below
     try:
         # strict: a warning (a truncated file, corrupt data) falls back to Pillow, which decides as it always has
-        return simplejpeg.decode_jpeg(data, "RGB", min_height=min(size, h), min_width=min(size, w), strict=True)
+        return simplejpeg.decode_jpeg(data, **scale)
     except ValueError:
         return None
 
 
-def decode_pixels(data: bytes, size: int) -> np.ndarray:
+def decode_pixels(data: bytes, size: int, out: np.ndarray | None = None) -> np.ndarray:
     """Encoded bytes -> uint8 RGB (size, size, 3), channels last. Raises ValueError with a short reason on bad input.
+    With ``out`` (a C-contiguous uint8 (size, size, 3) array, e.g. a row of a block's pixels), the pixels are
+    written there, decoded straight into it where the decoder can, and ``out`` is returned.
 
     JPEGs are decoded with DCT scaling straight to the smallest scale at least ``size`` (:func:`_decode_jpeg_fast`),
     which is much cheaper than a full decode followed by a resize; other formats, and JPEGs with EXIF or in CMYK,
@@ -132,12 +151,22 @@ def decode_pixels(data: bytes, size: int) -> np.ndarray:
     """
     if not data:
         raise ValueError("empty_image")
-    if data[:3] == b"\xff\xd8\xff":
-        pixels = _decode_jpeg_fast(data, size)
-        if pixels is not None:
-            if pixels.shape[:2] == (size, size):
-                return pixels
-            return np.asarray(Image.fromarray(pixels).resize((size, size), Image.BICUBIC))
+    pixels = _decode_jpeg_fast(data, size, out) if data[:3] == b"\xff\xd8\xff" else None
+    if pixels is None:
+        pixels = _decode_pillow(data, size)
+    elif pixels.shape[:2] != (size, size):
+        if out is not None:
+            pixels = np.array(pixels)  # a smaller image decoded into the start of ``out``, which the resize fills
+        pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BICUBIC))
+    if out is None:
+        return pixels
+    if pixels.__array_interface__["data"][0] != out.__array_interface__["data"][0]:
+        out[...] = pixels  # not decoded in place (a resize, or Pillow's path): one copy
+    return out
+
+
+def _decode_pillow(data: bytes, size: int) -> np.ndarray:
+    """decode_pixels through Pillow: formats other than JPEG, and JPEGs that need it (EXIF, CMYK, damage)."""
     try:
         img = Image.open(io.BytesIO(data))
         w, h = img.size
@@ -335,8 +364,10 @@ class Preprocess:
         self.quality = quality  # a DataQuality actor handle, or None to skip reporting
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images, captions, keys, shards, qas, labels = [], [], [], [], [], []
+        captions, keys, shards, qas, labels = [], [], [], [], []
         bad: dict[str, list[str]] = {}
+        # Pixels are decoded straight into the block's array (no per-image array, no stacking copy afterwards).
+        pixels = np.empty((len(batch["key"]), self.image_size, self.image_size, 3), np.uint8)
         metas = batch["meta"] if "meta" in batch else [None] * len(batch["key"])
         for key, shard, image, caption, meta, error in zip(batch["key"], batch["shard"], batch["image"],
                                                            batch["caption"], metas, batch["error"]):
@@ -345,11 +376,10 @@ class Preprocess:
                     raise ValueError(error.split(":")[0])
                 text = decode_caption(caption)
                 info = decode_meta(meta)
-                pixels = decode_pixels(image, self.image_size)
+                decode_pixels(image, self.image_size, out=pixels[len(keys)])
             except ValueError as e:
                 bad.setdefault(str(e), []).append(f"{shard}:{key}")
                 continue
-            images.append(pixels)
             captions.append(text)
             keys.append(key)
             shards.append(shard)
@@ -365,8 +395,7 @@ class Preprocess:
                 ray.get(add.remote(len(keys), bad))
             else:
                 add(len(keys), bad)
-        size = self.image_size
-        out = {"image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
+        out = {"image": pixels[:len(keys)],
                "caption": np.array(captions, dtype=object), "key": np.array(keys, dtype=object),
                "shard": np.array(shards, dtype=object),
                "question": np.array([q["question"] for q in qas], dtype=object),

@@ -14,6 +14,7 @@ import posixpath
 import tarfile
 from typing import Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource
@@ -38,6 +39,25 @@ def _split_name(name: str) -> tuple[str, str]:
     return posixpath.join(dirname, stem) if dirname else stem, ext.lower()
 
 
+def binary_array(values: list) -> pa.Array | list:
+    """A binary Arrow column of ``values`` (bytes, or None for null) in one exact-size copy of the bytes.
+
+    ``pa.array`` appends the values to a buffer that it grows as it goes, each growth a reallocation and a copy: for
+    a block of images that was half of the reader's own CPU time (py-spy, 96 KB JPEGs). The column is the same.
+    Columns past 2 GiB (binary's 32-bit offsets) are left to ``pa.array``, which splits them into chunks."""
+    n = len(values)
+    present = [v is not None for v in values]
+    lengths = np.fromiter((len(v) if v is not None else 0 for v in values), np.int64, n)
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] > np.iinfo(np.int32).max:
+        return values
+    nulls = n - sum(present)
+    validity = pa.py_buffer(np.packbits(np.array(present, bool), bitorder="little")) if nulls else None
+    data = pa.py_buffer(b"".join(v for v in values if v is not None))
+    return pa.Array.from_buffers(pa.binary(), n, [validity, pa.py_buffer(offsets.astype(np.int32)), data], nulls)
+
+
 class _Rows:
     """Accumulates rows column-wise and flushes them as Arrow tables of at most ``size`` rows."""
 
@@ -54,7 +74,8 @@ class _Rows:
     def flush(self) -> pa.Table | None:
         if not self.cols["key"]:
             return None
-        table = pa.table(self.cols, schema=RAW_SCHEMA)
+        table = pa.table({name: binary_array(values) if RAW_SCHEMA.field(name).type == pa.binary() else values
+                          for name, values in self.cols.items()}, schema=RAW_SCHEMA)
         self.cols = {name: [] for name in RAW_SCHEMA.names}
         return table
 

@@ -216,6 +216,14 @@ def test_jpegs_decode_at_the_dct_scale_of_the_model_size(monkeypatch):
         pixels = decode_pixels(small, 224)
     assert pixels.shape == (224, 224, 3) and pixels.dtype == np.uint8
     assert np.abs(pixels.astype(int) - reference).mean() < 3
+    # Into a row of a block: the same pixels, whether decoded in place (7/8), resized (1/2), upscaled from an image
+    # smaller than the model size (decoded into the row's start first), or through Pillow (PNG).
+    png = io.BytesIO()
+    Image.new("RGB", (50, 70), (9, 99, 199)).save(png, format="PNG")
+    block = np.zeros((5, 224, 224, 3), np.uint8)
+    for row, data in enumerate([small, big, _photo_jpeg(100), cmyk, png.getvalue()]):
+        assert np.shares_memory(decode_pixels(data, 224, out=block[row]), block[row])
+        assert np.array_equal(block[row], decode_pixels(data, 224)), row
     # A truncated JPEG is still corrupt; a header claiming more pixels than allowed is refused before decoding.
     with pytest.raises(ValueError, match="corrupt_image"):
         decode_pixels(big[:len(big) // 2], 224)
@@ -283,3 +291,13 @@ def test_blocks_of_large_images_stay_under_the_mmap_threshold(size, rows):
 
     assert block_rows(size) == rows
     assert rows == 16 or rows * size * size * 3 <= BLOCK_PIXEL_BYTES < 2 * rows * size * size * 3 or rows == 256
+
+
+def test_binary_columns_are_built_whole_and_equal_pyarrows():
+    from mmray.data.reader import binary_array
+
+    values = [b"\xff\xd8" + bytes(range(256)) * 40, None, b"", b"caption", None]
+    column = binary_array(values)
+    assert column.equals(pa.array(values, pa.binary())) and column.null_count == 2
+    assert column.to_pylist() == values
+    assert binary_array([b"x", b"yz"]).null_count == 0 and binary_array([]).equals(pa.array([], pa.binary()))
