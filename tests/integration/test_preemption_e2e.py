@@ -25,61 +25,25 @@ REPO = Path(__file__).resolve().parents[2]
 SCENARIO = Path(__file__).with_name("preemption_scenario.py")
 
 
-def _start(workdir: Path, *flags: str) -> subprocess.Popen:
+def _scenario(workdir: Path, *flags: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.Popen([sys.executable, str(SCENARIO), str(workdir), *flags], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-
-
-def _result(proc: subprocess.Popen) -> dict:
-    try:
-        out, err = proc.communicate(timeout=400)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-    assert proc.returncode == 0, out[-3000:] + err[-6000:]
-    result = json.loads(out.strip().splitlines()[-1])
+    proc = subprocess.run([sys.executable, str(SCENARIO), str(workdir), *flags], capture_output=True, text=True,
+                          timeout=400, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
     problems = {k: result.get(k) for k in ("cloud_error", "train_error") if result.get(k)}
-    assert not problems, "\n".join(f"{k}:\n{v}" for k, v in problems.items()) + err[-4000:]
+    assert not problems, "\n".join(f"{k}:\n{v}" for k, v in problems.items()) + proc.stderr[-4000:]
     return result
 
 
 @pytest.fixture(scope="module")
-def scenarios(tmp_path_factory):
-    """Both scenarios, run at the same time: each is its own Ray cluster in its own process, and much of each is
-    waiting (the notice's 10 s, health checks, restarts), so together they take ~95 s instead of ~130 s. Each
-    one's failure is its own tests' error."""
-    procs = {"found": _start(tmp_path_factory.mktemp("preemption")),
-             "killed": _start(tmp_path_factory.mktemp("killed"), "--no-notice")}
-    results: dict = {}
-    try:
-        for name, proc in procs.items():
-            try:
-                results[name] = _result(proc)
-            except AssertionError as e:
-                results[name] = e
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    return results
-
-
-def _outcome(result: dict | AssertionError) -> dict:
-    if isinstance(result, AssertionError):
-        raise result
-    return result
+def found(tmp_path_factory):
+    return _scenario(tmp_path_factory.mktemp("preemption"))
 
 
 @pytest.fixture(scope="module")
-def found(scenarios):
-    return _outcome(scenarios["found"])
-
-
-@pytest.fixture(scope="module")
-def killed(scenarios):
-    return _outcome(scenarios["killed"])
+def killed(tmp_path_factory):
+    return _scenario(tmp_path_factory.mktemp("killed"), "--no-notice")
 
 
 def _steps(lines: list[str]) -> list[int]:
