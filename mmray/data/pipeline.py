@@ -78,10 +78,14 @@ def _upright(img: Image.Image) -> Image.Image:
 _FAST_JPEG_COLORSPACES = frozenset({"YCbCr", "Gray", "RGB"})
 
 
-def _jpeg_has_exif(data: bytes) -> bool:
-    """Whether a JPEG carries an EXIF block (an APP1 segment starting ``Exif\\0\\0``) before its first scan. Walks
-    the marker segments (a handful, each with its length), so the cost does not grow with the file. Unparseable
-    structure counts as EXIF: the caller then takes Pillow's path, which decides."""
+XMP_APP1 = b"http://ns.adobe.com/xap/1.0/\x00"
+
+
+def _jpeg_may_be_rotated(data: bytes) -> bool:
+    """Whether a JPEG may carry an orientation, which Pillow reads from an EXIF block (an APP1 segment starting
+    ``Exif\\0\\0``) or, without one, from XMP's ``tiff:Orientation`` (an APP1 segment in Adobe's XMP namespace).
+    Walks the marker segments before the first scan (a handful, each with its length), so the cost does not grow
+    with the file. Unparseable structure counts as rotated: the caller then takes Pillow's path, which decides."""
     i, n = 2, len(data)
     while i + 4 <= n:
         if data[i] != 0xFF:
@@ -92,9 +96,12 @@ def _jpeg_has_exif(data: bytes) -> bool:
         if marker == 0xFF:  # fill byte before a marker
             i += 1
             continue
-        if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\x00\x00":
-            return True
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        end = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xE1:
+            payload = data[i + 4:end]
+            if payload.startswith(b"Exif\x00\x00") or (payload.startswith(XMP_APP1) and b"Orientation" in payload):
+                return True
+        i = end
     return True
 
 
@@ -109,9 +116,9 @@ def _dct_scaled(h: int, w: int, size: int) -> tuple[int, int]:
 
 
 def _decode_jpeg_fast(data: bytes, size: int, out: np.ndarray | None = None) -> np.ndarray | None:
-    """A baseline or progressive JPEG without EXIF, decoded by libjpeg-turbo through simplejpeg at the smallest DCT
-    scale (M/8, M = 1..8) whose sides are at least ``size``; None when the file needs Pillow's path (EXIF
-    orientation, CMYK, an error). Pillow's draft mode scales by 1/2, 1/4 or 1/8 only, so a 256 px source decodes
+    """A baseline or progressive JPEG without an orientation, decoded by libjpeg-turbo through simplejpeg at the
+    smallest DCT scale (M/8, M = 1..8) whose sides are at least ``size``; None when the file needs Pillow's path
+    (an EXIF or XMP orientation, CMYK, an error). Pillow's draft mode scales by 1/2, 1/4 or 1/8 only, so a 256 px source decodes
     whole and is then resized to 224 px; here it decodes at 7/8, straight to 224, 2.7x cheaper (the resize is most
     of the cost). At the scales both can use the pixels are the same, bit for bit: the same library decodes them.
     With ``out`` (uint8, (size, size, 3)), an image whose scale lands on ``size`` is decoded straight into it."""
@@ -123,7 +130,7 @@ def _decode_jpeg_fast(data: bytes, size: int, out: np.ndarray | None = None) -> 
         return None
     if h * w > MAX_IMAGE_PIXELS:
         raise ValueError("image_too_large")
-    if colorspace not in _FAST_JPEG_COLORSPACES or _jpeg_has_exif(data):
+    if colorspace not in _FAST_JPEG_COLORSPACES or _jpeg_may_be_rotated(data):
         return None
     scale = {"colorspace": "RGB", "min_height": min(size, h), "min_width": min(size, w), "strict": True}
     if out is not None and _dct_scaled(h, w, size) == (size, size):
@@ -144,10 +151,10 @@ def decode_pixels(data: bytes, size: int, out: np.ndarray | None = None) -> np.n
     written there, decoded straight into it where the decoder can, and ``out`` is returned.
 
     JPEGs are decoded with DCT scaling straight to the smallest scale at least ``size`` (:func:`_decode_jpeg_fast`),
-    which is much cheaper than a full decode followed by a resize; other formats, and JPEGs with EXIF or in CMYK,
-    go through Pillow (draft mode for JPEGs). The image is turned upright as its EXIF orientation says (a phone
-    photo stored sideways is seen as the caption describes it), and 16-bit greyscale is scaled to 8 bits (Pillow's
-    RGB conversion would clip it).
+    which is much cheaper than a full decode followed by a resize; other formats, and JPEGs with an orientation or
+    in CMYK, go through Pillow (draft mode for JPEGs). The image is turned upright as its EXIF (or XMP) orientation
+    says (a phone photo stored sideways is seen as the caption describes it), and 16-bit greyscale is scaled to 8
+    bits (Pillow's RGB conversion would clip it).
     """
     if not data:
         raise ValueError("empty_image")
@@ -155,7 +162,7 @@ def decode_pixels(data: bytes, size: int, out: np.ndarray | None = None) -> np.n
     if pixels is None:
         pixels = _decode_pillow(data, size)
     elif pixels.shape[:2] != (size, size):
-        if out is not None:
+        if out is not None and np.shares_memory(pixels, out):
             pixels = np.array(pixels)  # a smaller image decoded into the start of ``out``, which the resize fills
         pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BICUBIC))
     if out is None:

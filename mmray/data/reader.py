@@ -44,7 +44,10 @@ def binary_array(values: list) -> pa.Array | list:
 
     ``pa.array`` appends the values to a buffer that it grows as it goes, each growth a reallocation and a copy: for
     a block of images that was half of the reader's own CPU time (py-spy, 96 KB JPEGs). The column is the same.
-    Columns past 2 GiB (binary's 32-bit offsets) are left to ``pa.array``, which splits them into chunks."""
+    Columns past 2 GiB (binary's 32-bit offsets), and values other than bytes (a Parquet string column named as
+    the image column), are left to ``pa.array`` (which splits the first into chunks and encodes the second)."""
+    if not all(v is None or type(v) is bytes for v in values):
+        return values
     n = len(values)
     present = [v is not None for v in values]
     lengths = np.fromiter((len(v) if v is not None else 0 for v in values), np.int64, n)

@@ -174,6 +174,14 @@ def test_decode_turns_photos_upright_keeps_bad_exif_and_scales_16_bit_greyscale(
     img.save(buf, format="JPEG", exif=exif.tobytes())
     px = decode_pixels(buf.getvalue(), 32)
     assert px[:12].min() > 240 and px[-12:].max() < 15
+    # The same orientation in XMP (tiff:Orientation), which Pillow reads when there is no EXIF block.
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF>'
+           b'</x:xmpmeta>')
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", xmp=xmp)
+    px = decode_pixels(buf.getvalue(), 32)
+    assert px[:12].min() > 240 and px[-12:].max() < 15
     # An EXIF block Pillow cannot parse leaves the image as stored: the pixels are fine, so it is not dropped.
     buf = io.BytesIO()
     Image.new("RGB", (64, 48), (10, 200, 30)).save(buf, format="JPEG", exif=b"Exif\x00\x00garbage-garbage")
@@ -301,3 +309,7 @@ def test_binary_columns_are_built_whole_and_equal_pyarrows():
     assert column.equals(pa.array(values, pa.binary())) and column.null_count == 2
     assert column.to_pylist() == values
     assert binary_array([b"x", b"yz"]).null_count == 0 and binary_array([]).equals(pa.array([], pa.binary()))
+    # Values that are not bytes (a Parquet string column named as the image column) are left to pa.array, which
+    # encodes them (each then fails to decode, as corrupt_image, instead of failing the read).
+    assert pa.table({"image": binary_array(["é", None])}, schema=pa.schema([("image", pa.binary())])).column(
+        "image").to_pylist() == ["é".encode(), None]
