@@ -118,10 +118,11 @@ def _dct_scaled(h: int, w: int, size: int) -> tuple[int, int]:
 def _decode_jpeg_fast(data: bytes, size: int, out: np.ndarray | None = None) -> np.ndarray | None:
     """A baseline or progressive JPEG without an orientation, decoded by libjpeg-turbo through simplejpeg at the
     smallest DCT scale (M/8, M = 1..8) whose sides are at least ``size``; None when the file needs Pillow's path
-    (an EXIF or XMP orientation, CMYK, an error). Pillow's draft mode scales by 1/2, 1/4 or 1/8 only, so a 256 px source decodes
-    whole and is then resized to 224 px; here it decodes at 7/8, straight to 224, 2.7x cheaper (the resize is most
-    of the cost). At the scales both can use the pixels are the same, bit for bit: the same library decodes them.
-    With ``out`` (uint8, (size, size, 3)), an image whose scale lands on ``size`` is decoded straight into it."""
+    (an EXIF or XMP orientation, CMYK, an error). Pillow's draft mode scales by 1/2, 1/4 or 1/8 only, so a 256 px
+    source decodes whole and is then resized to 224 px; here it decodes at 7/8, straight to 224, 2.7x cheaper (the
+    resize is most of the cost). At the scales both can use the pixels are the same, bit for bit: the same library
+    decodes them. With ``out`` (uint8, (size, size, 3)), an image whose scale lands on ``size`` is decoded
+    straight into it."""
     import simplejpeg
 
     try:
