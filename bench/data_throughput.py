@@ -1,6 +1,7 @@
 """Data pipeline throughput, side by side in one run on the same shards and cores. Prints one JSON object.
 
-- mmray: ShardDatasource (batched tar reading) + Preprocess (JPEG decode at the DCT scale nearest the model size, resize, tokenize; uint8 pixels);
+- mmray: ShardDatasource (batched tar reading) + Preprocess (JPEG decode at the DCT scale nearest the model size,
+  resize, tokenize; uint8 pixels);
 - decode_limit: a plain single-process loop that only decodes and resizes the same images (per core);
 - stock: Ray Data's read_webdataset as documented (its default decoder turns each .jpg into a full-size NumPy
   array, .txt into str, .json into a dict) + the same preprocessing in map_batches: resize to the model size,

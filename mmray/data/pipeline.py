@@ -76,9 +76,7 @@ def _upright(img: Image.Image) -> Image.Image:
 # JPEG colour spaces that libjpeg-turbo converts to RGB as Pillow does; CMYK / YCCK (Adobe's inverted CMYK) go
 # through Pillow, which knows the Adobe convention.
 _FAST_JPEG_COLORSPACES = frozenset({"YCbCr", "Gray", "RGB"})
-
-
-XMP_APP1 = b"http://ns.adobe.com/xap/1.0/\x00"
+_XMP_APP1 = b"http://ns.adobe.com/xap/1.0/\x00"  # how an APP1 segment of XMP metadata starts
 
 
 def _jpeg_may_be_rotated(data: bytes) -> bool:
@@ -99,7 +97,7 @@ def _jpeg_may_be_rotated(data: bytes) -> bool:
         end = i + 2 + int.from_bytes(data[i + 2:i + 4], "big")
         if marker == 0xE1:
             payload = data[i + 4:end]
-            if payload.startswith(b"Exif\x00\x00") or (payload.startswith(XMP_APP1) and b"Orientation" in payload):
+            if payload.startswith(b"Exif\x00\x00") or (payload.startswith(_XMP_APP1) and b"Orientation" in payload):
                 return True
         i = end
     return True
@@ -164,7 +162,8 @@ def decode_pixels(data: bytes, size: int, out: np.ndarray | None = None) -> np.n
         pixels = _decode_pillow(data, size)
     elif pixels.shape[:2] != (size, size):
         if out is not None and np.shares_memory(pixels, out):
-            pixels = np.array(pixels)  # a smaller image decoded into the start of ``out``, which the resize fills
+            # decoded into the start of ``out`` at a scale other than _dct_scaled predicted; the resize fills it
+            pixels = np.array(pixels)
         pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BICUBIC))
     if out is None:
         return pixels

@@ -225,7 +225,7 @@ def test_jpegs_decode_at_the_dct_scale_of_the_model_size(monkeypatch):
     assert pixels.shape == (224, 224, 3) and pixels.dtype == np.uint8
     assert np.abs(pixels.astype(int) - reference).mean() < 3
     # Into a row of a block: the same pixels, whether decoded in place (7/8), resized (1/2), upscaled from an image
-    # smaller than the model size (decoded into the row's start first), or through Pillow (PNG).
+    # smaller than the model size, or through Pillow (CMYK, PNG).
     png = io.BytesIO()
     Image.new("RGB", (50, 70), (9, 99, 199)).save(png, format="PNG")
     block = np.zeros((5, 224, 224, 3), np.uint8)
