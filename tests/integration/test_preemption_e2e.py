@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,25 +27,68 @@ REPO = Path(__file__).resolve().parents[2]
 SCENARIO = Path(__file__).with_name("preemption_scenario.py")
 
 
-def _scenario(workdir: Path, *flags: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, str(SCENARIO), str(workdir), *flags], capture_output=True, text=True,
-                          timeout=400, env=env, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+def _start(workdir: Path, ray_tmp: str, *flags: str) -> subprocess.Popen:
+    # Each cluster gets its own Ray temp dir, so its own `ray_current_cluster` file: the processes of a cluster find
+    # the GCS from it (Ray Train's state actor does, through the state API), and with one shared file, two clusters
+    # at once would point one cluster's actors at the other's GCS.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_tmp}
+    return subprocess.Popen([sys.executable, str(SCENARIO), str(workdir), *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+
+
+def _result(proc: subprocess.Popen) -> dict:
+    try:
+        out, err = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    assert proc.returncode == 0, out[-3000:] + err[-6000:]
+    result = json.loads(out.strip().splitlines()[-1])
     problems = {k: result.get(k) for k in ("cloud_error", "train_error") if result.get(k)}
-    assert not problems, "\n".join(f"{k}:\n{v}" for k, v in problems.items()) + proc.stderr[-4000:]
+    assert not problems, "\n".join(f"{k}:\n{v}" for k, v in problems.items()) + err[-4000:]
     return result
 
 
 @pytest.fixture(scope="module")
-def found(tmp_path_factory):
-    return _scenario(tmp_path_factory.mktemp("preemption"))
+def scenarios(tmp_path_factory):
+    """Both scenarios, run at the same time: each is its own Ray cluster in its own process, and much of each is
+    waiting (the notice's 10 s, health checks, restarts), so together they take ~95 s instead of ~130 s. Each
+    one's failure is its own tests' error."""
+    # Short paths: Ray's unix sockets live under the temp dir, and a socket path may not exceed 107 bytes.
+    ray_tmps = [tempfile.mkdtemp(prefix="mmray-ray-", dir="/tmp") for _ in range(2)]
+    procs = {"found": _start(tmp_path_factory.mktemp("preemption"), ray_tmps[0]),
+             "killed": _start(tmp_path_factory.mktemp("killed"), ray_tmps[1], "--no-notice")}
+    results: dict = {}
+    try:
+        for name, proc in procs.items():
+            try:
+                results[name] = _result(proc)
+            except AssertionError as e:
+                results[name] = e
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        for path in ray_tmps:
+            shutil.rmtree(path, ignore_errors=True)
+    return results
+
+
+def _outcome(result: dict | AssertionError) -> dict:
+    if isinstance(result, AssertionError):
+        raise result
+    return result
 
 
 @pytest.fixture(scope="module")
-def killed(tmp_path_factory):
-    return _scenario(tmp_path_factory.mktemp("killed"), "--no-notice")
+def found(scenarios):
+    return _outcome(scenarios["found"])
+
+
+@pytest.fixture(scope="module")
+def killed(scenarios):
+    return _outcome(scenarios["killed"])
 
 
 def _steps(lines: list[str]) -> list[int]:
