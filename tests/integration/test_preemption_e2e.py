@@ -52,7 +52,7 @@ def _result(proc: subprocess.Popen) -> dict:
 @pytest.fixture(scope="module")
 def scenarios(tmp_path_factory):
     """Both scenarios, run at the same time: each is its own Ray cluster in its own process, and much of each is
-    waiting (the notice's 10 s, health checks, restarts), so together they take ~95 s instead of ~130 s. Each
+    waiting (the notice's 10 s, health checks, restarts), so together they take ~105 s instead of ~130 s. Each
     one's failure is its own tests' error."""
     # Short paths: Ray's unix sockets live under the temp dir, and a socket path may not exceed 107 bytes.
     ray_tmps = [tempfile.mkdtemp(prefix="mmray-ray-", dir="/tmp") for _ in range(2)]
