@@ -32,16 +32,21 @@ def _start(workdir: Path, ray_tmp: str, *flags: str) -> subprocess.Popen:
     # the GCS from it (Ray Train's state actor does, through the state API), and with one shared file, two clusters
     # at once would point one cluster's actors at the other's GCS.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": ray_tmp}
-    return subprocess.Popen([sys.executable, str(SCENARIO), str(workdir), *flags], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    # Output to files, not pipes: this process waits on one scenario at a time, and the other must never stall
+    # on a full pipe (its run's logs reach its driver's stdout and stderr) while its cluster keeps going.
+    with open(workdir / "scenario.out", "w") as out, open(workdir / "scenario.err", "w") as err:
+        return subprocess.Popen([sys.executable, str(SCENARIO), str(workdir), *flags], stdout=out, stderr=err,
+                                text=True, env=env, cwd=REPO)
 
 
 def _result(proc: subprocess.Popen) -> dict:
     try:
-        out, err = proc.communicate(timeout=400)
+        proc.wait(timeout=400)
     except subprocess.TimeoutExpired:
         proc.kill()
-        out, err = proc.communicate()
+        proc.wait()
+    workdir = Path(proc.args[2])
+    out, err = (workdir / "scenario.out").read_text(), (workdir / "scenario.err").read_text()
     assert proc.returncode == 0, out[-3000:] + err[-6000:]
     result = json.loads(out.strip().splitlines()[-1])
     problems = {k: result.get(k) for k in ("cloud_error", "train_error") if result.get(k)}
@@ -69,7 +74,7 @@ def scenarios(tmp_path_factory):
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
-                proc.communicate()
+                proc.wait()
         for path in ray_tmps:
             shutil.rmtree(path, ignore_errors=True)
     return results
