@@ -10,7 +10,7 @@
   mmray path in the reader alone;
 - mmray_unreserved (a diagnostic, not a setting to train with): the mmray path with Ray Data's per-operator
   resource reservation switched off. Ray Data 2.60 starts each execution with its global resource limits at zero
-  until its autoscaling coordinator grants a reservation (1-2 s on 2 busy cores), and only one task runs until then;
+  until its autoscaling coordinator grants a reservation (~2.3 s on 2 busy cores), and only one task runs until then;
   without the reservation every core works from the start, but nothing budgets the object store.
 
 ``first_batch_s`` is each path's time from the start of an execution to its first batch.
@@ -199,10 +199,7 @@ def main() -> None:
                                                                                          batch_format="numpy")
 
     def mmray_unreserved_ds():
-        # Diagnostic: mmray's path with Ray Data's per-operator resource reservation off (its kill-switch). Ray Data
-        # 2.60 starts every execution with zero global limits until its autoscaling coordinator grants a reservation;
-        # until then one task runs. Off, every core works from the start, but nothing budgets the object store, so
-        # this is no setting for training: it only measures what the start of an execution costs.
+        # A diagnostic, not a setting to train with (see the module docstring).
         ds = mmray_ds()
         ds.context.op_resource_reservation_enabled = False
         return ds
@@ -258,7 +255,8 @@ def main() -> None:
         "ratio_vs_decode_limit_per_cpu_s": round(mmray_cpu / decode_per_cpu_s, 3),
         "first_batch_s": {k: round(v, 2) for k, v in first_batch.items()},
         "unreserved_samples_per_s": round(best["mmray_unreserved"][0], 1),
-        "unreserved_ratio_vs_decode_limit_per_core": round(best["mmray_unreserved"][0] / args.cpus / decode_per_core, 3),
+        "unreserved_ratio_vs_decode_limit_per_core": round(
+            best["mmray_unreserved"][0] / args.cpus / decode_per_core, 3),
         "goals": {"vs_decode_limit_per_core": 0.8, "vs_stock": 2.0},
     }))
 
