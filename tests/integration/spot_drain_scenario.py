@@ -73,8 +73,15 @@ def main() -> dict:
 
         client = ray._raylet.GcsClient(address=cluster.address)
         found["draining"] = client.get_draining_nodes()  # {node id hex: deadline ms}
+        # The node's state snapshot is not the drain table: the GCS takes it from the raylet's next resource-view
+        # report, which lags the drain by a report period, longer on a loaded machine (one CI run read ACTIVE).
+        waited = time.monotonic()
         snapshot = _node(client, worker.node_id).state_snapshot
+        while snapshot.state != gcs_pb2.NodeSnapshot.State.DRAINING and time.monotonic() - waited < 30:
+            time.sleep(0.1)
+            snapshot = _node(client, worker.node_id).state_snapshot
         found["worker_state"] = gcs_pb2.NodeSnapshot.State.Name(snapshot.state)
+        found["worker_state_after_s"] = round(time.monotonic() - waited, 2)
         found["head_state"] = gcs_pb2.NodeSnapshot.State.Name(_node(client, head_id).state_snapshot.state)
         found["imds_hits"] = [list(h) for h in imds.hits]
 
