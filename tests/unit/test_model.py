@@ -121,3 +121,20 @@ def test_vqa_needs_a_decoder_and_a_batch_without_questions_costs_nothing():
     loss = vqa_loss(logits, torch.full((2, 3), -100))
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_weight_init_scales_with_fan_in():
+    """GPT-2's std 0.02 holds at a fan-in of 768 only; a 64-wide layer gets 0.02 * sqrt(768 / 64), so that stacked
+    narrow layers pass on their input's scale instead of shrinking it 6-fold each (see mmray.models.model.init_std)."""
+    torch.manual_seed(0)
+    model, cfg = _model("tiny", "late")
+    width = cfg.model.text_width
+    mlp = model.fusion.text_encoder.transformer.blocks[0].mlp
+    fc1, fc2 = mlp.fc, mlp.proj
+    assert fc1.in_features == width and fc2.in_features == int(width * cfg.model.mlp_ratio)
+    assert fc1.weight.std().item() == pytest.approx(0.02 * (768 / width) ** 0.5, rel=0.05)
+    assert fc2.weight.std().item() == pytest.approx(0.02 * (768 / fc2.in_features) ** 0.5, rel=0.05)
+    patch = model.fusion.image_encoder.patch_embed  # a conv: fan-in = 3 channels x patch x patch
+    assert patch.weight.std().item() == pytest.approx(0.02 * (768 / (3 * cfg.model.patch_size ** 2)) ** 0.5, rel=0.1)
+    assert float(fc1.bias.abs().max()) == 0.0
+    assert model.fusion.text_encoder.token_embed.weight.std().item() == pytest.approx(0.02, rel=0.05)
