@@ -25,6 +25,16 @@ def _node(client, node_id: str):
     return client.get_all_node_info(timeout=10)[ray.NodeID.from_hex(node_id)]
 
 
+def _wait_for_node(client, node_id: str, done, interval_s: float, timeout_s: float = 30):
+    """The node's info once ``done(info)`` holds, or as it is after ``timeout_s``; and the seconds waited."""
+    started = time.monotonic()
+    info = _node(client, node_id)
+    while not done(info) and time.monotonic() - started < timeout_s:
+        time.sleep(interval_s)
+        info = _node(client, node_id)
+    return info, time.monotonic() - started
+
+
 def main() -> dict:
     import ray
     from ray.cluster_utils import Cluster
@@ -75,23 +85,17 @@ def main() -> dict:
         found["draining"] = client.get_draining_nodes()  # {node id hex: deadline ms}
         # The node's state snapshot is not the drain table: the GCS takes it from the raylet's next resource-view
         # report, which lags the drain by a report period, longer on a loaded machine (one CI run read ACTIVE).
-        waited = time.monotonic()
-        snapshot = _node(client, worker.node_id).state_snapshot
-        while snapshot.state != gcs_pb2.NodeSnapshot.State.DRAINING and time.monotonic() - waited < 30:
-            time.sleep(0.1)
-            snapshot = _node(client, worker.node_id).state_snapshot
-        found["worker_state"] = gcs_pb2.NodeSnapshot.State.Name(snapshot.state)
-        found["worker_state_after_s"] = round(time.monotonic() - waited, 2)
+        info, waited = _wait_for_node(
+            client, worker.node_id, lambda i: i.state_snapshot.state == gcs_pb2.NodeSnapshot.State.DRAINING, 0.1)
+        found["worker_state"] = gcs_pb2.NodeSnapshot.State.Name(info.state_snapshot.state)
+        found["worker_state_after_s"] = round(waited, 2)
         found["head_state"] = gcs_pb2.NodeSnapshot.State.Name(_node(client, head_id).state_snapshot.state)
         found["imds_hits"] = [list(h) for h in imds.hits]
 
         # The work ends: the drained node goes away, and Ray records why.
         ray.kill(work)
-        deadline = time.monotonic() + 30
-        info = _node(client, worker.node_id)
-        while info.state != gcs_pb2.GcsNodeInfo.GcsNodeState.DEAD and time.monotonic() < deadline:
-            time.sleep(0.2)
-            info = _node(client, worker.node_id)
+        info, _ = _wait_for_node(
+            client, worker.node_id, lambda i: i.state == gcs_pb2.GcsNodeInfo.GcsNodeState.DEAD, 0.2)
         found["worker_final"] = gcs_pb2.GcsNodeInfo.GcsNodeState.Name(info.state)
         found["death_reason"] = common_pb2.NodeDeathInfo.Reason.Name(info.death_info.reason)
         found["death_message"] = info.death_info.reason_message
