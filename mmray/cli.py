@@ -28,6 +28,36 @@ def _emit(summary: dict) -> None:
     print(json.dumps(summary, default=str), flush=True)
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts and sizes: an integer of at least 1 (0 would otherwise read as 'use the default')."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors also end stdout with the JSON summary line (exit 2), as every other
+    failure does."""
+
+    def error(self, message: str):
+        _emit({"error": f"{self.prog}: {message}", "kind": "usage"})
+        super().error(message)
+
+
+def _leaf_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)command's own parser that ``args`` were parsed with, for its usage line."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, subs[0].dest, None) if subs else None
+        if name not in (subs[0].choices if subs else {}):
+            return parser
+        parser = subs[0].choices[name]
+
+
 def _bad_input_types() -> tuple[type[BaseException], ...]:
     from mmray.storage import StorageError
     from mmray.data.pipeline import BadDataError
@@ -192,7 +222,7 @@ counted per reason in the JSON summary. Validation takes --val-samples samples c
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmray", description="Multimodal training on Ray Train + DeepSpeed. "
+    p = Parser(prog="mmray", description="Multimodal training on Ray Train + DeepSpeed. "
                                 "Logs go to stderr; the last stdout line is a JSON summary. "
                                 "Exit codes: 0 ok, 2 bad input, 1 other errors.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -237,18 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="held-out validation samples (default min(max(256, samples/10), samples/2))")
     prep.add_argument("--seed", type=int, default=0,
                       help="generator seed / which samples go to validation; output is deterministic for a seed")
-    prep.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    prep.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard (default 1000)")
     prep.add_argument("--tokenizer", default=None, metavar="PATH",
                       help="attach this tokenizer.json (local or s3://) instead of training one")
-    prep.add_argument("--vocab-size", type=int, default=512,
+    prep.add_argument("--vocab-size", type=positive_int, default=512,
                       help="size of the tokenizer trained on the training captions (default 512)")
     prep.add_argument("--image-column", default=None,
                       help="index column/field of the image path (default image, else path, else filepath)")
     prep.add_argument("--caption-column", default=None,
                       help="index column/field of the caption (default caption, else text)")
-    prep.add_argument("--samples", type=int, default=None,
+    prep.add_argument("--samples", type=positive_int, default=None,
                       help="synthetic:shapes only: total samples, train + val (default 10000)")
-    prep.add_argument("--image-size", type=int, default=None,
+    prep.add_argument("--image-size", type=positive_int, default=None,
                       help="synthetic:shapes only: image side in pixels (default 64)")
     prep.set_defaults(fn=cmd_data_prepare)
     insp = data.add_parser("inspect", help="decode every sample of a data set and count the usable and bad ones",
@@ -260,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "_stats.json; null when a shard has none), bad (count per reason), "
                                        "bad_examples, shards, bytes and samples_per_s.")
     insp.add_argument("src", help="shards: prefix, file, brace pattern or '::'-joined list (local or s3://)")
-    insp.add_argument("--image-size", type=int, default=64, help="decode and resize to this side (default 64)")
+    insp.add_argument("--image-size", type=positive_int, default=64, help="decode and resize to this side (default 64)")
     shard_reading(insp)
     insp.set_defaults(fn=cmd_data_inspect)
     tok = data.add_parser("tokenizer", help="train a tokenizer.json on the captions of shards that came without one",
@@ -275,8 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "samples_per_s.")
     tok.add_argument("src", help="shards: prefix, file, brace pattern or '::'-joined list (local or s3://)")
     tok.add_argument("out", help="where to write tokenizer.json (local path or s3://bucket/key)")
-    tok.add_argument("--vocab-size", type=int, default=512, help="largest vocabulary to learn (default 512)")
-    tok.add_argument("--max-samples", type=int, default=1_000_000,
+    tok.add_argument("--vocab-size", type=positive_int, default=512, help="largest vocabulary to learn (default 512)")
+    tok.add_argument("--max-samples", type=positive_int, default=1_000_000,
                      help="train on the first N usable samples in shard order (default 1000000; 0: all)")
     tok.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (default: refuse)")
     shard_reading(tok)
@@ -294,9 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("preset", metavar="PRESET", help="a preset name (see `mmray model list`)")
     info.add_argument("--fusion", default="late", help="fusion strategy (default late, the dual encoder)")
     info.add_argument("--decoder-depth", type=int, default=0, help="decoder blocks (default 0: none)")
-    info.add_argument("--image-size", type=int, default=None, help="image side in pixels")
-    info.add_argument("--context-length", type=int, default=None, help="text tokens")
-    info.add_argument("--vocab-size", type=int, default=None, help="vocabulary size")
+    info.add_argument("--image-size", type=positive_int, default=None, help="image side in pixels")
+    info.add_argument("--context-length", type=positive_int, default=None, help="text tokens")
+    info.add_argument("--vocab-size", type=positive_int, default=None, help="vocabulary size")
     info.set_defaults(fn=cmd_model_info)
 
     exp = sub.add_parser("export", help="export a checkpoint as safetensors weights, config and tokenizer",
@@ -315,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prepared data set, shard prefix, shard file, brace pattern or '::'-joined list "
                          "(local or s3://)")
     ev.add_argument("--split", default="val", help="split of a prepared data set (default val)")
-    ev.add_argument("--max-samples", type=int, default=None,
+    ev.add_argument("--max-samples", type=positive_int, default=None,
                     help="evaluate at most this many samples (default: the model config's eval.max_samples; 0 = all)")
     ev.add_argument("overrides", nargs="*", metavar="eval.key=value",
                     help="evaluation settings, e.g. eval.generate=false eval.batch_size=128, and the data-reading "
@@ -364,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
         args.overrides = [*(args.overrides or []), *extra]
     elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        _leaf_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run(args.fn, args)

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -300,6 +301,7 @@ def all_keys() -> list[str]:
 
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+_FIELDS = {s: {f.name: f for f in dataclasses.fields(cls)} for s, cls in SECTIONS.items()}
 
 
 def _nearest(name: str, options: list[str]) -> str:
@@ -331,8 +333,10 @@ def _coerce(key: str, value: Any, fld: dataclasses.Field) -> Any:
             if not isinstance(value, (str, int, float)):
                 raise TypeError
             value = str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}. {meta['help']}") from None
+    if typ is float and not math.isfinite(value):  # nan passes every min/max comparison; inf is no setting either
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}. {meta['help']}")
     if meta.get("choices") is not None and value not in meta["choices"]:
         allowed = ", ".join(repr(c) for c in meta["choices"])
         raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: {allowed}.")
@@ -346,7 +350,9 @@ def _coerce(key: str, value: Any, fld: dataclasses.Field) -> Any:
 def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
     """``['train.lr=3e-4', 'model.preset=tiny']`` -> ``{'train': {'lr': 0.0003}, 'model': {...}}``.
 
-    Values are parsed as YAML scalars, so numbers, booleans and strings read naturally.
+    Values are parsed as YAML scalars, so numbers and booleans read naturally; a key whose type is text takes the
+    text as typed (``run.name=007`` is "007", not the number 7; ``run.name=exp #3`` keeps its "#3"), unless it is
+    quoted (``data.caption_extension=''``: YAML's empty text).
     """
     out: dict[str, dict[str, Any]] = {}
     for item in overrides:
@@ -357,10 +363,14 @@ def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"override key {key!r} must be section.key, one of: {', '.join(all_keys())}."
                               + _nearest(key, all_keys()))
         section, name = key.split(".")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+        fld = _FIELDS.get(section, {}).get(name)
+        if fld is not None and fld.type in ("str", str) and not raw.startswith(("'", '"', "[", "{")):
+            value = raw  # a quoted text (unquoted below) or a list given for a text key (refused by _coerce) is YAML
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw != "" else ""
+            except yaml.YAMLError:
+                value = raw
         out.setdefault(section, {})[name] = value
     return out
 
@@ -573,6 +583,12 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
                 text = fh.read()
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a directory; give a YAML file") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
         raw = parse_sections(text, path)
     raw = _merge({k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()},
                  parse_overrides(overrides or []))

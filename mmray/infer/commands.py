@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from mmray.cli import positive_int
 from mmray.infer import DEVICES, FORMATS, TASKS
 
 EMBED_HELP = """\
@@ -68,10 +69,11 @@ def _with_inputs_and_pool(sp: argparse.ArgumentParser, default_batch: int) -> No
     sp.add_argument("src", metavar="SRC", nargs="+",
                     help="prepared data set, shard directory or shard file (local or s3://); several allowed")
     sp.add_argument("out", metavar="OUT", help="output directory (local or s3://bucket/prefix)")
-    sp.add_argument("--batch-size", type=int, default=None, help=f"samples per model batch (default {default_batch})")
+    sp.add_argument("--batch-size", type=positive_int, default=None,
+                    help=f"samples per model batch (default {default_batch})")
     sp.add_argument("--device", choices=DEVICES, default="auto",
                     help="auto (default): GPUs when the cluster has any, else CPUs")
-    sp.add_argument("--actors", type=int, default=None,
+    sp.add_argument("--actors", type=positive_int, default=None,
                     help="model actors (default: one per GPU, else one per CPU)")
     sp.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs (and threads) per CPU actor (default 1)")
     sp.add_argument("--max-bad-fraction", type=float, default=None,
@@ -95,7 +97,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     srch.add_argument("out", metavar="OUT", help="the OUT of `mmray embed`")
     srch.add_argument("query", metavar="QUERY", nargs="?", default=None, help="query text (text to image)")
     srch.add_argument("--image", metavar="PATH", default=None, help="query image file (image to text)")
-    srch.add_argument("--k", type=int, default=5, help="hits to return (default 5)")
+    srch.add_argument("--k", type=positive_int, default=5, help="hits to return (default 5)")
     srch.add_argument("--export", metavar="EXPORT", default=None,
                       help="export that embeds the query (default: the one recorded in OUT's manifest)")
     srch.add_argument("--contact-sheet", metavar="PNG", default=None, help="write a PNG grid of the hits' images")
@@ -105,8 +107,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                          description=GENERATE_HELP)
     _with_inputs_and_pool(gen, 64)
     gen.add_argument("--task", choices=TASKS, default="caption", help="what to generate (default caption)")
-    gen.add_argument("--beam", type=int, default=1, help="beam width; 1 (default) is greedy decoding")
-    gen.add_argument("--max-new-tokens", type=int, default=None,
+    gen.add_argument("--beam", type=positive_int, default=1, help="beam width; 1 (default) is greedy decoding")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=None,
                      help="longest generated text in tokens (default: the export's eval.max_new_tokens)")
     gen.add_argument("--format", choices=FORMATS, default="parquet", help="output format (default parquet)")
     gen.set_defaults(fn=cmd_generate)

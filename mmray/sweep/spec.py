@@ -27,6 +27,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -208,6 +209,8 @@ def _field_type(key: str) -> type:
 def _number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where}: expected a number, got {value!r}.")
+    if not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}.")
     return value
 
 
@@ -509,10 +512,13 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], dict]:
                               "overrides set sweep.KEY or sweep.SECTION.KEY (e.g. sweep.budget.usd=5).")
         if len(parts) > 2:
             raise ConfigError(f"override {key!r} must be sweep.KEY or sweep.SECTION.KEY.")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+        if parts in (["name"], ["storage_path"], ["metric"], ["budget", "instance_type"], ["budget", "market"]):
+            value = raw  # text keys take the text as typed (sweep.name=007 is "007")
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw != "" else ""
+            except yaml.YAMLError:
+                value = raw
         node = sweep
         for part in parts[:-1]:
             node = node.setdefault(part, {})
@@ -561,4 +567,8 @@ def load(path: str | os.PathLike, overrides: list[str] | None = None) -> SweepSp
         text = storage.read_text(str(path))
     except (FileNotFoundError, storage.StorageError):
         raise ConfigError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:  # a directory, no permission
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
     return from_mapping(config_lib.parse_sections(text, path), overrides)

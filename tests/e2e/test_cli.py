@@ -29,6 +29,22 @@ def test_bad_input_exits_2_before_ray_starts(mmray, args, needles):
     assert time.perf_counter() - t0 < 60
 
 
+@pytest.mark.parametrize("args, error, usage", [
+    (["train", "--bogus"], "mmray train: unrecognized arguments: --bogus", "usage: mmray train"),
+    (["data", "prepare", "synthetic:shapes", "out", "--samples", "0"],  # 0 is not "the default"
+     "mmray data prepare: argument --samples: must be at least 1, got 0", "usage: mmray data prepare"),
+    (["data", "inspect", "shards", "--image-size", "-3"],
+     "mmray data inspect: argument --image-size: must be at least 1, got -3", "usage: mmray data inspect"),
+    (["model", "info", "tiny", "--vocab-size", "0"],
+     "mmray model info: argument --vocab-size: must be at least 1, got 0", "usage: mmray model info"),
+])
+def test_usage_errors_exit_2_with_the_commands_usage_and_a_json_line(mmray, args, error, usage):
+    r = mmray(*args, timeout=60)
+    assert r.code == 2 and r.summary == {"error": error, "kind": "usage"}, r.stderr
+    prog, message = error.split(": ", 1)
+    assert f"{prog}: error: {message}" in r.stderr and usage in r.stderr
+
+
 def test_config_command_documents_and_validates(mmray):
     r = mmray("config")
     assert r.code == 0

@@ -51,6 +51,9 @@ def test_run_name_depends_on_what_is_trained_not_where():
     (["data.image_size=60"], ["data.image_size (60)", "multiple of model.patch_size (8)"]),
     (["model.image_heads=5"], ["model.image_width (128)", "divisible by model.image_heads (5)"]),
     (["train.warmup_steps=1000", "train.max_steps=10"], ["train.warmup_steps"]),
+    (["train.lr=nan"], ["train.lr", "expected a finite number, got nan"]),  # nan passes every min/max check
+    (["train.grad_clip=inf"], ["train.grad_clip", "expected a finite number, got inf"]),
+    (["train.max_steps=.inf"], ["train.max_steps", "expected int"]),
     (["lr=1"], ["must be section.key"]),
     (["train.lr"], ["must look like section.key=value"]),
 ])
@@ -96,6 +99,14 @@ def test_bad_webdataset_member_keys_name_the_key(overrides, needles):
         assert needle in str(e.value)
 
 
+def test_text_keys_take_the_text_as_typed():
+    for name in ("007", "0x1F", "1:30", "yes", "exp #3", "2024-01-01"):  # YAML would read a number, bool, date, ...
+        assert config.load(None, [f"run.name={name}"]).run.name == name
+    assert config.load(None, ["run.name='quoted'"]).run.name == "quoted"  # quoted: YAML text, unquoted
+    assert config.load(None, ["eval.zero_shot_templates=a photo: {}"]).eval.zero_shot_templates == "a photo: {}"
+    assert config.load(None, ["train.lr=1e-3"]).train.lr == 0.001  # numbers still read as numbers
+
+
 def test_use_gpu_accepts_yaml_booleans():
     assert config.load(None, ["train.use_gpu=true"]).train.use_gpu == "true"
     assert config.load(None, ["train.use_gpu=false"]).train.use_gpu == "false"
@@ -113,6 +124,11 @@ def test_bad_files(tmp_path):
         config.load(bad)
     bad.write_text("train: 3\n")
     with pytest.raises(ConfigError, match="section 'train' must be a mapping"):
+        config.load(bad)
+    with pytest.raises(ConfigError, match="is a directory; give a YAML file"):
+        config.load(tmp_path)
+    bad.write_bytes(b"\xff\xfetrain: {}\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not UTF-8 text"):
         config.load(bad)
 
 

@@ -107,6 +107,7 @@ def test_points_add_keys_to_the_space_with_base_values():
     ({"scheduler": {"name": "pbt", "mutations": ["model.fusion"]}}, ["sweep.scheduler.mutations", "model.fusion"]),
     ({"budget": {"usd": -1}}, ["sweep.budget.usd must be >= 0"]),
     ({"budget": {"usd": "ten"}}, ["sweep.budget.usd", "expected a number"]),
+    ({"budget": {"usd": float("nan")}}, ["sweep.budget.usd", "expected a finite number, got nan"]),
     ({"budget": {"instance_type": "g9.huge"}}, ["sweep.budget.instance_type", "'g9.huge'"]),
     ({"budget": {"market": "spotty"}}, ["sweep.budget.market", "on-demand, spot"]),
     ({"budget": {"safety": 0.5}}, ["sweep.budget.safety"]),
