@@ -24,12 +24,7 @@ from dataclasses import asdict, dataclass
 DEFAULT_SAFETY = 1.25      # step and checkpoint times are multiplied by this before projecting
 DEFAULT_TEARDOWN_S = 30.0  # after the last checkpoint: reporting, worker shutdown, the meter's last sample
 DEFAULT_WINDOW = 3         # intervals whose slowest step time is used
-DEFAULT_CHECKPOINT_GUESS_S = 30.0  # the stop's checkpoint time until one has been measured, when its size is unknown
-# Before a checkpoint has been timed, one of known size is guessed at a fixed part (the engine's save, manifests and
-# their hashes, Ray Train's report) plus its bytes at 25 MB/s: below one S3 upload stream from EC2 and any local disk.
-CHECKPOINT_GUESS_FIXED_S = 5.0
-CHECKPOINT_GUESS_BYTES_PER_S = 25e6
-BYTES_PER_TRAINED_PARAM = 16  # fp32 master weights and Adam's two moments (12), plus the model's own copy (<= 4)
+DEFAULT_CHECKPOINT_GUESS_S = 30.0  # the stop's checkpoint time until one has been measured
 
 
 @dataclass(frozen=True)
@@ -70,24 +65,13 @@ def decide(spent_usd: float, burn_usd_per_hour: float, next_interval_s: float, b
                           reason)
 
 
-def checkpoint_s_guess(trained_params: int, frozen_bytes: int = 0) -> float:
-    """Seconds a checkpoint is assumed to take before one has been timed: :data:`CHECKPOINT_GUESS_FIXED_S` plus its
-    bytes (``trained_params`` x :data:`BYTES_PER_TRAINED_PARAM`, plus the frozen weights' ``frozen_bytes``) at
-    :data:`CHECKPOINT_GUESS_BYTES_PER_S`. A tiny model gets ~5 s, where a flat guess of 30 s would make a small
-    budget stop after its first step; ViT-B/16 CLIP (~150 M parameters, ~2.4 GB) gets ~101 s."""
-    if trained_params < 0 or frozen_bytes < 0:
-        raise ValueError(f"sizes must be >= 0, got {trained_params} parameters and {frozen_bytes} bytes")
-    nbytes = trained_params * BYTES_PER_TRAINED_PARAM + frozen_bytes
-    return CHECKPOINT_GUESS_FIXED_S + nbytes / CHECKPOINT_GUESS_BYTES_PER_S
-
-
 class BudgetGuard:
     """Conservative step-time and stop-time estimates for :func:`decide`, fed by the training loop.
 
     Before the first measured step the step time is unknown: :meth:`check` then projects only the stop
     (``next_interval_s`` 0) and says so in the reason. So the loop measures its first step and takes its first
     decision right after it (then before every interval): only that one step runs unprojected. Until a checkpoint
-    has been timed, the stop reserve uses ``checkpoint_s_guess`` (the loop sizes it with :func:`checkpoint_s_guess`).
+    has been timed, the stop reserve uses ``checkpoint_s_guess``.
     """
 
     def __init__(self, budget_usd: float, *, safety: float = DEFAULT_SAFETY, teardown_s: float = DEFAULT_TEARDOWN_S,

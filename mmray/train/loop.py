@@ -66,20 +66,11 @@ class _Budget:
     measured step time) and after every checkpoint, each time projecting the steps up to the next checkpoint.
     """
 
-    def __init__(self, meter, cfg: config_lib.Config, rank: int, model: torch.nn.Module):
-        from mmray.cost.budget import BudgetGuard, checkpoint_s_guess
+    def __init__(self, meter, cfg: config_lib.Config, rank: int):
+        from mmray.cost.budget import BudgetGuard
 
         self.meter, self.rank = meter, rank
-        # Until the first checkpoint is timed, its time is guessed from its size (whole under ZeRO-3: ds_numel).
-        trained = frozen_bytes = 0
-        for p in model.parameters():
-            n = getattr(p, "ds_numel", p.numel())
-            if p.requires_grad:
-                trained += n
-            else:
-                frozen_bytes += n * p.element_size()
-        self.guard = BudgetGuard(cfg.budget.usd, teardown_s=cfg.budget.teardown_s,
-                                 checkpoint_s_guess=checkpoint_s_guess(trained, frozen_bytes))
+        self.guard = BudgetGuard(cfg.budget.usd, teardown_s=cfg.budget.teardown_s)
         self.mark_steps, self.mark_t = None, time.perf_counter()
         self.decision: dict = {}
 
@@ -175,7 +166,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     periodic_evals = 0  # evaluations every eval.every steps, in this attempt
     eval_s, started = 0.0, time.perf_counter()
 
-    budget = _Budget(loop_config["cost_meter"], cfg, rank, model) if cfg.budget.usd > 0 else None
+    budget = _Budget(loop_config["cost_meter"], cfg, rank) if cfg.budget.usd > 0 else None
     stopped_for_budget = budget is not None and budget.should_stop(steps_next=0)
     if budget:
         budget.observe(state["step"])

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from mmray.cost.budget import BudgetGuard, checkpoint_s_guess, decide
+from mmray.cost.budget import BudgetGuard, decide
 
 
 @pytest.mark.parametrize("spent, burn, interval_s, reserve_s, budget, stop, projected", [
@@ -49,25 +49,7 @@ def test_guard_uses_the_slowest_recent_step_and_checkpoint():
         BudgetGuard(1.0, safety=0.5)
 
 
-def test_checkpoint_guess_grows_with_what_the_checkpoint_holds():
-    # 5 s, plus 16 bytes a trained parameter and the frozen weights' bytes at 25 MB/s
-    assert checkpoint_s_guess(0) == 5.0
-    assert checkpoint_s_guess(1_000_000) == pytest.approx(5.0 + 16e6 / 25e6)           # a tiny preset: 5.64 s
-    assert checkpoint_s_guess(150_000_000) == pytest.approx(5.0 + 2.4e9 / 25e6)         # ViT-B/16 CLIP: 101 s
-    assert checkpoint_s_guess(1_000_000, frozen_bytes=50_000_000) == pytest.approx(5.0 + 66e6 / 25e6)
-    with pytest.raises(ValueError, match="sizes must be >= 0"):
-        checkpoint_s_guess(-1)
-    # In the guard it is the stop reserve until a checkpoint is timed. At $0.01/s with 3 steps of 0.5 s to go, a
-    # tiny model's run 18 cents into a 30-cent budget goes on (0.18 + 0.01 x (3 x 0.625 + 5.64 x 1.25 + 2) = 0.289),
-    # where a flat 30 s guess would stop it (0.18 + 0.01 x (1.875 + 37.5 + 2) = 0.594).
-    for guess, stop in ((checkpoint_s_guess(1_000_000), False), (30.0, True)):
-        guard = BudgetGuard(0.30, safety=1.25, teardown_s=2.0, checkpoint_s_guess=guess)
-        guard.observe_steps(1, 0.5)
-        assert guard.check(0.18, 36.0, steps_next=3).stop is stop
-
-
 @pytest.mark.parametrize("seed", range(30))
-
 def test_simulated_runs_never_cross_the_cap(seed):
     """A loop that measures its first step, then asks the guard before every checkpoint interval, with noisy step
     and checkpoint times (within the guard's safety factor) and a burn rate that hits the cap within the run: the
