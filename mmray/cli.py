@@ -223,8 +223,8 @@ counted per reason in the JSON summary. Validation takes --val-samples samples c
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="mmray", description="Multimodal training on Ray Train + DeepSpeed. "
-                                "Logs go to stderr; the last stdout line is a JSON summary. "
-                                "Exit codes: 0 ok, 2 bad input, 1 other errors.")
+                                         "Logs go to stderr; the last stdout line is a JSON summary. "
+                                         "Exit codes: 0 ok, 2 bad input, 1 other errors.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("src", help="shards: prefix, file, brace pattern or '::'-joined list (local or s3://)")
     tok.add_argument("out", help="where to write tokenizer.json (local path or s3://bucket/key)")
     tok.add_argument("--vocab-size", type=positive_int, default=512, help="largest vocabulary to learn (default 512)")
-    tok.add_argument("--max-samples", type=positive_int, default=1_000_000,
+    tok.add_argument("--max-samples", type=int, default=1_000_000,
                      help="train on the first N usable samples in shard order (default 1000000; 0: all)")
     tok.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (default: refuse)")
     shard_reading(tok)
@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prepared data set, shard prefix, shard file, brace pattern or '::'-joined list "
                          "(local or s3://)")
     ev.add_argument("--split", default="val", help="split of a prepared data set (default val)")
-    ev.add_argument("--max-samples", type=positive_int, default=None,
+    ev.add_argument("--max-samples", type=int, default=None,
                     help="evaluate at most this many samples (default: the model config's eval.max_samples; 0 = all)")
     ev.add_argument("overrides", nargs="*", metavar="eval.key=value",
                     help="evaluation settings, e.g. eval.generate=false eval.batch_size=128, and the data-reading "

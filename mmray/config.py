@@ -304,6 +304,33 @@ _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 _FIELDS = {s: {f.name: f for f in dataclasses.fields(cls)} for s, cls in SECTIONS.items()}
 
 
+def field_type(section: str, name: str) -> type:
+    """The Python type of key ``section.name`` (KeyError for an unknown one)."""
+    typ = _FIELDS[section][name].type
+    return _TYPES.get(typ, typ) if isinstance(typ, str) else typ
+
+
+def parse_value(raw: str, text: bool = False) -> Any:
+    """A dotted override's value: a YAML scalar (numbers and booleans read naturally), or for a ``text`` key the text
+    as typed (``007`` stays "007", ``exp #3`` keeps its "#3") unless it is quoted (``''``: YAML's empty text) or a
+    YAML list or mapping (which the key's check then refuses by name)."""
+    if text and not raw.startswith(("'", '"', "[", "{")):
+        return raw
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def file_error(path: str | os.PathLike, e: OSError | UnicodeDecodeError) -> ConfigError:
+    """The ConfigError for a config file that exists but cannot be read as text."""
+    if isinstance(e, UnicodeDecodeError):
+        return ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})")
+    if isinstance(e, IsADirectoryError):
+        return ConfigError(f"config file {path} is a directory; give a YAML file")
+    return ConfigError(f"config file {path} cannot be read: {e.strerror or e}")
+
+
 def _nearest(name: str, options: list[str]) -> str:
     match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
     return f" Did you mean '{match[0]}'?" if match else ""
@@ -350,9 +377,8 @@ def _coerce(key: str, value: Any, fld: dataclasses.Field) -> Any:
 def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
     """``['train.lr=3e-4', 'model.preset=tiny']`` -> ``{'train': {'lr': 0.0003}, 'model': {...}}``.
 
-    Values are parsed as YAML scalars, so numbers and booleans read naturally; a key whose type is text takes the
-    text as typed (``run.name=007`` is "007", not the number 7; ``run.name=exp #3`` keeps its "#3"), unless it is
-    quoted (``data.caption_extension=''``: YAML's empty text).
+    Values go through :func:`parse_value`: numbers and booleans read naturally, a text key's value is the text as
+    typed (``run.name=007`` is "007", not the number 7).
     """
     out: dict[str, dict[str, Any]] = {}
     for item in overrides:
@@ -363,15 +389,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"override key {key!r} must be section.key, one of: {', '.join(all_keys())}."
                               + _nearest(key, all_keys()))
         section, name = key.split(".")
-        fld = _FIELDS.get(section, {}).get(name)
-        if fld is not None and fld.type in ("str", str) and not raw.startswith(("'", '"', "[", "{")):
-            value = raw  # a quoted text (unquoted below) or a list given for a text key (refused by _coerce) is YAML
-        else:
-            try:
-                value = yaml.safe_load(raw) if raw != "" else ""
-            except yaml.YAMLError:
-                value = raw
-        out.setdefault(section, {})[name] = value
+        text = name in _FIELDS.get(section, {}) and field_type(section, name) is str
+        out.setdefault(section, {})[name] = parse_value(raw, text)
     return out
 
 
@@ -583,12 +602,8 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | None = No
                 text = fh.read()
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
-        except IsADirectoryError:
-            raise ConfigError(f"config file {path} is a directory; give a YAML file") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except OSError as e:
-            raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise file_error(path, e) from None
         raw = parse_sections(text, path)
     raw = _merge({k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()},
                  parse_overrides(overrides or []))

@@ -200,10 +200,7 @@ def _check_value(base: dict, key: str, value: Any, where: str) -> None:
 
 
 def _field_type(key: str) -> type:
-    section, name = key.split(".", 1)
-    fld = {f.name: f for f in dataclasses.fields(config_lib.SECTIONS[section])}[name]
-    return {"int": int, "float": float, "str": str, "bool": bool}.get(fld.type, fld.type) \
-        if isinstance(fld.type, str) else fld.type
+    return config_lib.field_type(*key.split(".", 1))
 
 
 def _number(value: Any, where: str) -> float:
@@ -492,6 +489,9 @@ def fingerprint(spec: SweepSpec) -> str:
 
 # ---------------------------------------------------------------------------------------------------------- loading
 
+_TEXT_KEYS = ("name", "storage_path", "metric", "budget.instance_type", "budget.market")  # sweep.name=007: "007"
+
+
 def split_overrides(overrides: list[str]) -> tuple[list[str], dict]:
     """Dotted overrides -> (training overrides, the sweep section's overrides as a nested mapping).
 
@@ -512,13 +512,7 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], dict]:
                               "overrides set sweep.KEY or sweep.SECTION.KEY (e.g. sweep.budget.usd=5).")
         if len(parts) > 2:
             raise ConfigError(f"override {key!r} must be sweep.KEY or sweep.SECTION.KEY.")
-        if parts in (["name"], ["storage_path"], ["metric"], ["budget", "instance_type"], ["budget", "market"]):
-            value = raw  # text keys take the text as typed (sweep.name=007 is "007")
-        else:
-            try:
-                value = yaml.safe_load(raw) if raw != "" else ""
-            except yaml.YAMLError:
-                value = raw
+        value = config_lib.parse_value(raw, text=".".join(parts) in _TEXT_KEYS)
         node = sweep
         for part in parts[:-1]:
             node = node.setdefault(part, {})
@@ -567,8 +561,6 @@ def load(path: str | os.PathLike, overrides: list[str] | None = None) -> SweepSp
         text = storage.read_text(str(path))
     except (FileNotFoundError, storage.StorageError):
         raise ConfigError(f"config file not found: {path}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:  # a directory, no permission
-        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
+    except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
+        raise config_lib.file_error(path, e) from None
     return from_mapping(config_lib.parse_sections(text, path), overrides)
