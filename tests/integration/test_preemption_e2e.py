@@ -8,7 +8,8 @@ The scenario (tests/integration/preemption_scenario.py) runs in a subprocess, si
 watcher (`python -m mmray.node.spot`) polling the fake IMDSv2 server of the unit tests, and a 1-worker DeepSpeed run
 of mmray's trainer. Once the run has written its first checkpoint, the fake server announces an interruption 10 s
 ahead; an on-demand raylet joins; at the deadline the spot node is removed. The same scenario with ``--no-notice``
-kills the spot node outright, a step or more past a checkpoint.
+kills the spot node outright, a step or more past a checkpoint. Both train the same config on the same data, so each
+interrupted run must end with the other's weights, bit for bit.
 """
 from __future__ import annotations
 
@@ -94,6 +95,19 @@ def found(scenarios):
 @pytest.fixture(scope="module")
 def killed(scenarios):
     return _outcome(scenarios["killed"])
+
+
+@pytest.fixture(scope="module")
+def weights_killed_vs_found(found, killed):
+    """The two runs' final weights (consolidated fp32, from their final checkpoints), compared: the parameter names
+    each has alone, and the largest absolute difference of any element (0.0: bit-identical)."""
+    from mmray.export import consolidate
+
+    a = consolidate(killed["summary"]["checkpoint"], found["zero_stage"])
+    b = consolidate(found["summary"]["checkpoint"], found["zero_stage"])
+    return {"only_in_killed": sorted(set(a) - set(b)), "only_in_found": sorted(set(b) - set(a)),
+            "elements": sum(t.numel() for t in a.values()),
+            "max_abs_diff": max(float((a[k] - b[k]).detach().abs().max()) for k in set(a) & set(b))}
 
 
 def _steps(lines: list[str]) -> list[int]:
@@ -186,7 +200,7 @@ def test_cost_meter_charges_the_spot_node_only_while_it_was_up(found):
     assert kept["usd_per_hour"] == pytest.approx(prices["spot"]) and kept["markets"] == ["spot"]
 
 
-def test_a_node_killed_without_notice_costs_at_most_one_checkpoint_interval(killed):
+def test_a_node_killed_without_notice_costs_at_most_one_checkpoint_interval(killed, found, weights_killed_vs_found):
     summary, metrics = killed["summary"], killed["summary"]["metrics"]
     every = 3  # preemption_scenario.CHECKPOINT_EVERY
     # Finished with exactly the samples of an uninterrupted run, with no notice recorded and no emergency checkpoint.
@@ -210,17 +224,15 @@ def test_a_node_killed_without_notice_costs_at_most_one_checkpoint_interval(kill
     assert 0 <= lost <= every
     assert _steps(logs[after]) == list(range(resumed + 1, killed["max_steps"] + 1))
 
-    # The killed and resumed run ends with the weights of the same config trained without interruption (the
-    # scenario's reference run), bit for bit, after the same samples, none repeated: the data order is a function
-    # of (seed, epoch) that the resume keeps, and each step logged the same loss in both runs.
-    reference = killed["reference"]
-    assert reference["metrics"]["resumed_from_step"] == 0
-    assert summary["samples_seen"] == reference["samples_seen"] == killed["max_steps"] * killed["global_batch"]
-    assert summary["samples_repeated"] == reference["samples_repeated"] == 0
-    weights = killed["weights_vs_reference"]
-    assert weights["only_in_run"] == weights["only_in_reference"] == [] and weights["elements"] > 100_000
+    # The killed and resumed run ends with the weights of the run that resumed from an emergency checkpoint (the
+    # notice scenario, same config and data), bit for bit, after the same samples, none repeated: the data order is a
+    # function of (seed, epoch) that either resume keeps, and each step logged the same loss in both runs.
+    assert summary["samples_seen"] == found["summary"]["samples_seen"] == killed["max_steps"] * killed["global_batch"]
+    assert summary["samples_repeated"] == found["summary"]["samples_repeated"] == 0
+    weights = weights_killed_vs_found
+    assert weights["only_in_killed"] == weights["only_in_found"] == [] and weights["elements"] > 100_000
     assert weights["max_abs_diff"] <= 1e-6, weights
-    assert _losses(logs) == _losses(killed["reference_loop_logs"])
+    assert _losses(logs) == _losses(found["loop_logs"])
     assert list(_losses(logs)) == list(range(1, killed["max_steps"] + 1))
 
     # The meter charged the spot node until about when the cluster found it dead, and the on-demand node after.
