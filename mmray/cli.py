@@ -363,7 +363,20 @@ def build_parser() -> argparse.ArgumentParser:
     register_inference(sub)  # embed, search, generate
 
     register_node_commands(sub)
+    _verbose_anywhere(p)
     return p
+
+
+def _verbose_anywhere(parser: argparse.ArgumentParser) -> None:
+    """-v also after the subcommand (`mmray train -v`), as users type it; SUPPRESS keeps a subcommand's parser from
+    resetting a -v given before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in set(action.choices.values()):
+                if "--verbose" not in sp._option_string_actions:
+                    sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                    help="debug logging")
+                _verbose_anywhere(sp)
 
 
 def run(fn: Callable[[argparse.Namespace], dict], args: argparse.Namespace) -> int:
@@ -373,6 +386,8 @@ def run(fn: Callable[[argparse.Namespace], dict], args: argparse.Namespace) -> i
     try:
         summary, code = fn(args), EXIT_OK
     except _bad_input_types() as e:
+        while isinstance(getattr(e, "cause", None), BaseException):  # raised in a Ray task: Ray's wrapper, whose
+            e = e.cause  # text is the task's traceback; the message is the original error's
         logging.getLogger("mmray").error("%s", e)
         summary, code = {"error": str(e), "kind": "bad_input"}, EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -57,7 +57,8 @@ class DataConfig:
     image_column: str = _f("auto", "Parquet shards: the column of encoded image bytes; 'auto' takes the first of "
                            "jpg, png, webp, jpeg, image (img2dataset names it after its --encode_format).")
     caption_column: str = _f("auto", "Parquet shards: the caption column; 'auto' takes txt, else caption "
-                             "(img2dataset's parquet output), else text (Hugging Face datasets).")
+                             "(img2dataset's parquet output), else text (Hugging Face datasets). A column of "
+                             "caption lists (several per image) gives each image its first non-empty caption.")
     image_extensions: str = _f("jpg,jpeg,png,webp", "WebDataset shards: the member extensions that hold a sample's "
                                "image, comma-separated, the first one a sample has wins. A member's extension is "
                                "everything after the first dot of its file name, matched case-insensitively "

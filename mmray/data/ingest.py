@@ -275,7 +275,7 @@ def load(candidate: Candidate) -> Loaded | str:
     caption = candidate.caption
     if candidate.caption_path is not None:
         try:
-            caption = storage.read_bytes(candidate.caption_path).decode("utf-8")
+            caption = storage.read_bytes(candidate.caption_path).decode("utf-8-sig")  # a BOM is not text
         except storage.StorageError:
             return "missing_caption"
         except UnicodeDecodeError:

@@ -45,7 +45,7 @@ from PIL import ExifTags, Image, ImageOps
 
 from mmray import storage
 from mmray.config import Config, webdataset_members
-from mmray.data.tokenizer import TextTokenizer
+from mmray.data.tokenizer import TextTokenizer, qa_text
 
 # Images above this many pixels are refused before decoding (a decompression bomb costs memory, not just time).
 MAX_IMAGE_PIXELS = 8192 * 8192
@@ -53,7 +53,14 @@ EXAMPLES_PER_REASON = 5
 
 
 class BadDataError(ValueError):
-    """The data set is unusable (too many bad samples, no shards); the message names the reason and examples."""
+    """The data set is unusable (too many bad samples, no shards, a shard without the configured columns); the message
+    names the reason and examples."""
+
+    def __str__(self) -> str:
+        # Raised in a Ray Data read task, the error comes back with Ray's retry note appended to its message
+        # ("Failed to read stream iteratively after 1/10 attempts ... configure retried_io_errors ..."): advice about
+        # transient errors, wrong for a data set that no retry can fix.
+        return super().__str__().split("\nFailed to ", 1)[0]
 
 
 @lru_cache(maxsize=4)
@@ -209,11 +216,12 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
 
 
 def decode_caption(data: bytes | None) -> str:
-    """Raw caption bytes -> stripped text; ValueError with a short reason when missing, empty or not UTF-8."""
+    """Raw caption bytes -> stripped text; ValueError with a short reason when missing, empty or not UTF-8. A UTF-8
+    byte-order mark (Windows editors write one) is not part of the text."""
     if data is None:
         raise ValueError("missing_caption")
     try:
-        text = bytes(data).decode("utf-8").strip()
+        text = bytes(data).decode("utf-8-sig").strip()
     except UnicodeDecodeError:
         raise ValueError("non_utf8_caption") from None
     if not text:
@@ -225,8 +233,15 @@ ANSWER_LEN = 8  # tokens of [BOS] answer [EOS]: answers are a word or two
 
 
 def pick_qa(key: str, meta: dict) -> dict | None:
-    """The one QA pair (``question``, ``answer``, ``type``) a sample contributes, or None when it has none."""
-    qa = [q for q in meta.get("qa") or () if isinstance(q, dict) and q.get("question") and q.get("answer")]
+    """The one QA pair (``question``, ``answer``, ``type``; text) a sample contributes, or None when it has none.
+
+    ``meta["qa"]`` is a list of objects with a question and an answer (text, or a number or boolean: see
+    :func:`mmray.data.tokenizer.qa_text`); entries without both are not usable. Which usable one a sample contributes is fixed by its
+    key."""
+    qa = []
+    for q in meta.get("qa") or () if isinstance(meta.get("qa"), list) else ():
+        if isinstance(q, dict) and (question := qa_text(q.get("question"))) and (answer := qa_text(q.get("answer"))):
+            qa.append({"question": question, "answer": answer, "type": str(q.get("type") or "")})
     return qa[zlib.crc32(str(key).encode()) % len(qa)] if qa else None
 
 
@@ -246,7 +261,7 @@ def decode_meta(data: bytes | None) -> dict:
     if data is None:
         return {}
     try:
-        meta = json.loads(bytes(data).decode("utf-8"))
+        meta = json.loads(bytes(data).decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ValueError("bad_metadata") from None
     if not isinstance(meta, dict):

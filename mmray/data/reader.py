@@ -10,6 +10,7 @@ to the reason, so that it is counted and reported downstream instead of being lo
 """
 from __future__ import annotations
 
+import json
 import posixpath
 import tarfile
 from typing import Iterator, Sequence
@@ -232,6 +233,10 @@ def _iter_tar_members(blocks: _Blocks, shard: str, rows: _Rows, image_exts: Sequ
     try:
         for name, data in tar_members(blocks):
             k, ext = _split_name(name)
+            if not ext or not k or k.endswith("/"):
+                # Not a sample's member (WebDataset names them KEY.EXT): a README, a `.DS_Store` or `._x.jpg`
+                # macOS leaves, a dot-file. Skipped as webdataset's own reader skips them.
+                continue
             if k != key:
                 if key is not None:
                     if block := rows.add(*sample(key, members)):
@@ -259,15 +264,58 @@ CAPTION_COLUMNS = ("txt", "caption", "text")
 AUTO = "auto"
 
 
+def _bad_data(message: str) -> ValueError:
+    """A shard that cannot be read as configured (a missing column, a column of the wrong type): the whole data set
+    is, so this is the pipeline's BadDataError, which the CLI reports as bad input (exit 2) with this message."""
+    from mmray.data.pipeline import BadDataError
+
+    return BadDataError(message)
+
+
 def _pick(shard: str, names: set[str], wanted: str, auto: tuple[str, ...], what: str, key: str) -> str:
-    """The column to read: ``wanted``, or with ``auto`` the first of ``auto`` present; ValueError names the options."""
+    """The column to read: ``wanted``, or with ``auto`` the first of ``auto`` present; BadDataError names the
+    options."""
     choices = auto if wanted == AUTO else (wanted,)
     found = next((c for c in choices if c in names), None)
     if found is None:
         looked = f"any of {list(auto)}" if wanted == AUTO else repr(wanted)
-        raise ValueError(f"{shard}: Parquet file has no {what} column ({looked}); it has {sorted(names)}. "
+        raise _bad_data(f"{shard}: Parquet file has no {what} column ({looked}); it has {sorted(names)}. "
                          f"Set {key}.")
     return found
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) \
+        or pa.types.is_large_binary(t) or pa.types.is_string_view(t) or pa.types.is_binary_view(t)
+
+
+def _caption_reader(shard: str, column: str, t: pa.DataType):
+    """How to turn a caption cell into bytes, for the column's Arrow type; BadDataError names a type that holds no
+    text.
+
+    Text (string or binary) is used as it is. A list of texts (several captions per image, as Hugging Face's
+    Flickr30k and COCO captions store them) gives its first non-empty caption."""
+    if _is_text(t):
+        return lambda v: v.encode("utf-8") if isinstance(v, str) else v
+    if (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) and _is_text(t.value_type):
+        def first(v):
+            text = next((c for c in v or () if c is not None and (c.strip() if isinstance(c, str) else c)), None)
+            return text.encode("utf-8") if isinstance(text, str) else text
+        return first
+    raise _bad_data(f"{shard}: Parquet caption column {column!r} holds {t}, not text (a string, binary, or a list "
+                     f"of strings); set data.caption_column to the column with the captions.")
+
+
+def _meta_bytes(value) -> bytes | None:
+    """A metadata cell as JSON bytes: text as it is; a struct, map or list (a JSON column that Hugging Face datasets
+    or pandas stored as nested Arrow types) written back as JSON."""
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, list) and all(isinstance(p, tuple) and len(p) == 2 for p in value):  # an Arrow map
+        value = dict(value) if all(isinstance(k, str) for k, _ in value) else value
+    return json.dumps(value, default=str).encode("utf-8")
 
 
 def iter_parquet(data: bytes, shard: str, rows_per_block: int, image_column: str = AUTO,
@@ -285,6 +333,12 @@ def iter_parquet(data: bytes, shard: str, rows_per_block: int, image_column: str
     image_column = _pick(shard, names, image_column, IMAGE_COLUMNS, "image", "data.image_column")
     caption_column = _pick(shard, names, caption_column, CAPTION_COLUMNS, "caption", "data.caption_column")
     status_column = "status" if "status" in names else None
+    schema = pf.schema_arrow
+    image_type = schema.field(image_column).type
+    if not (_is_text(image_type) or pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0):
+        raise _bad_data(f"{shard}: Parquet image column {image_column!r} holds {image_type}, not encoded image "
+                         f"bytes (binary, or a struct with a 'bytes' field); set data.image_column.")
+    caption_bytes = _caption_reader(shard, caption_column, schema.field(caption_column).type)
     columns = [image_column, caption_column] + [c for c in (key_column, meta_column, status_column) if c and c in names]
     rows = _Rows(shard, rows_per_block)
     offset = 0
@@ -306,9 +360,9 @@ def iter_parquet(data: bytes, shard: str, rows_per_block: int, image_column: str
             if status != "success":
                 continue
             image = image["bytes"] if isinstance(image, dict) else image  # HF-style {"bytes", "path"} structs
-            caption = caption.encode("utf-8") if isinstance(caption, str) else caption
+            caption = caption_bytes(caption)
             error = "missing_image" if image is None else "missing_caption" if caption is None else ""
-            meta = meta.encode("utf-8") if isinstance(meta, str) else meta
+            meta = _meta_bytes(meta)
             if block := rows.add(str(key), image, caption, error, meta):
                 yield block
         offset += n

@@ -6,6 +6,7 @@ with the data set (``DEST/tokenizer.json``) so that training and evaluation alwa
 """
 from __future__ import annotations
 
+import math
 import string
 from collections.abc import Iterable, Sequence
 
@@ -22,12 +23,25 @@ MIN_VOCAB_SIZE = 128  # the base alphabet, the special tokens and room for merge
 PAD_CANDIDATES = ("[PAD]", "<pad>", "<|pad|>", "<|endoftext|>")
 
 
+def qa_text(value) -> str:
+    """A question or answer of a sample's ``qa`` metadata as text: a string as it is (stripped); a number as VQA-style
+    JSON often holds counts (``"answer": 3`` -> "3"); a boolean as yes / no; anything else (a list, an object,
+    null) as "" (not usable)."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int) or isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, float) and math.isfinite(value):
+        return repr(value)
+    return value.strip() if isinstance(value, str) else ""
+
+
 def sample_texts(caption: str, meta: dict) -> list[str]:
     """The text one sample gives the tokenizer: its caption, and the questions and answers of its metadata's ``qa``
     list (the shapes set's, or any data set's in that form) when it has one."""
     qa = meta.get("qa")
     pairs = [q for q in qa if isinstance(q, dict)] if isinstance(qa, list) else []
-    return [caption] + [f"{q.get('question') or ''} {q.get('answer') or ''}".strip() for q in pairs]
+    return [caption] + [f"{qa_text(q.get('question'))} {qa_text(q.get('answer'))}".strip() for q in pairs]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Tokenizer:

@@ -21,7 +21,7 @@ import torch
 
 from mmray import storage
 from mmray.config import Config, ConfigError
-from mmray.data.tokenizer import BOS, EOS, TextTokenizer
+from mmray.data.tokenizer import BOS, EOS, TextTokenizer, qa_text
 from mmray.infer.inputs import Rows, check_sources, find_sources, merge_staged, stage_sources
 from mmray.infer.outputs import OutputDir
 from mmray.infer.runner import ExportInfo, Job, load_model, read_export, run
@@ -45,11 +45,12 @@ class VqaRows(Rows):
 
         index, qas = [], []
         for i, meta in enumerate(metas):
-            for qa in decode_meta(meta).get("qa") or ():
-                if isinstance(qa, dict) and qa.get("question"):
+            qa_list = decode_meta(meta).get("qa")
+            for qa in qa_list if isinstance(qa_list, list) else ():
+                if isinstance(qa, dict) and qa_text(qa.get("question")):
                     index.append(i)
                     qas.append(qa)
-        questions = [str(qa["question"]) for qa in qas]
+        questions = [qa_text(qa["question"]) for qa in qas]
         ids = np.zeros((0, self.max_text_len), np.int64)
         if questions:
             if self._tokenizer is None:
@@ -57,7 +58,7 @@ class VqaRows(Rows):
             ids = self._tokenizer.encode_batch(questions, self.max_text_len)
         return {"image": samples["image"][index], "key": samples["key"][index],
                 "question": np.array(questions, dtype=object),
-                "answer": np.array([str(qa.get("answer", "")) for qa in qas], dtype=object),
+                "answer": np.array([qa_text(qa.get("answer")) for qa in qas], dtype=object),
                 "qa_type": np.array([str(qa.get("type", "")) for qa in qas], dtype=object),
                 "question_ids": ids}
 

@@ -256,8 +256,8 @@ def _user_error(error: BaseException) -> BaseException | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, (BadDataError, ConfigError)):
-            return e
+        if isinstance(e, (BadDataError, ConfigError)) and not isinstance(getattr(e, "cause", None), BaseException):
+            return e  # the original, not a Ray wrapper of it (RayTaskError(BadDataError), whose text is a traceback)
         pending.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
     return None
 

@@ -54,6 +54,15 @@ def test_config_command_documents_and_validates(mmray):
     assert r.code == 0 and r.summary["valid"] and r.summary["config"]["train"]["lr"] == 0.01
 
 
+@pytest.mark.parametrize("argv, verbose", [(["config"], False), (["-v", "config"], True), (["config", "-v"], True),
+                                           (["data", "inspect", "shards", "--verbose"], True),
+                                           (["sweep", "--resume", "-v"], True), (["-v", "embed", "m", "d", "o"], True)])
+def test_verbose_before_or_after_the_subcommand(argv, verbose):
+    from mmray import cli
+
+    assert cli.build_parser().parse_args(argv).verbose is verbose
+
+
 def test_model_list(mmray):
     r = mmray("model", "list")
     assert r.code == 0 and "tiny" in r.summary["presets"] and "ViT-L-14" in r.summary["presets"]

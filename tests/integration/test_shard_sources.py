@@ -149,3 +149,20 @@ def test_eval_data_takes_the_forms_of_data_source(ray_session, export, tmp_path,
         evaluate(f"{root}::")
     with pytest.raises(config.ConfigError, match="only eval.\\* keys"):
         evaluate(root, "model.fusion=early")
+
+
+def test_inspect_names_a_parquet_caption_column_that_holds_no_text(ray_session, tmp_path):
+    """A Parquet shard whose `txt` column holds numbers (and captions in a list column, Flickr30k-style): inspect
+    stops with exit 2 and the message names the shard, the column and its type, not a Ray traceback; pointed at
+    the list column, every sample reads with its first caption."""
+    import pyarrow as pa
+
+    path = tmp_path / "00000.parquet"
+    pq.write_table(pa.table({"jpg": [_png(i) for i in range(SAMPLES)], "txt": list(range(SAMPLES)),
+                             "sentences": [[f"picture {i}", "another"] for i in range(SAMPLES)]}), path)
+    code, summary = mmray("data", "inspect", str(tmp_path), "--image-size", "16")
+    assert code == 2 and summary == {
+        "error": f"{path}: Parquet caption column 'txt' holds int64, not text (a string, binary, or a list of "
+                 "strings); set data.caption_column to the column with the captions.", "kind": "bad_input"}
+    code, summary = mmray("data", "inspect", str(tmp_path), "data.caption_column=sentences", "--image-size", "16")
+    assert code == 0 and (summary["samples"], summary["bad"]) == (SAMPLES, {})

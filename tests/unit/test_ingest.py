@@ -35,8 +35,8 @@ def image_bytes(i: int, fmt: str) -> bytes:
 
 
 def make_folder(root: Path) -> dict[str, str]:
-    """10 good samples in nested folders (jpg, png, webp, jpeg, JPG), one image without a caption, one corrupt
-    image with a caption, and files to ignore. Returns {image path: caption} of the good samples."""
+    """10 good samples in nested folders (jpg, png, webp, jpeg, JPG; one caption file with a UTF-8 BOM), one image
+    without a caption, one corrupt image with a caption, and files to ignore. Returns {image path: caption} of the good samples."""
     good = {}
     dirs, exts = ["cats", "dogs", "dogs/puppies"], ["jpg", "png", "webp", "jpeg", "JPG"]
     for i in range(10):
@@ -45,7 +45,8 @@ def make_folder(root: Path) -> dict[str, str]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(image_bytes(i, FORMATS[ext.lower()]))
         caption = f"photo {i}, of a {dirs[i % 3].split('/')[-1]}"
-        path.with_suffix(".txt").write_text(caption + "\n")
+        bom = "\ufeff" if i == 4 else ""  # Notepad's UTF-8 starts with a byte-order mark: not caption text
+        path.with_suffix(".txt").write_text(bom + caption + "\n", encoding="utf-8")
         good[str(path)] = caption
     (root / "cats" / "000.json").write_text(json.dumps({"label": "cat", "key": "not mine", "qa": []}))
     (root / "cats" / "nocap.png").write_bytes(image_bytes(98, "PNG"))

@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mmray.data.pipeline import Preprocess, check_quality, decode_caption, decode_image, decode_pixels, BadDataError
+from mmray.data.pipeline import (Preprocess, check_quality, decode_caption, decode_image, decode_meta, decode_pixels,
+                                 pick_qa, BadDataError)
 from mmray.data.reader import RAW_SCHEMA, _Blocks, iter_parquet, iter_tar, tar_members
 from mmray.data.tokenizer import train_tokenizer, TextTokenizer
 
@@ -131,6 +132,70 @@ def test_parquet_rows_and_hf_style_image_structs(tmp_path):
     # Hugging Face datasets' own column names (an `image` struct, a `text` caption) are found with `auto` too.
     rows = _rows(iter_parquet(buf.getvalue(), "q.parquet", 10))
     assert rows[0]["image"][:2] == b"\xff\xd8" and rows[0]["caption"] == b"x"
+
+
+def test_tar_of_a_folder_skips_what_is_not_a_sample_member(tmp_path):
+    """GNU tar of a folder (sorted, as WebDataset needs) holds `./`, a README, macOS's .DS_Store and `._x.jpg`
+    files: none is a KEY.EXT member, so none is a sample (webdataset's own reader skips them too); the samples are
+    read whole, without a bad sample."""
+    import shutil
+    import subprocess
+
+    if shutil.which("tar") is None:
+        pytest.skip("no tar command")
+    folder = tmp_path / "shard"
+    (folder / "sub").mkdir(parents=True)
+    for key in ("000000000", "000000001", "sub/000000002"):
+        (folder / f"{key}.jpg").write_bytes(_jpeg())
+        (folder / f"{key}.txt").write_text(f"caption {key}")
+    (folder / "README").write_text("made by hand")
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (folder / "._000000000.jpg").write_bytes(b"\0\5\26\7 AppleDouble")
+    (folder / "sub" / ".hidden").write_text("x")
+    shard = tmp_path / "00000.tar"
+    subprocess.run(["tar", "--sort=name", "-cf", str(shard), "-C", str(folder), "."], check=True)
+    with open(shard, "rb") as f:
+        rows = _rows(iter_tar(f, "00000.tar", 100))
+    assert [(r["key"], r["error"], r["caption"]) for r in rows] == [
+        ("./000000000", "", b"caption 000000000"), ("./000000001", "", b"caption 000000001"),
+        ("./sub/000000002", "", b"caption sub/000000002")]
+
+
+def _parquet(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def test_parquet_with_nested_metadata_and_caption_lists_as_hugging_face_writes_them():
+    """Hugging Face datasets store a WebDataset's `json` member as a struct column, and Flickr30k/COCO-style sets
+    keep several captions per image in a list column: the metadata reads back as the JSON object, and a list of
+    captions gives its first non-empty one (an empty list: a missing caption)."""
+    meta = pa.array([{"qa": [{"question": "how many?", "answer": 3}], "width": 40}, None,
+                     {"qa": [], "width": 8}])
+    table = pa.table({"image": [{"bytes": _jpeg(), "path": None}] * 3, "caption": [["", "a dog", "a pet"], [], None],
+                      "json": meta, "key": ["a", "b", "c"]})
+    rows = _rows(iter_parquet(_parquet(table), "hf.parquet", 10))
+    assert [(r["key"], r["caption"], r["error"]) for r in rows] == [
+        ("a", b"a dog", ""), ("b", None, "missing_caption"), ("c", None, "missing_caption")]
+    import json
+
+    assert json.loads(rows[0]["meta"]) == {"qa": [{"question": "how many?", "answer": 3}], "width": 40}
+    assert rows[1]["meta"] is None and json.loads(rows[2]["meta"]) == {"qa": [], "width": 8}
+    # A map column (pandas dicts written with an explicit map type) reads back as the same object.
+    maps = pa.table({"jpg": [_jpeg()], "txt": ["x"], "json": pa.array([[("label", "cat")]],
+                                                                       pa.map_(pa.string(), pa.string()))})
+    assert json.loads(_rows(iter_parquet(_parquet(maps), "m.parquet", 10))[0]["meta"]) == {"label": "cat"}
+
+
+def test_parquet_columns_of_the_wrong_type_are_named():
+    numbers = pa.table({"jpg": [_jpeg()], "txt": [7]})
+    with pytest.raises(ValueError, match=r"n.parquet: Parquet caption column 'txt' holds int64, not text.*"
+                                         r"set data.caption_column"):
+        list(iter_parquet(_parquet(numbers), "n.parquet", 10))
+    pixels = pa.table({"jpg": [[1, 2, 3]], "txt": ["x"]})
+    with pytest.raises(ValueError, match=r"Parquet image column 'jpg' holds list<element: int64>, not encoded image"):
+        list(iter_parquet(_parquet(pixels), "i.parquet", 10))
 
 
 def test_parquet_without_the_columns_names_them():
@@ -266,6 +331,35 @@ def test_model_normalises_pipeline_pixels_bit_for_bit_like_decode_image():
 def test_decode_caption_reasons(data, reason):
     with pytest.raises(ValueError, match=reason):
         decode_caption(data)
+
+
+def test_a_utf8_byte_order_mark_is_not_caption_text():
+    assert decode_caption("\ufeffa red circle\n".encode("utf-8")) == "a red circle"
+    assert decode_meta("\ufeff{\"label\": \"cat\"}".encode("utf-8")) == {"label": "cat"}
+
+
+@pytest.mark.parametrize("answer, text", [(3, "3"), (0, "0"), (2.0, "2"), (2.5, "2.5"), (True, "yes"), (False, "no"),
+                                          (" red ", "red"), ("", None), (None, None), ([1], None),
+                                          (float("nan"), None)])
+def test_qa_answers_that_are_numbers_or_booleans_are_used_as_text(answer, text):
+    """VQA-style JSON often stores counts as numbers (and yes/no as booleans): they are answers like any other;
+    an answer that is empty or not a scalar leaves the pair unusable."""
+    qa = pick_qa("k", {"qa": [{"question": "how many circles?", "answer": answer, "type": "count"}]})
+    assert qa == (None if text is None else {"question": "how many circles?", "answer": text, "type": "count"})
+
+
+def test_preprocess_tokenizes_a_numeric_answer_instead_of_failing_the_block():
+    import json
+
+    tok = TextTokenizer(train_tokenizer(["how many circles? 3", "a red circle"], vocab_size=128))
+    meta = json.dumps({"qa": [{"question": "how many circles?", "answer": 3}]}).encode()
+    batch = {"key": np.array(["0", "1"], dtype=object), "shard": np.array(["s"] * 2, dtype=object),
+             "image": np.array([_jpeg(), _jpeg()], dtype=object),
+             "caption": np.array([b"a red circle", b"a red circle"], dtype=object),
+             "meta": np.array([meta, None], dtype=object), "error": np.array(["", ""], dtype=object)}
+    out = Preprocess(tok.to_str(), 32, 8)(batch)
+    assert list(out["key"]) == ["0", "1"] and list(out["answer"]) == ["3", ""]
+    assert tok.decode(out["answer_ids"][0].tolist()) == "3"
 
 
 def test_preprocess_drops_bad_samples_per_sample_not_per_block():
