@@ -75,8 +75,11 @@ def ray_session(s3_endpoint):
         # Ray kills a task worker 1 s after it goes idle once the node has num_cpus workers (the training runs'
         # actors count), so every run's data tasks started fresh processes that import Ray Data again: 1.5-4 s a
         # tiny run. Keeping up to 10 idle workers for 10 min lets the next run's tasks reuse them.
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 _system_config={"num_workers_soft_limit": 10, "idle_worker_killing_time_threshold_ms": 600_000})
+        # mmray's own local start (with the dashboard Ray Train's placement-group cleaner needs, see there).
+        from mmray.train.trainer import start_local_ray
+
+        start_local_ray(4, log_to_driver=False,
+                        _system_config={"num_workers_soft_limit": 10, "idle_worker_killing_time_threshold_ms": 600_000})
     yield ray
     ray.shutdown()
 

@@ -43,7 +43,9 @@ def _init_ray(spec: SweepSpec) -> str:
         return "joined"
     t = spec.config.train
     need = spec.max_concurrent * t.num_workers * t.cpus_per_worker + 2
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False)
+    from mmray.train.trainer import start_local_ray
+
+    start_local_ray(max(os.cpu_count() or 1, int(need + 0.999)))
     return "local"
 
 

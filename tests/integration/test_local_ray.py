@@ -1,0 +1,33 @@
+"""The Ray that mmray starts on one machine (mmray.train.trainer.start_local_ray; the session's Ray is started by it
+too): every Ray Train run starts a placement-group cleaner that asks Ray's state API, from a worker process, whether
+the run's controller is alive. The workers must reach this instance's state API, not whatever cluster
+/tmp/ray/ray_current_cluster names (the last `ray start` on the machine, often long gone: each query then waited 40 s
+for a dead GCS, and every run ended 12 s late)."""
+import os
+import time
+
+import ray
+
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def api_server(self) -> str | None:
+        return os.environ.get("RAY_API_SERVER_ADDRESS")
+
+    def alive(self, actor_id: str) -> bool:
+        from ray.train.v2._internal.state.util import is_actor_alive  # what the cleaner calls
+
+        return is_actor_alive(actor_id=actor_id, timeout=10)
+
+
+def test_workers_ask_this_instances_state_api_and_get_the_truth(ray_session):
+    dashboard = ray._private.worker.global_worker.node.address_info["webui_url"]
+    probe, other = Probe.remote(), Probe.remote()
+    assert ray.get(probe.api_server.remote()) == f"http://{dashboard}" and dashboard.startswith("127.0.0.1:")
+    assert ray.get(probe.alive.remote(other._actor_id.hex())) is True
+    ray.kill(other)
+    deadline = time.monotonic() + 30
+    while ray.get(probe.alive.remote(other._actor_id.hex())):
+        assert time.monotonic() < deadline, "the state API still reports a killed actor alive after 30 s"
+        time.sleep(0.2)
+    ray.kill(probe)
