@@ -227,7 +227,17 @@ def main(workdir: Path, notice: bool = True) -> dict:
     run_dir = workdir / "runs" / "spot"
     found["zero_stage"] = cfg.train.zero_stage  # for the test, which consolidates the final weights
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    # The head serves the state API (its dashboard) that each run's placement-group cleaner asks from the workers,
+    # as mmray's own local Ray does (mmray.train.trainer.start_local_ray): without it, the cleaner's queries wait
+    # on retries and each run ends seconds late.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # before the raylets start: they pass it on
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True,
+                                                            "dashboard_host": "127.0.0.1", "dashboard_port": port})
     imds = FakeMetadata()
     watcher = None
     try:
