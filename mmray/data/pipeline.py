@@ -236,8 +236,8 @@ def pick_qa(key: str, meta: dict) -> dict | None:
     """The one QA pair (``question``, ``answer``, ``type``; text) a sample contributes, or None when it has none.
 
     ``meta["qa"]`` is a list of objects with a question and an answer (text, or a number or boolean: see
-    :func:`mmray.data.tokenizer.qa_text`); entries without both are not usable. Which usable one a sample contributes is fixed by its
-    key."""
+    :func:`mmray.data.tokenizer.qa_text`); entries without both are not usable. Which usable one a sample
+    contributes is fixed by its key."""
     qa = []
     for q in meta.get("qa") or () if isinstance(meta.get("qa"), list) else ():
         if isinstance(q, dict) and (question := qa_text(q.get("question"))) and (answer := qa_text(q.get("answer"))):

@@ -335,9 +335,13 @@ def iter_parquet(data: bytes, shard: str, rows_per_block: int, image_column: str
     status_column = "status" if "status" in names else None
     schema = pf.schema_arrow
     image_type = schema.field(image_column).type
-    if not (_is_text(image_type) or pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0):
+    binary = any(is_type(image_type) for is_type in (pa.types.is_binary, pa.types.is_large_binary,
+                                                      pa.types.is_binary_view))
+    struct = pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0
+    if not (binary or struct):  # a string column holds paths or URLs (or base64), never an encoded image
         raise _bad_data(f"{shard}: Parquet image column {image_column!r} holds {image_type}, not encoded image "
-                         f"bytes (binary, or a struct with a 'bytes' field); set data.image_column.")
+                         f"bytes (binary, or a struct with a 'bytes' field); a column of paths or URLs is not "
+                         f"read (img2dataset downloads them into shards); set data.image_column.")
     caption_bytes = _caption_reader(shard, caption_column, schema.field(caption_column).type)
     columns = [image_column, caption_column] + [c for c in (key_column, meta_column, status_column) if c and c in names]
     rows = _Rows(shard, rows_per_block)

@@ -36,7 +36,8 @@ def image_bytes(i: int, fmt: str) -> bytes:
 
 def make_folder(root: Path) -> dict[str, str]:
     """10 good samples in nested folders (jpg, png, webp, jpeg, JPG; one caption file with a UTF-8 BOM), one image
-    without a caption, one corrupt image with a caption, and files to ignore. Returns {image path: caption} of the good samples."""
+    without a caption, one corrupt image with a caption, and files to ignore. Returns {image path: caption} of the
+    good samples."""
     good = {}
     dirs, exts = ["cats", "dogs", "dogs/puppies"], ["jpg", "png", "webp", "jpeg", "JPG"]
     for i in range(10):

@@ -196,6 +196,9 @@ def test_parquet_columns_of_the_wrong_type_are_named():
     pixels = pa.table({"jpg": [[1, 2, 3]], "txt": ["x"]})
     with pytest.raises(ValueError, match=r"Parquet image column 'jpg' holds list<element: int64>, not encoded image"):
         list(iter_parquet(_parquet(pixels), "i.parquet", 10))
+    paths = pa.table({"image": ["photos/0001.jpg"], "text": ["x"]})  # a Hugging Face image column of paths
+    with pytest.raises(ValueError, match=r"'image' holds string, not encoded image bytes .*a column of paths or URLs"):
+        list(iter_parquet(_parquet(paths), "s.parquet", 10))
 
 
 def test_parquet_without_the_columns_names_them():
