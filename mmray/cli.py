@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--vocab-size", type=positive_int, default=512,
                       help="size of the tokenizer trained on the training captions (default 512)")
     prep.add_argument("--image-column", default=None,
-                      help="index column/field of the image path (default image, else path, else filepath)")
+                      help="index column/field of the image path (default image, else path, filepath, file_name)")
     prep.add_argument("--caption-column", default=None,
                       help="index column/field of the caption (default caption, else text)")
     prep.add_argument("--samples", type=positive_int, default=None,

@@ -6,7 +6,7 @@ Sources (local or ``s3://``):
   same-named ``.txt`` caption (``cats/001.jpg`` + ``cats/001.txt``) and optionally a same-named ``.json`` object of
   metadata. Hidden files and folders (``.name``) are skipped. Samples are taken in order of their path.
 - a ``.csv`` (with a header row) or ``.jsonl`` index with one sample per row: the image path in column ``image``
-  (else ``path``, else ``filepath``; or ``image_column``) and the caption in ``caption`` (else ``text``; or
+  (else ``path``, ``filepath``, ``file_name``; or ``image_column``) and the caption in ``caption`` (else ``text``; or
   ``caption_column``). Relative paths resolve against the index file's directory; absolute local paths and
   ``s3://`` URIs are used as they are. The row's other fields are kept in the sample's metadata. Samples are taken
   in row order. A malformed row is an error that names the file and line.
@@ -48,7 +48,7 @@ from mmray.data.webdataset import FORMATS, ShardInfo, ShardWriter
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 INDEX_KINDS = {".csv": "csv", ".jsonl": "jsonl"}
-IMAGE_COLUMNS = ("image", "path", "filepath")
+IMAGE_COLUMNS = ("image", "path", "filepath", "file_name")  # file_name: Hugging Face ImageFolder metadata
 CAPTION_COLUMNS = ("caption", "text")
 EXAMPLES_PER_REASON = 5
 READ_THREADS = 16  # images are read (S3 round trips) and decode-checked in threads, in order

@@ -16,7 +16,7 @@ from mmray import storage
 from mmray.config import Config, ConfigError
 from mmray.infer.inputs import Rows, check_sources, find_sources, merge_staged, stage_sources
 from mmray.infer.outputs import OutputDir, float_lists
-from mmray.infer.runner import Job, load_model, read_export, run
+from mmray.infer.runner import Job, absolute, load_model, read_export, run
 
 OUTPUT_SCHEMA = pa.schema([
     ("key", pa.string()),                          # the sample key inside its shard
@@ -92,17 +92,23 @@ def embed(export_dir: str, srcs: list[str], out: str, *, batch_size: int = 256, 
           progress: Callable[[str], None] | None = None, reader_overrides: list[str] | None = None) -> dict:
     """Embed every shard of ``srcs`` that ``out`` does not hold yet; returns the summary `mmray embed` prints.
     ``reader_overrides``: see :func:`mmray.infer.runner.read_export`."""
+    export_dir = absolute(export_dir)
     info = read_export(export_dir, reader_overrides)
     check_can_embed(info.cfg)
     job = Job("embed", info, [], OutputDir(out, "parquet"), EmbedWorker, (export_dir,), to_table,
               Rows(), batch_size, device, actors, cpus_per_actor, max_bad_fraction)
     check_sources(srcs, out)  # before OUT is claimed: a wrong SRC leaves nothing behind
-    job.outputs.claim({"kind": "embeddings", "export": export_dir, "weights_sha256": info.weights_sha256,
-                       "fusion": info.cfg.model.fusion, "embed_dim": info.cfg.model.embed_dim,
-                       "image_size": info.cfg.data.image_size, "src": srcs, "columns": OUTPUT_SCHEMA.names},
-                      same=("kind", "weights_sha256"))
+    fresh = job.outputs.claim({"kind": "embeddings", "export": export_dir, "weights_sha256": info.weights_sha256,
+                             "fusion": info.cfg.model.fusion, "embed_dim": info.cfg.model.embed_dim,
+                             "image_size": info.cfg.data.image_size, "src": srcs, "columns": OUTPUT_SCHEMA.names},
+                            same=("kind", "weights_sha256"))
     # Folders of images and CSV / JSONL indexes are written as shards under OUT/_staged first (once).
-    read, staged, prefixes = stage_sources(srcs, out, storage.join(export_dir, "tokenizer.json"), progress)
+    try:
+        read, staged, prefixes = stage_sources(srcs, out, storage.join(export_dir, "tokenizer.json"), progress)
+    except Exception:
+        if fresh:  # a folder or index with nothing usable: OUT holds no output, so it stays free
+            job.outputs.release()
+        raise
     job.sources = find_sources(read, prefixes)
     summary = merge_staged(run(job, progress), staged)
     return {"command": "embed", "export": export_dir, "src": srcs, **summary}

@@ -24,7 +24,7 @@ from mmray.config import Config, ConfigError
 from mmray.data.tokenizer import BOS, EOS, TextTokenizer, qa_text
 from mmray.infer.inputs import Rows, check_sources, find_sources, merge_staged, stage_sources
 from mmray.infer.outputs import OutputDir
-from mmray.infer.runner import ExportInfo, Job, load_model, read_export, run
+from mmray.infer.runner import ExportInfo, Job, absolute, load_model, read_export, run
 
 
 class CaptionRows(Rows):
@@ -142,6 +142,7 @@ def generate(export_dir: str, srcs: list[str], out: str, *, task: str = "caption
     if task not in TASKS:
         raise ConfigError(f"--task {task!r} is not supported; allowed values: {', '.join(TASKS)}")
     spec = TASKS[task]
+    export_dir = absolute(export_dir)
     info = read_export(export_dir, reader_overrides)
     max_new = (min(info.cfg.eval.max_new_tokens, info.cfg.data.max_text_len - 1) if max_new_tokens is None
                else max_new_tokens)
@@ -159,12 +160,17 @@ def generate(export_dir: str, srcs: list[str], out: str, *, task: str = "caption
               (export_dir, task, max_new, beam), to_table, spec.rows(info), batch_size, device, actors,
               cpus_per_actor, max_bad_fraction)
     check_sources(srcs, out)  # before OUT is claimed: a wrong SRC leaves nothing behind
-    job.outputs.claim({"kind": f"generate:{task}", "export": export_dir, "weights_sha256": info.weights_sha256,
-                       "task": task, "beam": beam, "max_new_tokens": max_new, "format": fmt, "src": srcs,
-                       "columns": spec.schema.names},
-                      same=("kind", "weights_sha256", "beam", "max_new_tokens", "format"))
+    fresh = job.outputs.claim({"kind": f"generate:{task}", "export": export_dir, "weights_sha256": info.weights_sha256,
+                             "task": task, "beam": beam, "max_new_tokens": max_new, "format": fmt, "src": srcs,
+                             "columns": spec.schema.names},
+                            same=("kind", "weights_sha256", "beam", "max_new_tokens", "format"))
     # Folders of images and CSV / JSONL indexes are written as shards under OUT/_staged first (once).
-    read, staged, prefixes = stage_sources(srcs, out, storage.join(export_dir, "tokenizer.json"), progress)
+    try:
+        read, staged, prefixes = stage_sources(srcs, out, storage.join(export_dir, "tokenizer.json"), progress)
+    except Exception:
+        if fresh:  # a folder or index with nothing usable: OUT holds no output, so it stays free
+            job.outputs.release()
+        raise
     job.sources = find_sources(read, prefixes)
     summary = merge_staged(run(job, progress), staged)
     return {"command": "generate", "task": task, "export": export_dir, "src": srcs, "beam": beam,

@@ -104,7 +104,11 @@ def stage_sources(srcs: list[str], out: str, tokenizer: str, progress=None) -> t
             try:
                 summary = prepare_ingest(src, dest, val_samples=0, tokenizer=tokenizer, progress=progress)
             except ValueError as e:  # no usable samples, a bad index: bad input, named
-                raise ConfigError(f"{src}: {e}") from None
+                message = str(e) if str(e).startswith(src) else f"{src}: {e}"
+                if "--image-column" in message or "--caption-column" in message:  # `mmray data prepare`'s options
+                    message += (f" (here: write it as shards first, `mmray data prepare {src} DEST --image-column ... "
+                                f"--caption-column ...`, and pass DEST)")
+                raise ConfigError(message) from None
             staged_bad = summary["bad"]
             for reason, refs in summary["bad_examples"].items():
                 examples.setdefault(reason, []).extend(refs)

@@ -60,9 +60,9 @@ class OutputDir:
         path = storage.join(self.out, MANIFEST)
         return json.loads(storage.read_text(path)) if storage.exists(path) else None
 
-    def claim(self, manifest: dict, same: tuple[str, ...]) -> None:
+    def claim(self, manifest: dict, same: tuple[str, ...]) -> bool:
         """Write ``manifest``, unless OUT holds outputs made otherwise: the keys ``same`` must match the old one's,
-        so that a resumed run never mixes rows of two models (or two tasks) in one OUT."""
+        so that a resumed run never mixes rows of two models (or two tasks) in one OUT. True when OUT had none."""
         old = self.manifest()
         if old is not None:
             changed = [k for k in same if old.get(k) != manifest.get(k)]
@@ -71,6 +71,13 @@ class OutputDir:
                                   + ", ".join(f"{k} ({old.get(k)!r}, now {manifest.get(k)!r})" for k in changed)
                                   + "; write to a new OUT, or delete the old one")
         storage.write_text(storage.join(self.out, MANIFEST), json.dumps(manifest, indent=1))
+        return old is None
+
+    def release(self) -> None:
+        """Take back a claim that produced nothing (the run failed before its first output), so that OUT is free
+        for another export or task."""
+        if not self.completed():
+            storage.delete(storage.join(self.out, MANIFEST))
 
     def completed(self) -> dict[str, dict]:
         """``{name: record}`` of the shards whose output is whole (recorded, and of the recorded size)."""

@@ -43,6 +43,12 @@ class ExportInfo:
         return self.tokenizer.to_str()
 
 
+def absolute(export_dir: str) -> str:
+    """A local export's absolute path (``s3://`` as given): the workers, whose working directory may be another, and
+    OUT's manifest, which `mmray search OUT` reads from anywhere, get a path that names the same export."""
+    return export_dir if storage.is_s3(export_dir) else storage.resolve(export_dir)[1]
+
+
 def read_export(path: str, reader_overrides: list[str] | None = None) -> ExportInfo:
     """The small files of an export, verified, so that bad input is found before Ray starts and without reading the
     weights (each actor reads and verifies those through :func:`mmray.export.load`). ``reader_overrides``

@@ -15,6 +15,8 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -190,6 +192,18 @@ def test_search_text_to_image_and_image_to_text(embedded, exports, src, tmp_path
     assert len({h["caption"] for h in summary["hits"]}) == 2  # one hit per distinct caption
 
 
+def test_search_finds_the_export_from_any_directory(ray_session, exports, src, tmp_path, monkeypatch):
+    """OUT records the export by its absolute path: embedded with a relative EXPORT, searched from elsewhere."""
+    export = Path(exports["late"])
+    monkeypatch.chdir(export.parent)
+    out = str(tmp_path / "out")
+    code, summary = mmray("embed", export.name, os.path.join(src, "c.parquet"), out, *POOL)
+    assert code == 0, summary
+    monkeypatch.chdir(tmp_path)
+    code, summary = mmray("search", out, "a red circle", "--k", "1")
+    assert code == 0 and summary["export"] == str(export) and len(summary["hits"]) == 1, summary
+
+
 def test_search_finds_a_known_embedding(embedded):
     from mmray.infer.search import search_vector
 
@@ -335,6 +349,15 @@ def test_embed_and_generate_from_a_folder_and_a_csv_index(ray_session, exports, 
                           *POOL)
     assert code == 0, summary
     assert summary["rows"] == 4 and summary["bad"] == {"missing_image": 1}
+
+    # An index whose columns are not found says how to name them (the inference commands have no column options),
+    # and OUT, which got no output, is left free: no manifest that would refuse the next run.
+    odd = tmp_path / "odd.csv"
+    odd.write_text("file,words\nphotos/img0.jpg,a caption\n")
+    code, summary = mmray("embed", exports["late"], str(odd), str(tmp_path / "odd"), *POOL)
+    assert code == 2 and summary["error"].count(str(odd)) == 2, summary  # once, and in the suggested command
+    assert summary["error"].startswith(f"{odd}: no image column") and "mmray data prepare" in summary["error"]
+    assert not (tmp_path / "odd" / "_manifest.json").exists()
 
     # Both in one command: each staged source keeps its own output names.
     code, both = mmray("embed", exports["late"], str(folder), str(index), str(tmp_path / "both"), *POOL)

@@ -217,8 +217,8 @@ def test_jsonl_index(tmp_path):
 
 
 @pytest.mark.parametrize("name, text, message", [
-    ("index.csv", "file,caption\na.png,x\n", r"no image column: looked for 'image' or 'path' or 'filepath'; "
-                                              r"it has \['file', 'caption'\]"),
+    ("index.csv", "file,caption\na.png,x\n",
+     r"no image column: looked for 'image' or 'path' or 'filepath' or 'file_name'; it has \['file', 'caption'\]"),
     ("index.csv", "image,words\na.png,x\n", r"no caption column: looked for 'caption' or 'text'"),
     ("index.csv", "image,caption\na.png,x\nb.png,y,extra\n", r"index\.csv:3: malformed CSV row: 3 fields"),
     ("index.csv", 'image,caption\na.png,x\nb.png,"open quote\n', r"index\.csv:3: malformed CSV row"),
@@ -244,6 +244,16 @@ def test_named_columns(tmp_path):
     assert summary["train_samples"] == 4 and summary["val_samples"] == 0
     with pytest.raises(ValueError, match=r"no caption column 'caption_en' \(--caption-column\)"):
         prepare_ingest(str(src / "index.csv"), str(tmp_path / "out"), image_column="file", caption_column="caption_en")
+
+
+def test_hugging_face_imagefolder_metadata_csv(tmp_path):
+    """Hugging Face ImageFolder's `metadata.csv` names the image `file_name` (relative to the file) and the caption
+    `text`: read as it is, with no column named."""
+    src = tmp_path / "src"
+    write_index_images(src)
+    (src / "metadata.csv").write_text("file_name,text\n" + "".join(f"img/{i}.png,number {i}\n" for i in range(4)))
+    summary = prepare_ingest(str(src / "metadata.csv"), str(tmp_path / "out"), val_samples=0)
+    assert summary["train_samples"] == 4 and summary["bad"] == {}
 
 
 def test_attached_tokenizer_is_copied(folder, tmp_path):
