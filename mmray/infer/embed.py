@@ -14,7 +14,7 @@ import torch
 
 from mmray import storage
 from mmray.config import Config, ConfigError
-from mmray.infer.inputs import Rows, check_sources, find_sources, merge_staged, stage_sources
+from mmray.infer.inputs import Rows, check_sources, find_sources, merge_staged, stage_claimed
 from mmray.infer.outputs import OutputDir, float_lists
 from mmray.infer.runner import Job, absolute, load_model, read_export, run
 
@@ -103,12 +103,7 @@ def embed(export_dir: str, srcs: list[str], out: str, *, batch_size: int = 256, 
                              "image_size": info.cfg.data.image_size, "src": srcs, "columns": OUTPUT_SCHEMA.names},
                             same=("kind", "weights_sha256"))
     # Folders of images and CSV / JSONL indexes are written as shards under OUT/_staged first (once).
-    try:
-        read, staged, prefixes = stage_sources(srcs, out, storage.join(export_dir, "tokenizer.json"), progress)
-    except Exception:
-        if fresh:  # a folder or index with nothing usable: OUT holds no output, so it stays free
-            job.outputs.release()
-        raise
+    read, staged, prefixes = stage_claimed(job.outputs, fresh, srcs, out, export_dir, progress)
     job.sources = find_sources(read, prefixes)
     summary = merge_staged(run(job, progress), staged)
     return {"command": "embed", "export": export_dir, "src": srcs, **summary}

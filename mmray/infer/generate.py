@@ -22,7 +22,7 @@ import torch
 from mmray import storage
 from mmray.config import Config, ConfigError
 from mmray.data.tokenizer import BOS, EOS, TextTokenizer, qa_text
-from mmray.infer.inputs import Rows, check_sources, find_sources, merge_staged, stage_sources
+from mmray.infer.inputs import Rows, check_sources, find_sources, merge_staged, stage_claimed
 from mmray.infer.outputs import OutputDir
 from mmray.infer.runner import ExportInfo, Job, absolute, load_model, read_export, run
 
@@ -165,12 +165,7 @@ def generate(export_dir: str, srcs: list[str], out: str, *, task: str = "caption
                              "columns": spec.schema.names},
                             same=("kind", "weights_sha256", "beam", "max_new_tokens", "format"))
     # Folders of images and CSV / JSONL indexes are written as shards under OUT/_staged first (once).
-    try:
-        read, staged, prefixes = stage_sources(srcs, out, storage.join(export_dir, "tokenizer.json"), progress)
-    except Exception:
-        if fresh:  # a folder or index with nothing usable: OUT holds no output, so it stays free
-            job.outputs.release()
-        raise
+    read, staged, prefixes = stage_claimed(job.outputs, fresh, srcs, out, export_dir, progress)
     job.sources = find_sources(read, prefixes)
     summary = merge_staged(run(job, progress), staged)
     return {"command": "generate", "task": task, "export": export_dir, "src": srcs, "beam": beam,

@@ -119,6 +119,19 @@ def stage_sources(srcs: list[str], out: str, tokenizer: str, progress=None) -> t
     return read, {"bad": bad, "bad_examples": examples}, prefixes
 
 
+def stage_claimed(outputs, fresh: bool, srcs: list[str], out: str, export_dir: str,
+                  progress=None) -> tuple[list[str], dict, dict]:
+    """:func:`stage_sources` for a command that has just claimed OUT (``outputs.claim``, ``fresh`` when OUT had no
+    manifest): when staging fails (a folder or index with nothing usable), the claim is taken back, so that OUT,
+    which holds no output, stays free for the next command."""
+    try:
+        return stage_sources(srcs, out, storage.join(export_dir, "tokenizer.json"), progress)
+    except Exception:
+        if fresh:
+            outputs.release()
+        raise
+
+
 def merge_staged(summary: dict, staged: dict) -> dict:
     """Add the staging's bad samples to a run's summary."""
     bad = dict(summary.get("bad", {}))

@@ -103,6 +103,49 @@ def resolve_data(cfg: Config) -> DataSet:
     return DataSet(root, tokenizer, list(by_shard), val, mixed, epoch)
 
 
+# What a checkpoint's weights and optimizer state are shaped by: a resume must keep these (model.init_* only say where
+# a new run's first weights come from).
+RESUME_KEYS = ("model.", "data.image_size", "data.max_text_len", "train.zero_stage")
+RESUME_FREE = ("model.init_image", "model.init_text")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume_config(cfg: Config, run_dir: str) -> None:
+    """Before Ray starts: when ``run_dir`` holds checkpoints, the newest one's config.yaml must agree with ``cfg`` on
+    what shapes the weights and optimizer state (RESUME_KEYS). Otherwise resuming would fail on every worker after
+    minutes (a shape mismatch, retried train.max_failures times), or, where the shapes happen to match (a different
+    number of attention heads), silently load the weights into another model. ConfigError names the keys."""
+    import yaml
+
+    from mmray.train.checkpoint import list_checkpoints
+
+    names = list_checkpoints(run_dir)
+    if not names:
+        return
+    path = storage.join(run_dir, names[0], "config.yaml")
+    try:
+        saved = _flat(yaml.safe_load(storage.read_text(path)) or {})
+    except (storage.StorageError, OSError, yaml.YAMLError):
+        return  # an incomplete or damaged checkpoint: the restore refuses it and says why
+    now = _flat(cfg.to_dict())
+    changed = [k for k in sorted(set(now) | set(saved)) if k.startswith(RESUME_KEYS) and k not in RESUME_FREE
+               and k in saved and now.get(k) != saved[k]]
+    if changed:
+        raise ConfigError(
+            f"run {cfg.run_name} resumes from {names[0]}, which was trained with "
+            + ", ".join(f"{k}={saved[k]!r}" for k in changed) + "; this config has "
+            + ", ".join(f"{k}={now.get(k)!r}" for k in changed)
+            + ". A checkpoint resumes only with the model (and ZeRO stage) it was trained with: set those back, or "
+              "start a new run (another run.name; to start from these weights, export them and use model.init_image"
+              " / model.init_text).")
+
+
 def start_local_ray(num_cpus: int, **init_kwargs) -> None:
     """Start a Ray instance for this process, with its dashboard on a free loopback port.
 
@@ -307,6 +350,7 @@ def train(cfg: Config, callbacks: Sequence = (), before_fit: Callable[[object], 
     storage_root = cfg.run.storage_path if storage.is_s3(cfg.run.storage_path) else \
         storage.resolve(cfg.run.storage_path)[1]
     run_dir = storage.join(storage_root, cfg.run_name)
+    check_resume_config(cfg, run_dir)  # and so does resuming with another model
     spent = (cost_meter.read_state(run_dir) or {}).get("spent_usd", 0.0)
     if cfg.budget.usd and spent >= cfg.budget.usd:  # starting would cost money the budget no longer has
         raise ConfigError(f"run {cfg.run_name} has spent ${spent:.4f} of its budget.usd=${cfg.budget.usd:g} "

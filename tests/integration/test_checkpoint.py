@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmray import config
 from mmray.export import export, load
 from mmray.train.engine import load_checkpoint_file
 from mmray.train.trainer import train
@@ -187,6 +188,26 @@ def test_keep_best_copies_the_best_checkpoint_of_the_run(zero2_run):
     assert name == "checkpoint_00000004" and loss == final_loss or name == "checkpoint_00000002" and loss < final_loss
     assert sorted(p.name for p in (zero2_run / RUN / BEST_DIR).iterdir()) == ["best.json", name]
     assert verify(str(zero2_run / RUN / BEST_DIR / name))["step"] == int(name[-8:])
+
+
+@pytest.mark.parametrize("override, trained, now", [
+    ("model.image_heads=2", "model.image_heads=4", "model.image_heads=2"),  # same shapes: would load silently
+    ("model.image_depth=3", "model.image_depth=1", "model.image_depth=3"),  # a shape mismatch on every worker
+    ("train.zero_stage=3", "train.zero_stage=2", "train.zero_stage=3"),     # DeepSpeed's empty AssertionError
+])
+def test_resuming_with_another_model_is_refused_before_ray_naming_the_keys(zero2_run, tiny_dataset, tmp_path,
+                                                                           override, trained, now):
+    import ray
+
+    _copy_run(zero2_run, tmp_path / "runs")
+    cfg = _cfg(tiny_dataset, tmp_path / "runs", "train.zero_stage=2", "train.max_steps=6", override)
+    groups = len(ray.util.placement_group_table())
+    with pytest.raises(config.ConfigError) as err:
+        train(cfg)
+    message = str(err.value)
+    assert message.startswith(f"run {RUN} resumes from checkpoint_00000004, which was trained with {trained}")
+    assert f"this config has {now}. A checkpoint resumes only with the model" in message
+    assert len(ray.util.placement_group_table()) == groups  # refused before any Ray Train run started
 
 
 def test_tampered_latest_falls_back_to_previous_and_resumes_on_fewer_workers(zero2_run, tiny_dataset, tmp_path):
