@@ -45,7 +45,7 @@ from PIL import ExifTags, Image, ImageOps
 
 from mmray import storage
 from mmray.config import Config, webdataset_members
-from mmray.data.tokenizer import TextTokenizer, qa_text
+from mmray.data.tokenizer import TextTokenizer, qa_entries, qa_text
 
 # Images above this many pixels are refused before decoding (a decompression bomb costs memory, not just time).
 MAX_IMAGE_PIXELS = 8192 * 8192
@@ -235,11 +235,11 @@ ANSWER_LEN = 8  # tokens of [BOS] answer [EOS]: answers are a word or two
 def pick_qa(key: str, meta: dict) -> dict | None:
     """The one QA pair (``question``, ``answer``, ``type``; text) a sample contributes, or None when it has none.
 
-    ``meta["qa"]`` is a list of objects with a question and an answer (text, or a number or boolean: see
-    :func:`mmray.data.tokenizer.qa_text`); entries without both are not usable. Which usable one a sample
-    contributes is fixed by its key."""
+    The pairs are :func:`mmray.data.tokenizer.qa_entries` (``meta["qa"]``, or top-level question / answer fields),
+    each with a question and an answer (text, or a number or boolean: see :func:`mmray.data.tokenizer.qa_text`);
+    entries without both are not usable. Which usable one a sample contributes is fixed by its key."""
     qa = []
-    for q in meta.get("qa") or () if isinstance(meta.get("qa"), list) else ():
+    for q in qa_entries(meta):
         if isinstance(q, dict) and (question := qa_text(q.get("question"))) and (answer := qa_text(q.get("answer"))):
             qa.append({"question": question, "answer": answer, "type": str(q.get("type") or "")})
     return qa[zlib.crc32(str(key).encode()) % len(qa)] if qa else None

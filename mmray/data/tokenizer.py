@@ -36,12 +36,20 @@ def qa_text(value) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
-def sample_texts(caption: str, meta: dict) -> list[str]:
-    """The text one sample gives the tokenizer: its caption, and the questions and answers of its metadata's ``qa``
-    list (the shapes set's, or any data set's in that form) when it has one."""
+def qa_entries(meta: dict) -> list[dict]:
+    """The question-answer objects of a sample's metadata: its ``qa`` list (the shapes set's form: ``[{"question",
+    "answer", "type"}, ...]``), or else one pair from top-level ``question`` / ``answer`` fields, the form of a CSV
+    or JSONL index with those columns (an index row's other fields are its metadata)."""
     qa = meta.get("qa")
-    pairs = [q for q in qa if isinstance(q, dict)] if isinstance(qa, list) else []
-    return [caption] + [f"{qa_text(q.get('question'))} {qa_text(q.get('answer'))}".strip() for q in pairs]
+    if isinstance(qa, list):
+        return [q for q in qa if isinstance(q, dict)]
+    return [{k: meta[k] for k in ("question", "answer", "type") if k in meta}] if "question" in meta else []
+
+
+def sample_texts(caption: str, meta: dict) -> list[str]:
+    """The text one sample gives the tokenizer: its caption, and the questions and answers of its metadata
+    (:func:`qa_entries`)."""
+    return [caption] + [f"{qa_text(q.get('question'))} {qa_text(q.get('answer'))}".strip() for q in qa_entries(meta)]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Tokenizer:

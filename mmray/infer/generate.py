@@ -21,7 +21,7 @@ import torch
 
 from mmray import storage
 from mmray.config import Config, ConfigError
-from mmray.data.tokenizer import BOS, EOS, TextTokenizer, qa_text
+from mmray.data.tokenizer import BOS, EOS, TextTokenizer, qa_entries, qa_text
 from mmray.infer.inputs import Rows, check_sources, find_sources, merge_staged, stage_claimed
 from mmray.infer.outputs import OutputDir
 from mmray.infer.runner import ExportInfo, Job, absolute, load_model, read_export, run
@@ -45,9 +45,8 @@ class VqaRows(Rows):
 
         index, qas = [], []
         for i, meta in enumerate(metas):
-            qa_list = decode_meta(meta).get("qa")
-            for qa in qa_list if isinstance(qa_list, list) else ():
-                if isinstance(qa, dict) and qa_text(qa.get("question")):
+            for qa in qa_entries(decode_meta(meta)):
+                if qa_text(qa.get("question")):
                     index.append(i)
                     qas.append(qa)
         questions = [qa_text(qa["question"]) for qa in qas]
@@ -167,6 +166,6 @@ def generate(export_dir: str, srcs: list[str], out: str, *, task: str = "caption
     # Folders of images and CSV / JSONL indexes are written as shards under OUT/_staged first (once).
     read, staged, prefixes = stage_claimed(job.outputs, fresh, srcs, out, export_dir, progress)
     job.sources = find_sources(read, prefixes)
-    summary = merge_staged(run(job, progress), staged)
+    summary = merge_staged(run(job, progress, staged), staged)
     return {"command": "generate", "task": task, "export": export_dir, "src": srcs, "beam": beam,
             "max_new_tokens": max_new, "format": fmt, **summary}

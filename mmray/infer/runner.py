@@ -23,7 +23,7 @@ from mmray.data.pipeline import READER_OVERRIDES, ray_running, reader_options
 from mmray.data.tokenizer import TextTokenizer
 from mmray.export import MANIFEST_FILE, WEIGHTS_FILE, ExportError, _sha256
 from mmray.infer import DEVICES
-from mmray.infer.inputs import Decode, Rows, read_counted
+from mmray.infer.inputs import Decode, Rows, merge_staged, read_counted
 from mmray.infer.outputs import OutputDir, ShardAssembler
 
 log = logging.getLogger("mmray")
@@ -191,11 +191,13 @@ class Job:
         check_options(self.batch_size, self.device, self.actors, self.cpus_per_actor, self.max_bad_fraction)
 
 
-def run(job: Job, progress: Callable[[str], None] | None = None) -> dict:
+def run(job: Job, progress: Callable[[str], None] | None = None, staged: dict | None = None) -> dict:
     """Compute the shards of ``job`` that OUT does not hold yet; returns the summary fields every command shares:
     ``samples`` (usable samples of this run), ``rows`` (rows written: one per sample, or per question for VQA),
     ``samples_read`` (usable and bad), ``bad`` (count per reason), ``shards_written``, ``shards_skipped``,
-    ``samples_per_s`` (usable samples per second of the pipeline, actor start-up included) and ``wall_s``."""
+    ``samples_per_s`` (usable samples per second of the pipeline, actor start-up included) and ``wall_s``.
+    ``staged``: the bad samples that staging a folder or index left out (see mmray.infer.inputs.stage_sources),
+    which count against the bad-sample limit with the reader's."""
     import ray
 
     from mmray.data.pipeline import DataQuality, check_quality, quality_snapshot
@@ -228,7 +230,8 @@ def run(job: Job, progress: Callable[[str], None] | None = None) -> dict:
                 say(f"{job.name}: shard {summary['shards_written']}/{len(todo)} written: {record['file']} "
                     f"({record['rows']} rows, {record['bad']} bad samples); {summary['samples_read']} samples "
                     f"read, {rate:.1f}/s")
-                check_quality(quality_snapshot(quality), max_bad)
+                check_quality(merge_staged(quality_snapshot(quality), staged or {"bad": {}, "bad_examples": {}}),
+                              max_bad)
         elapsed = time.perf_counter() - t0
         if assembler.pending():
             raise RuntimeError(f"the stream ended before these shards were complete: {assembler.pending()}")

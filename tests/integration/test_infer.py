@@ -337,18 +337,28 @@ def test_embed_and_generate_from_a_folder_and_a_csv_index(ray_session, exports, 
     assert sorted(r["caption"] for r in rows) == sorted(s["txt"].decode() for s in usable)
     code, again = mmray("embed", exports["late"], str(folder), out, *POOL)
     assert code == 0 and (again["shards_written"], again["shards_skipped"]) == (0, 1)
+    # The samples staging left out count against the bad-sample limit like the reader's own.
+    code, strict = mmray("embed", exports["late"], str(folder), str(tmp_path / "strict"), "--actors", "1",
+                         "--max-bad-fraction", "0.1")
+    assert code == 2 and strict["error"].startswith("1 of 7 samples (14.3%) are bad, over data.max_bad_fraction=0.1")
 
     index = tmp_path / "index.csv"
     with open(index, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["image", "caption"])
+        w.writerow(["image", "caption", "question", "answer"])  # a VQA index: one question per row
         for i in range(4):
-            w.writerow([f"photos/{'sub/' if i % 2 else ''}img{i}.jpg", usable[i]["txt"].decode()])
-        w.writerow(["photos/missing.jpg", "a caption for nothing"])
+            w.writerow([f"photos/{'sub/' if i % 2 else ''}img{i}.jpg", usable[i]["txt"].decode(),
+                        "how many shapes are there?", i + 1])
+        w.writerow(["photos/missing.jpg", "a caption for nothing", "what colour is it?", "red"])
     code, summary = mmray("generate", exports["late"], str(index), str(tmp_path / "gen"), "--format", "jsonl",
                           *POOL)
     assert code == 0, summary
     assert summary["rows"] == 4 and summary["bad"] == {"missing_image": 1}
+    code, summary = mmray("generate", exports["late"], str(index), str(tmp_path / "vqa"), "--task", "vqa", *POOL)
+    assert code == 0 and summary["rows"] == 4, summary
+    answered = read_rows(str(tmp_path / "vqa"))
+    assert sorted((r["question"], r["answer"]) for r in answered) == [("how many shapes are there?", str(i + 1))
+                                                                       for i in range(4)]
 
     # An index whose columns are not found says how to name them (the inference commands have no column options),
     # and OUT, which got no output, is left free: no manifest that would refuse the next run.

@@ -351,6 +351,19 @@ def test_qa_answers_that_are_numbers_or_booleans_are_used_as_text(answer, text):
     assert qa == (None if text is None else {"question": "how many circles?", "answer": text, "type": "count"})
 
 
+def test_qa_from_an_index_rows_question_and_answer_fields():
+    """A CSV / JSONL index with question and answer columns keeps them as the sample's top-level metadata: that is
+    one QA pair, for training, the tokenizer and `mmray generate --task vqa`; a `qa` list takes precedence."""
+    from mmray.data.tokenizer import sample_texts
+
+    row = {"question": "how many circles?", "answer": "2", "source": "x.jpg"}
+    assert pick_qa("k", row) == {"question": "how many circles?", "answer": "2", "type": ""}
+    assert sample_texts("two circles", row) == ["two circles", "how many circles? 2"]
+    listed = {**row, "qa": [{"question": "what colour?", "answer": "red"}]}
+    assert pick_qa("k", listed)["question"] == "what colour?"
+    assert pick_qa("k", {"answer": "2"}) is None and sample_texts("c", {"answer": "2"}) == ["c"]
+
+
 def test_preprocess_tokenizes_a_numeric_answer_instead_of_failing_the_block():
     import json
 
