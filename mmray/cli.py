@@ -62,7 +62,10 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
     from mmray.storage import StorageError
     from mmray.data.pipeline import BadDataError
 
-    return (config_lib.ConfigError, StorageError, BadDataError, FileNotFoundError)
+    # A path of the wrong kind (a file where a directory belongs, or the other way round, an output that exists as
+    # a file) is the user's input too.
+    return (config_lib.ConfigError, StorageError, BadDataError, FileNotFoundError, NotADirectoryError,
+            IsADirectoryError, FileExistsError)
 
 
 def _load_config(args: argparse.Namespace) -> config_lib.Config:

@@ -155,11 +155,22 @@ def write_export(out: str, state: dict[str, torch.Tensor], config_yaml: str, tok
     return manifest
 
 
+def read_manifest(path: str) -> dict:
+    """An export's manifest.json; ExportError names the file when it is not the JSON object mmray writes."""
+    try:
+        manifest = json.loads(storage.read_text(path))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ExportError(f"{path} is not valid JSON ({e}): a damaged or altered export") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise ExportError(f"{path} has no 'files' table: not an mmray export manifest")
+    return manifest
+
+
 def _read_verified(export_dir: str) -> dict[str, bytes]:
     manifest_path = storage.join(export_dir, MANIFEST_FILE)
     if not storage.exists(manifest_path):
         raise ExportError(f"{manifest_path} is missing: not an mmray export, or an unfinished one")
-    manifest = json.loads(storage.read_text(manifest_path))
+    manifest = read_manifest(manifest_path)
     data = {}
     for name, entry in manifest["files"].items():
         blob = storage.read_bytes(storage.join(export_dir, name))

@@ -6,7 +6,6 @@ and writes its output as soon as the shard is complete, so an interrupted run ke
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from mmray import storage
 from mmray.config import ConfigError
 from mmray.data.pipeline import READER_OVERRIDES, ray_running, reader_options
 from mmray.data.tokenizer import TextTokenizer
-from mmray.export import MANIFEST_FILE, WEIGHTS_FILE, ExportError, _sha256
+from mmray.export import MANIFEST_FILE, WEIGHTS_FILE, ExportError, _sha256, read_manifest
 from mmray.infer import DEVICES
 from mmray.infer.inputs import Decode, Rows, merge_staged, read_counted
 from mmray.infer.outputs import OutputDir, ShardAssembler
@@ -57,7 +56,7 @@ def read_export(path: str, reader_overrides: list[str] | None = None) -> ExportI
     manifest_path = storage.join(path, MANIFEST_FILE)
     if not storage.exists(manifest_path):
         raise ExportError(f"{manifest_path} is missing: not an mmray export, or an unfinished one")
-    files = json.loads(storage.read_text(manifest_path)).get("files", {})
+    files = read_manifest(manifest_path)["files"]
     missing = [name for name in ("config.yaml", "tokenizer.json", WEIGHTS_FILE) if name not in files]
     if missing:
         raise ExportError(f"{manifest_path} lists no {', '.join(missing)}: not an mmray export")

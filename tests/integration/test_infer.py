@@ -374,3 +374,17 @@ def test_embed_and_generate_from_a_folder_and_a_csv_index(ray_session, exports, 
     assert code == 0, both
     assert both["samples"] == 10 and both["bad"] == {"missing_caption": 1, "missing_image": 1}
     assert both["shards_written"] == 2 and len(read_rows(str(tmp_path / "both"))) == 10
+
+
+def test_a_file_for_a_directory_and_a_damaged_manifest_are_bad_input(exports, src, tmp_path):
+    """Exit 2 (bad input) naming the path, not a traceback and exit 1."""
+    import shutil
+
+    weights = os.path.join(exports["late"], "model.safetensors")
+    code, summary = mmray("eval", weights, "--data", src)
+    assert code == 2 and summary["kind"] == "bad_input" and weights in summary["error"], summary
+    broken = tmp_path / "broken"
+    shutil.copytree(exports["late"], broken)
+    (broken / "manifest.json").write_text("{not json")
+    code, summary = mmray("embed", str(broken), src, str(tmp_path / "out"))
+    assert code == 2 and summary["error"].startswith(f"{broken}/manifest.json is not valid JSON"), summary
