@@ -407,7 +407,8 @@ def decide(checkpoint, location: tuple[pafs.FileSystem, str] | None, log=log_lin
     fallback = latest_complete(run_dir, fs, skip=(name, *newer), rejected=rejected, log=log)
     if fallback is None:
         log(f"NO COMPLETE CHECKPOINT in {run_dir}: STARTING FROM STEP 0. Every checkpoint there was refused "
-            "(see above); they are left in place for inspection.")
+            "(see above). They stay until the new ones replace them (run.keep_last, as Ray Train keeps any "
+            "checkpoint): copy them elsewhere now to keep them for inspection.")
     else:
         log(f"resuming from {fallback}, the newest complete checkpoint, instead of {name}")
     return Decision(name=fallback, rejected=rejected, taken=taken)
