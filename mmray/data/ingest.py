@@ -35,7 +35,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pyarrow.fs as pafs
 from PIL import Image
@@ -70,6 +70,7 @@ class Candidate:
     meta_path: str | None = None      # a folder sample's .json
     extra: dict = field(default_factory=dict)  # an index row's other fields
     bad: str = ""                     # a reason already known from the listing
+    caption_optional: bool = False    # no caption is "" (captioning images that have none), not a bad sample
 
 
 @dataclass(frozen=True)
@@ -279,9 +280,11 @@ def load(candidate: Candidate) -> Loaded | str:
         except storage.StorageError:
             return "missing_caption"
         except UnicodeDecodeError:
-            return "non_utf8_caption"
+            if not candidate.caption_optional:
+                return "non_utf8_caption"
+            caption = ""
     caption = (caption or "").strip()
-    if not caption:
+    if not caption and not candidate.caption_optional:
         return "empty_caption"
     meta = dict(candidate.extra)
     if candidate.meta_path is not None:
@@ -379,7 +382,8 @@ def _write(writer: ShardWriter, sample: Loaded) -> None:
 def prepare_ingest(src: str, dest: str, format: str = "webdataset", samples_per_shard: int = 1000,
                    val_samples: int | None = None, seed: int = 0, tokenizer: str | None = None,
                    vocab_size: int = 512, image_column: str | None = None, caption_column: str | None = None,
-                   progress: Callable[[str], None] | None = None, threads: int = READ_THREADS) -> dict:
+                   progress: Callable[[str], None] | None = None, threads: int = READ_THREADS,
+                   captions_required: bool = True) -> dict:
     """Write the images and captions of ``src`` (a folder, or a .csv / .jsonl index) to ``dest`` and return a
     summary. See the module docstring for the sources, the bad-sample reasons and the split.
 
@@ -387,6 +391,8 @@ def prepare_ingest(src: str, dest: str, format: str = "webdataset", samples_per_
     existing tokenizer.json (local or s3://) copied as DEST/tokenizer.json; without it a tokenizer of at most
     ``vocab_size`` tokens is trained on the training captions. Everything that can be checked before writing (the
     source, the columns of an index, the tokenizer, DEST outside SRC) is, and raises ValueError naming the problem.
+    With ``captions_required`` False (staging images to caption them), an image without a caption is written with
+    an empty one instead of being counted bad.
     """
     started = time.perf_counter()
     say = progress or (lambda message: None)
@@ -403,6 +409,9 @@ def prepare_ingest(src: str, dest: str, format: str = "webdataset", samples_per_
         tokenizer_bytes = storage.read_bytes(tokenizer)
 
     candidates = discover_folder(src) if kind == "folder" else discover_index(src, kind, image_column, caption_column)
+    if not captions_required:
+        candidates = [replace(c, caption_optional=True, bad="" if c.bad == "missing_caption" else c.bad)
+                      for c in candidates]
     eligible = sum(1 for c in candidates if not c.bad)
     say(f"{src}: {len(candidates)} samples listed ({kind}), {len(candidates) - eligible} without a usable listing")
     if not eligible:

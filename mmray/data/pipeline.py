@@ -376,14 +376,33 @@ def check_quality(snapshot: dict, max_bad_fraction: float) -> None:
             f"{snapshot['bad']}; examples: {snapshot['bad_examples']}" + (f". What to check: {hints}" if hints else ""))
 
 
-class Preprocess:
-    """Raw rows (see mmray.data.reader.RAW_SCHEMA) -> model-ready rows; bad samples are dropped and counted."""
+CAPTION_REASONS = ("missing_caption", "empty_caption", "non_utf8_caption")
 
-    def __init__(self, tokenizer_json: str | None, image_size: int, max_text_len: int, quality=None):
+
+class Preprocess:
+    """Raw rows (see mmray.data.reader.RAW_SCHEMA) -> model-ready rows; bad samples are dropped and counted.
+
+    With ``captions_required`` False (generating captions or answers, which reads no caption), a sample without a
+    usable caption is kept with the caption ""."""
+
+    def __init__(self, tokenizer_json: str | None, image_size: int, max_text_len: int, quality=None,
+                 captions_required: bool = True):
         self.tokenizer_json = tokenizer_json  # None: no tokenization (data inspection)
         self.image_size = image_size
         self.max_text_len = max_text_len
         self.quality = quality  # a DataQuality actor handle, or None to skip reporting
+        self.captions_required = captions_required
+
+    def _caption(self, data, error: str) -> str:
+        reason = error.split(":")[0] if error else ""
+        if reason and (self.captions_required or reason not in CAPTION_REASONS):
+            raise ValueError(reason)
+        try:
+            return decode_caption(data)
+        except ValueError:
+            if self.captions_required:
+                raise
+            return ""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         captions, keys, shards, qas, labels = [], [], [], [], []
@@ -394,9 +413,7 @@ class Preprocess:
         for key, shard, image, caption, meta, error in zip(batch["key"], batch["shard"], batch["image"],
                                                            batch["caption"], metas, batch["error"]):
             try:
-                if error:
-                    raise ValueError(error.split(":")[0])
-                text = decode_caption(caption)
+                text = self._caption(caption, error)
                 info = decode_meta(meta)
                 decode_pixels(image, self.image_size, out=pixels[len(keys)])
             except ValueError as e:

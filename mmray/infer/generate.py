@@ -157,14 +157,15 @@ def generate(export_dir: str, srcs: list[str], out: str, *, task: str = "caption
 
     job = Job("generate", info, [], OutputDir(out, fmt), GenerateWorker,
               (export_dir, task, max_new, beam), to_table, spec.rows(info), batch_size, device, actors,
-              cpus_per_actor, max_bad_fraction)
+              cpus_per_actor, max_bad_fraction, captions_required=False)  # images without captions: generate
     check_sources(srcs, out)  # before OUT is claimed: a wrong SRC leaves nothing behind
     fresh = job.outputs.claim({"kind": f"generate:{task}", "export": export_dir, "weights_sha256": info.weights_sha256,
                              "task": task, "beam": beam, "max_new_tokens": max_new, "format": fmt, "src": srcs,
                              "columns": spec.schema.names},
                             same=("kind", "weights_sha256", "beam", "max_new_tokens", "format"))
     # Folders of images and CSV / JSONL indexes are written as shards under OUT/_staged first (once).
-    read, staged, prefixes = stage_claimed(job.outputs, fresh, srcs, out, export_dir, progress)
+    read, staged, prefixes = stage_claimed(job.outputs, fresh, srcs, out, export_dir, progress,
+                                           captions_required=False)
     job.sources = find_sources(read, prefixes)
     summary = merge_staged(run(job, progress, staged), staged)
     return {"command": "generate", "task": task, "export": export_dir, "src": srcs, "beam": beam,

@@ -73,7 +73,8 @@ def check_sources(srcs: list[str], out: str) -> None:
             find_sources([src])
 
 
-def stage_sources(srcs: list[str], out: str, tokenizer: str, progress=None) -> tuple[list[str], dict, dict]:
+def stage_sources(srcs: list[str], out: str, tokenizer: str, progress=None,
+                  captions_required: bool = True) -> tuple[list[str], dict, dict]:
     """Replace each folder / CSV / JSONL source by its shards, written once under ``OUT/_staged/<hash>`` by
     :func:`mmray.data.ingest.prepare_ingest` (all samples in train/, with the export's tokenizer); a rerun reuses
     them (a changed folder is not noticed: delete OUT/_staged to stage it again). Returns the sources to read, the
@@ -102,7 +103,8 @@ def stage_sources(srcs: list[str], out: str, tokenizer: str, progress=None) -> t
             if progress:
                 progress(f"{src}: writing it as shards to {dest} first")
             try:
-                summary = prepare_ingest(src, dest, val_samples=0, tokenizer=tokenizer, progress=progress)
+                summary = prepare_ingest(src, dest, val_samples=0, tokenizer=tokenizer, progress=progress,
+                                         captions_required=captions_required)
             except ValueError as e:  # no usable samples, a bad index: bad input, named
                 message = str(e) if str(e).startswith(src) else f"{src}: {e}"
                 if "--image-column" in message or "--caption-column" in message:  # `mmray data prepare`'s options
@@ -119,13 +121,13 @@ def stage_sources(srcs: list[str], out: str, tokenizer: str, progress=None) -> t
     return read, {"bad": bad, "bad_examples": examples}, prefixes
 
 
-def stage_claimed(outputs, fresh: bool, srcs: list[str], out: str, export_dir: str,
-                  progress=None) -> tuple[list[str], dict, dict]:
+def stage_claimed(outputs, fresh: bool, srcs: list[str], out: str, export_dir: str, progress=None,
+                  captions_required: bool = True) -> tuple[list[str], dict, dict]:
     """:func:`stage_sources` for a command that has just claimed OUT (``outputs.claim``, ``fresh`` when OUT had no
     manifest): when staging fails (a folder or index with nothing usable), the claim is taken back, so that OUT,
     which holds no output, stays free for the next command."""
     try:
-        return stage_sources(srcs, out, storage.join(export_dir, "tokenizer.json"), progress)
+        return stage_sources(srcs, out, storage.join(export_dir, "tokenizer.json"), progress, captions_required)
     except Exception:
         if fresh:
             outputs.release()
@@ -232,8 +234,8 @@ class Decode:
     """
 
     def __init__(self, tokenizer_json: str, image_size: int, max_text_len: int, quality=None,
-                 rows: Rows | None = None):
-        self.preprocess = Preprocess(tokenizer_json, image_size, max_text_len, quality)
+                 rows: Rows | None = None, captions_required: bool = True):
+        self.preprocess = Preprocess(tokenizer_json, image_size, max_text_len, quality, captions_required)
         self.rows = rows or Rows()
         # Column names, dtypes and row shapes of the output, for tally rows of batches without a usable sample.
         empty = {f.name: np.array([], dtype=object) for f in RAW_SCHEMA}

@@ -156,7 +156,8 @@ def build_dataset(job: "Job", todo: list[tuple[str, str]], pool: Pool, quality):
     import ray.data
 
     cfg = job.info.cfg
-    decode = Decode(job.info.tokenizer_json, cfg.data.image_size, cfg.data.max_text_len, quality, job.rows)
+    decode = Decode(job.info.tokenizer_json, cfg.data.image_size, cfg.data.max_text_len, quality, job.rows,
+                    job.captions_required)
     ds = read_counted([uri for uri, _ in todo], reader_options(cfg), **pool.read_args())
     worker_args = (*job.worker_args, pool.use_gpu, pool.threads)
     if pool.use_gpu:
@@ -185,6 +186,7 @@ class Job:
     actors: int | None = None
     cpus_per_actor: float = 1.0
     max_bad_fraction: float | None = None         # None: the export's data.max_bad_fraction
+    captions_required: bool = True                # False: generation, which reads no caption
 
     def __post_init__(self) -> None:
         check_options(self.batch_size, self.device, self.actors, self.cpus_per_actor, self.max_bad_fraction)

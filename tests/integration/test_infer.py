@@ -337,6 +337,11 @@ def test_embed_and_generate_from_a_folder_and_a_csv_index(ray_session, exports, 
     assert sorted(r["caption"] for r in rows) == sorted(s["txt"].decode() for s in usable)
     code, again = mmray("embed", exports["late"], str(folder), out, *POOL)
     assert code == 0 and (again["shards_written"], again["shards_skipped"]) == (0, 1)
+    # Captioning reads no caption: the image without one is captioned too.
+    code, gen = mmray("generate", exports["late"], str(folder), str(tmp_path / "captioned"), "--format", "jsonl",
+                      *POOL)
+    assert code == 0 and (gen["rows"], gen["bad"]) == (7, {}), gen
+
     # The samples staging left out count against the bad-sample limit like the reader's own.
     code, strict = mmray("embed", exports["late"], str(folder), str(tmp_path / "strict"), "--actors", "1",
                          "--max-bad-fraction", "0.1")

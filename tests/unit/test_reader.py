@@ -390,6 +390,17 @@ def test_preprocess_drops_bad_samples_per_sample_not_per_block():
     assert list(out["caption"]) == ["a red circle"]
 
 
+def test_preprocess_for_generation_keeps_samples_without_a_caption():
+    tok = TextTokenizer(train_tokenizer(["a red circle"], vocab_size=128))
+    batch = {"key": np.array(["0", "1", "2", "3"], dtype=object), "shard": np.array(["s"] * 4, dtype=object),
+             "image": np.array([_jpeg(), _jpeg(), _jpeg(), b"junk"], dtype=object),
+             "caption": np.array([None, b"  ", b"\xff", b"x"], dtype=object),
+             "error": np.array(["missing_caption", "", "", ""], dtype=object)}
+    out = Preprocess(tok.to_str(), 32, 8, captions_required=False)(batch)
+    assert list(out["key"]) == ["0", "1", "2"] and list(out["caption"]) == ["", "", ""]  # junk: still bad
+    assert list(Preprocess(tok.to_str(), 32, 8)(batch)["key"]) == []
+
+
 def test_quality_limit_names_reasons_and_examples():
     check_quality({"good": 99, "bad": {"corrupt_image": 1}, "bad_examples": {}}, 0.01)
     with pytest.raises(BadDataError, match=r"2 of 100 samples \(2.0%\).*corrupt_image.*s:7"):
