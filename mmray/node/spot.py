@@ -274,13 +274,15 @@ class RayDrainer:
                               f"{len(ours)} ({', '.join(ours) or 'none'}); pass --node-id")
         return ours[0]
 
-    def __call__(self, remaining_s: float, message: str) -> dict:
+    def __call__(self, remaining_s: float, message: str, deadline_at: float | None = None) -> dict:
+        """Drain this node with the deadline ``deadline_at`` (epoch seconds; the notice's own, so that Ray gets it
+        exactly), or ``remaining_s`` from now when none is given."""
         asked_at = time.time()
         try:
             from ray.core.generated import autoscaler_pb2
 
             node_id = self.prepare()
-            deadline_ms = int((asked_at + remaining_s) * 1000)
+            deadline_ms = round((asked_at + remaining_s if deadline_at is None else deadline_at) * 1000)
             accepted, why = self._client.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value(REASON), message,
                                                     deadline_ms, timeout=DRAIN_RPC_TIMEOUT_S)
         except DrainFailed:
@@ -293,11 +295,12 @@ class RayDrainer:
         return {"node_id": node_id, "deadline_ms": deadline_ms, "address": self.address}
 
 
-Drain = Callable[[float, str], dict]
+Drain = Callable[[float, str, float], dict]  # (remaining_s, message, deadline_at) -> what it did
 
 
 class SpotWatcher:
-    """Polls a NoticeSource and drains the node once per notice. ``drain(remaining_s, message)`` does the drain.
+    """Polls a NoticeSource and drains the node once per notice. ``drain(remaining_s, message, deadline_at)`` does
+    the drain.
 
     ``now`` is the wall clock (epoch seconds) the deadlines are computed against.
     """
@@ -356,13 +359,16 @@ class SpotWatcher:
         log.warning("INTERRUPTION NOTICE %s action=%s deadline=%s (%.0f s left): draining this Ray node",
                     notice.source, notice.action, _iso(notice.deadline), remaining)
         message = f"mmray spot watcher: {notice.source} {notice.action} at {_iso(notice.deadline)} ({notice.detail})"
-        result = self.drain(max(remaining, MIN_REMAINING_S), message[:500])  # DrainFailed: retried next poll
+        # The deadline as the notice gives it (not now + remaining, which the time between two clock reads shifts),
+        # or MIN_REMAINING_S from now when it has passed. DrainFailed: retried on the next poll.
+        remaining = max(remaining, MIN_REMAINING_S)
+        result = self.drain(remaining, message[:500], max(notice.deadline, now + MIN_REMAINING_S))
         self._handled.add(notice.key)
         self._deadline = notice.deadline
         self.notices.append(record)
         self.drains.append({**record, **(result or {})})
         log.warning("drained Ray node %s with reason %s, deadline %s (%.0f s left)",
-                    (result or {}).get("node_id", "?"), REASON, _iso(notice.deadline), max(remaining, MIN_REMAINING_S))
+                    (result or {}).get("node_id", "?"), REASON, _iso(notice.deadline), remaining)
         return True
 
     def run(self, once: bool = False, max_polls: int | None = None, once_attempts: int = 3) -> dict:

@@ -135,13 +135,15 @@ class Recorder:
 
     def __init__(self, fail: int = 0):
         self.calls: list[tuple[float, str]] = []
+        self.deadlines: list[float | None] = []  # the absolute deadline of each call, epoch seconds
         self.fail = fail
 
-    def __call__(self, remaining_s: float, message: str) -> dict:
+    def __call__(self, remaining_s: float, message: str, deadline_at: float | None = None) -> dict:
         if self.fail:
             self.fail -= 1
             raise spot.DrainFailed("GCS unreachable (test)")
         self.calls.append((remaining_s, message))
+        self.deadlines.append(deadline_at)
         return {"node_id": "n" * 56}
 
 
@@ -173,6 +175,7 @@ def test_notice_drains_once_with_the_remaining_deadline(imds):
     assert len(drain.calls) == 1, drain.calls
     remaining, message = drain.calls[0]
     assert abs(remaining - 90) < 1
+    assert drain.deadlines == [T0 + 120]  # the notice's own deadline, exactly, for Ray
     assert "terminate" in message and iso(T0 + 120) in message
     assert [d["action"] for d in w.summary()["drains"]] == ["terminate"]
 
@@ -287,6 +290,7 @@ def test_a_past_deadline_is_never_zero(imds):
     drain = Recorder()
     watcher(imds, drain).run(once=True)
     assert drain.calls[0][0] == spot.MIN_REMAINING_S  # 0 would mean "no deadline" to Ray
+    assert drain.deadlines == [T0 + spot.MIN_REMAINING_S]
 
 
 def test_gcp_preempted_flag(imds):
