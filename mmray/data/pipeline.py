@@ -240,7 +240,7 @@ def pick_qa(key: str, meta: dict) -> dict | None:
     entries without both are not usable. Which usable one a sample contributes is fixed by its key."""
     qa = []
     for q in qa_entries(meta):
-        if isinstance(q, dict) and (question := qa_text(q.get("question"))) and (answer := qa_text(q.get("answer"))):
+        if (question := qa_text(q.get("question"))) and (answer := qa_text(q.get("answer"))):
             qa.append({"question": question, "answer": answer, "type": str(q.get("type") or "")})
     return qa[zlib.crc32(str(key).encode()) % len(qa)] if qa else None
 

@@ -284,9 +284,12 @@ def _pick(shard: str, names: set[str], wanted: str, auto: tuple[str, ...], what:
     return found
 
 
+def _is_binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
+
+
 def _is_text(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) \
-        or pa.types.is_large_binary(t) or pa.types.is_string_view(t) or pa.types.is_binary_view(t)
+    return _is_binary(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
 def _caption_reader(shard: str, column: str, t: pa.DataType):
@@ -335,10 +338,8 @@ def iter_parquet(data: bytes, shard: str, rows_per_block: int, image_column: str
     status_column = "status" if "status" in names else None
     schema = pf.schema_arrow
     image_type = schema.field(image_column).type
-    binary = any(is_type(image_type) for is_type in (pa.types.is_binary, pa.types.is_large_binary,
-                                                      pa.types.is_binary_view))
     struct = pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0
-    if not (binary or struct):  # a string column holds paths or URLs (or base64), never an encoded image
+    if not (_is_binary(image_type) or struct):  # a string column holds paths or URLs (or base64), never an image
         raise _bad_data(f"{shard}: Parquet image column {image_column!r} holds {image_type}, not encoded image "
                          f"bytes (binary, or a struct with a 'bytes' field); a column of paths or URLs is not "
                          f"read (img2dataset downloads them into shards); set data.image_column.")

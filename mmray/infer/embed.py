@@ -103,7 +103,7 @@ def embed(export_dir: str, srcs: list[str], out: str, *, batch_size: int = 256, 
                              "image_size": info.cfg.data.image_size, "src": srcs, "columns": OUTPUT_SCHEMA.names},
                             same=("kind", "weights_sha256"))
     # Folders of images and CSV / JSONL indexes are written as shards under OUT/_staged first (once).
-    read, staged, prefixes = stage_claimed(job.outputs, fresh, srcs, out, export_dir, progress)
+    read, staged, prefixes = stage_claimed(job, fresh, srcs, export_dir, progress)
     job.sources = find_sources(read, prefixes)
     summary = merge_staged(run(job, progress, staged), staged)
     return {"command": "embed", "export": export_dir, "src": srcs, **summary}

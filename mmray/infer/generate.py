@@ -164,8 +164,7 @@ def generate(export_dir: str, srcs: list[str], out: str, *, task: str = "caption
                              "columns": spec.schema.names},
                             same=("kind", "weights_sha256", "beam", "max_new_tokens", "format"))
     # Folders of images and CSV / JSONL indexes are written as shards under OUT/_staged first (once).
-    read, staged, prefixes = stage_claimed(job.outputs, fresh, srcs, out, export_dir, progress,
-                                           captions_required=False)
+    read, staged, prefixes = stage_claimed(job, fresh, srcs, export_dir, progress)
     job.sources = find_sources(read, prefixes)
     summary = merge_staged(run(job, progress, staged), staged)
     return {"command": "generate", "task": task, "export": export_dir, "src": srcs, "beam": beam,

@@ -121,16 +121,16 @@ def stage_sources(srcs: list[str], out: str, tokenizer: str, progress=None,
     return read, {"bad": bad, "bad_examples": examples}, prefixes
 
 
-def stage_claimed(outputs, fresh: bool, srcs: list[str], out: str, export_dir: str, progress=None,
-                  captions_required: bool = True) -> tuple[list[str], dict, dict]:
-    """:func:`stage_sources` for a command that has just claimed OUT (``outputs.claim``, ``fresh`` when OUT had no
-    manifest): when staging fails (a folder or index with nothing usable), the claim is taken back, so that OUT,
-    which holds no output, stays free for the next command."""
+def stage_claimed(job, fresh: bool, srcs: list[str], export_dir: str, progress=None) -> tuple[list[str], dict, dict]:
+    """:func:`stage_sources` for a job (mmray.infer.runner.Job) that has just claimed its OUT (``fresh`` when OUT had
+    no manifest), with the job's caption rule: when staging fails (a folder or index with nothing usable), the claim
+    is taken back, so that OUT, which holds no output, stays free for the next command."""
     try:
-        return stage_sources(srcs, out, storage.join(export_dir, "tokenizer.json"), progress, captions_required)
+        return stage_sources(srcs, job.outputs.out, storage.join(export_dir, "tokenizer.json"), progress,
+                             job.captions_required)
     except Exception:
         if fresh:
-            outputs.release()
+            job.outputs.release()
         raise
 
 

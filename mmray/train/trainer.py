@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mmray import storage
-from mmray.config import Config, ConfigError
+from mmray.config import Config, ConfigError, all_keys
 from mmray.data.tokenizer import TextTokenizer
 
 log = logging.getLogger("mmray")
@@ -109,13 +109,6 @@ RESUME_KEYS = ("model.", "data.image_size", "data.max_text_len", "train.zero_sta
 RESUME_FREE = ("model.init_image", "model.init_text")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def check_resume_config(cfg: Config, run_dir: str) -> None:
     """Before Ray starts: when ``run_dir`` holds checkpoints, the newest one's config.yaml must agree with ``cfg`` on
     what shapes the weights and optimizer state (RESUME_KEYS). Otherwise resuming would fail on every worker after
@@ -130,17 +123,21 @@ def check_resume_config(cfg: Config, run_dir: str) -> None:
         return
     path = storage.join(run_dir, names[0], "config.yaml")
     try:
-        saved = _flat(yaml.safe_load(storage.read_text(path)) or {})
+        tree = yaml.safe_load(storage.read_text(path)) or {}
     except (storage.StorageError, OSError, yaml.YAMLError):
         return  # an incomplete or damaged checkpoint: the restore refuses it and says why
-    now = _flat(cfg.to_dict())
-    changed = [k for k in sorted(set(now) | set(saved)) if k.startswith(RESUME_KEYS) and k not in RESUME_FREE
-               and k in saved and now.get(k) != saved[k]]
+    now_tree = cfg.to_dict()
+    saved, now = {}, {}
+    for key in all_keys():
+        section, name = key.split(".", 1)
+        if key.startswith(RESUME_KEYS) and key not in RESUME_FREE and name in (tree.get(section) or {}):
+            saved[key], now[key] = tree[section][name], now_tree[section][name]
+    changed = [k for k in saved if now[k] != saved[k]]
     if changed:
         raise ConfigError(
             f"run {cfg.run_name} resumes from {names[0]}, which was trained with "
             + ", ".join(f"{k}={saved[k]!r}" for k in changed) + "; this config has "
-            + ", ".join(f"{k}={now.get(k)!r}" for k in changed)
+            + ", ".join(f"{k}={now[k]!r}" for k in changed)
             + ". A checkpoint resumes only with the model (and ZeRO stage) it was trained with: set those back, or "
               "start a new run (another run.name; to start from these weights, export them and use model.init_image"
               " / model.init_text).")
@@ -154,7 +151,7 @@ def start_local_ray(num_cpus: int, **init_kwargs) -> None:
     goes to the cluster that /tmp/ray/ray_current_cluster names (the last `ray start` on the machine); when that
     cluster is gone, each query waits 40 s for its GCS, and every run ended up to 12 s late (the cleaner's stop
     timeout). The workers get this instance's dashboard in RAY_API_SERVER_ADDRESS, so the cleaner's queries are
-    answered at once (tests/integration/test_engine_startup.py checks it)."""
+    answered at once (tests/integration/test_local_ray.py checks it)."""
     import socket
 
     import ray
