@@ -124,10 +124,27 @@ def _to_safetensors(state: dict[str, torch.Tensor], dtype: torch.dtype, metadata
     return save(out, metadata=metadata)
 
 
+def _check_out(out: str) -> None:
+    """ExportError when OUT, or a directory above it, is a file: an export is a directory."""
+    import pyarrow.fs as pafs
+
+    fs, inner = storage.resolve(out)
+    path = inner.rstrip("/")
+    while path and path not in ("/", "."):
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            where = "OUT" if path == inner.rstrip("/") else f"{path}, above OUT,"
+            raise ExportError(f"cannot export to {out}: {where} is a file (an export is a directory of files)")
+        parent = path.rsplit("/", 1)[0] if "/" in path else ""
+        if parent == path:
+            break
+        path = parent
+
+
 def export(source: str, out: str, dtype: str = "fp32") -> dict:
     """Export the checkpoint (or the run's newest complete checkpoint) at ``source`` to the directory ``out``."""
     if dtype not in DTYPES:
         raise ExportError(f"dtype {dtype!r} is not supported; allowed values: {', '.join(DTYPES)}")
+    _check_out(out)  # before minutes of consolidation, not after
     checkpoint = resolve_checkpoint(source)
     fs, inner = storage.resolve(checkpoint)
     texts = {name: storage.read_text(storage.join(checkpoint, name)) for name in ("config.yaml", "tokenizer.json")}

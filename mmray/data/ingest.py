@@ -13,8 +13,10 @@ Sources (local or ``s3://``):
 
 A sample that cannot be used is skipped and counted by reason, with a few examples: ``missing_caption``,
 ``missing_image``, ``corrupt_image`` (it does not decode with Pillow), ``image_too_large``, ``empty_caption``,
-``non_utf8_caption``, ``bad_metadata`` (its ``.json`` is not a JSON object), ``unsupported_image_type``,
-``unsupported_url`` (http(s) images are not downloaded).
+``non_utf8_caption``, ``bad_metadata`` (its ``.json`` is not a JSON object), ``unsupported_image_type`` (an index
+row naming another kind of file, or an image in a folder in a format the shard readers do not take: ``.gif``,
+``.bmp``, ``.tif``, ...; convert those to PNG or JPEG first), ``unsupported_url`` (http(s) images are not
+downloaded).
 
 Output: the layout of :mod:`mmray.data.prepare` (train/ and val/ shards, tokenizer.json, dataset.json written last),
 as WebDataset tars or Parquet files. Images are stored as their original bytes, never re-encoded. Validation takes
@@ -47,6 +49,10 @@ from mmray.data.tokenizer import MIN_VOCAB_SIZE, TextTokenizer, sample_texts, tr
 from mmray.data.webdataset import FORMATS, ShardInfo, ShardWriter
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Image files in a folder that are not ingested (the shard readers take IMAGE_EXTENSIONS): each counts as a bad
+# sample, unsupported_image_type, so that a folder of GIFs or TIFFs is not taken for one without images.
+OTHER_IMAGE_EXTENSIONS = ("gif", "bmp", "tif", "tiff", "heic", "heif", "avif", "jxl", "jp2", "ico", "ppm", "pgm",
+                          "pbm", "tga", "svg")
 INDEX_KINDS = {".csv": "csv", ".jsonl": "jsonl"}
 IMAGE_COLUMNS = ("image", "path", "filepath", "file_name")  # file_name: Hugging Face ImageFolder metadata
 CAPTION_COLUMNS = ("caption", "text")
@@ -129,6 +135,8 @@ def discover_folder(src: str) -> list[Candidate]:
             caption = files.get("txt")
             candidates.append(Candidate(ref=files[ext], image=files[ext], ext=ext, caption_path=caption,
                                         meta_path=files.get("json"), bad="" if caption else "missing_caption"))
+        for ext in sorted(e for e in files if e in OTHER_IMAGE_EXTENSIONS):
+            candidates.append(Candidate(ref=files[ext], image=files[ext], ext=ext, bad="unsupported_image_type"))
     if not candidates:
         raise ValueError(f"no images ({', '.join('.' + e for e in IMAGE_EXTENSIONS)}) found under {src}")
     return candidates

@@ -152,6 +152,28 @@ def list_shards(directory: str) -> list[str]:
     return [p for p in files if p.endswith(".tar") or p[:-len(".parquet")] not in tars]
 
 
+def image_files(directory: str, recursive: bool = False) -> list[str]:
+    """The image files (the extensions `mmray data prepare` ingests) under a directory, hidden ones left out."""
+    from mmray.data.ingest import IMAGE_EXTENSIONS
+
+    names = storage.list_files(directory, recursive=recursive)
+    return [p for p in names if not posixpath.basename(p).startswith(".")
+            and posixpath.splitext(p)[1][1:].lower() in IMAGE_EXTENSIONS]
+
+
+def no_shards(directory: str) -> storage.StorageError:
+    """The error for a directory without shards; when it holds images, it says how to make shards of them."""
+    message = f"no .tar or .parquet shards under {directory}"
+    try:
+        images = image_files(directory, recursive=True)
+    except storage.StorageError:
+        images = []
+    if images:
+        message += (f"; it holds {len(images)} image file(s) (e.g. {images[0]}): write them as shards first, "
+                    f"`mmray data prepare {directory} DEST`, and read DEST")
+    return storage.StorageError(message)
+
+
 def _parent(path: str) -> str:
     if storage.is_s3(path):
         return path.rstrip("/").rsplit("/", 1)[0]
@@ -199,7 +221,7 @@ class Part:
             directory = storage.join(self.spec, split)
             paths = list_shards(directory)
             if not paths:
-                raise storage.StorageError(f"no .tar or .parquet shards under {directory}")
+                raise no_shards(directory)
             return paths
         names = expand_braces(self.spec)
         if len(names) > 1 or names[0].endswith(SHARD_SUFFIXES):
@@ -209,7 +231,7 @@ class Part:
             return _check_exist(names, self.spec, allow_missing)
         paths = list_shards(self.spec)
         if not paths:
-            raise storage.StorageError(f"no .tar or .parquet shards under {self.spec}")
+            raise no_shards(self.spec)
         return paths
 
 

@@ -21,11 +21,13 @@ from mmray.infer.runner import Job, absolute, load_model, read_export, run
 OUTPUT_SCHEMA = pa.schema([
     ("key", pa.string()),                          # the sample key inside its shard
     ("shard", pa.string()),                        # the input shard (path or URI) the sample came from
+    ("source", pa.string()),                       # the original image file (staged folders and indexes) or
+                                                   # img2dataset's download URL; "" when unknown
     ("caption", pa.string()),                      # the caption text
     ("image_embedding", pa.list_(pa.float32())),   # (E,) L2-normalised
     ("text_embedding", pa.list_(pa.float32())),    # (E,) L2-normalised
 ])
-PASSED_THROUGH = ("key", "shard", "caption", "tally", "n_raw", "n_total")
+PASSED_THROUGH = ("key", "shard", "source", "caption", "tally", "n_raw", "n_total")
 
 
 def check_can_embed(cfg: Config) -> None:
@@ -82,6 +84,7 @@ def to_table(rows: dict[str, np.ndarray], shard: str) -> pa.Table:
         return OUTPUT_SCHEMA.empty_table()
     n = len(rows["key"])
     return pa.table({"key": [str(k) for k in rows["key"]], "shard": [shard] * n,
+                     "source": [str(s) for s in rows["source"]],
                      "caption": [str(c) for c in rows["caption"]],
                      "image_embedding": float_lists(rows["image_embedding"]),
                      "text_embedding": float_lists(rows["text_embedding"])}, schema=OUTPUT_SCHEMA)

@@ -55,7 +55,7 @@ class VqaRows(Rows):
             if self._tokenizer is None:
                 self._tokenizer = TextTokenizer.from_str(self.tokenizer_json)
             ids = self._tokenizer.encode_batch(questions, self.max_text_len)
-        return {"image": samples["image"][index], "key": samples["key"][index],
+        return {"image": samples["image"][index], "key": samples["key"][index], "source": samples["source"][index],
                 "question": np.array(questions, dtype=object),
                 "answer": np.array([qa_text(qa.get("answer")) for qa in qas], dtype=object),
                 "qa_type": np.array([str(qa.get("type", "")) for qa in qas], dtype=object),
@@ -78,7 +78,7 @@ class Task:
 
     @property
     def schema(self) -> pa.Schema:
-        names = ("key", "shard", *self.references, "generated")
+        names = ("key", "shard", "source", *self.references, "generated")
         return pa.schema([(n, pa.string()) for n in names])
 
 
@@ -128,7 +128,7 @@ class GenerateWorker:
                       else torch.from_numpy(np.ascontiguousarray(batch[self.task.prompt][samples])).to(self.device))
             ids = self.model.generate(images, self.bos, self.eos, self.max_new_tokens, self.beam, prompt_ids=prompt)
             generated[samples] = [self.tokenizer.decode(row) for row in ids.cpu()]
-        keep = ("key", "shard", *self.task.references, "tally", "n_raw", "n_total")
+        keep = ("key", "shard", "source", *self.task.references, "tally", "n_raw", "n_total")
         return {**{k: batch[k] for k in keep}, "generated": generated}
 
 
@@ -152,7 +152,7 @@ def generate(export_dir: str, srcs: list[str], out: str, *, task: str = "caption
         if not rows:
             return spec.schema.empty_table()
         n = len(rows["key"])
-        columns = {name: [str(v) for v in rows[name]] for name in ("key", *spec.references, "generated")}
+        columns = {name: [str(v) for v in rows[name]] for name in ("key", "source", *spec.references, "generated")}
         return pa.table({**columns, "shard": [shard] * n}, schema=spec.schema)
 
     job = Job("generate", info, [], OutputDir(out, fmt), GenerateWorker,

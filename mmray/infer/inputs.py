@@ -29,9 +29,9 @@ import pyarrow as pa
 
 from mmray import storage
 from mmray.data.inspect import find_shards
-from mmray.data.pipeline import Preprocess
+from mmray.data.pipeline import Preprocess, decode_meta
 from mmray.data.reader import RAW_SCHEMA, ShardDatasource
-from mmray.data.sources import SHARD_SUFFIXES
+from mmray.data.sources import SHARD_SUFFIXES, image_files
 
 END_OF_SHARD = "end_of_shard"
 
@@ -53,9 +53,15 @@ def _needs_staging(src: str) -> bool:
         return src.lower().endswith((".csv", ".jsonl"))
     try:
         find_shards(src)
-        return False
     except storage.StorageError:  # a directory without shards: a folder of images (ingest says if it is not)
         return True
+    images = image_files(src)
+    if images:  # reading the shards alone would leave the images out without a word
+        from mmray.config import ConfigError
+
+        raise ConfigError(f"{src} holds both shards and {len(images)} image file(s) (e.g. {images[0]}): pass a "
+                          "directory of shards or a folder of images, not one holding both (move one kind out)")
+    return False
 
 
 def check_sources(srcs: list[str], out: str) -> None:
@@ -208,6 +214,19 @@ def read_counted(paths: list[str], reader: dict | None = None, **read_args):
     return ray.data.read_datasource(source, **read_args)
 
 
+def origin(meta: bytes | None) -> str:
+    """Where a sample came from, as its metadata says: the file that staging a folder or index read it from
+    (``source``), else the URL img2dataset downloaded it from (``url``); "" when the metadata names neither."""
+    try:
+        info = decode_meta(meta)
+    except ValueError:
+        return ""
+    for name in ("source", "url"):
+        if isinstance(info.get(name), str) and info[name]:
+            return info[name]
+    return ""
+
+
 def _take(batch: dict[str, np.ndarray], rows: list[int]) -> dict[str, np.ndarray]:
     return {k: v[rows] for k, v in batch.items()}
 
@@ -216,7 +235,8 @@ class Rows:
     """What a command feeds its model: the decoded columns it keeps, and how usable samples become rows.
 
     By default one row per sample; a subclass may expand a sample into several rows (one per VQA question) from the
-    raw sample's JSON metadata, which ``expand`` receives in the samples' order.
+    raw sample's JSON metadata, which ``expand`` receives in the samples' order. ``samples`` holds the ``keep``
+    columns and ``source``, each sample's :func:`origin`.
     """
 
     keep: tuple[str, ...] = ("image", "text_ids", "caption", "key")
@@ -269,7 +289,9 @@ class Decode:
                 j += 1
             metas.append(raw_meta[j])
             j += 1
-        return self.rows.expand({k: good[k] for k in self.rows.keep}, metas)
+        samples = {k: good[k] for k in self.rows.keep}
+        samples["source"] = np.array([origin(m) for m in metas], dtype=object)
+        return self.rows.expand(samples, metas)
 
     def _tally(self, shard: str, n_raw: int, n_total: int) -> dict[str, np.ndarray]:
         row = {k: (np.array([""], dtype=object) if v.dtype == object else np.zeros((1, *v.shape[1:]), v.dtype))

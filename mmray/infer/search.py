@@ -37,7 +37,8 @@ def embeddings_info(out: str) -> dict:
 
 
 def iter_embeddings(out: str, column: str, batch_rows: int = 65536) -> Iterator[tuple[pa.RecordBatch, np.ndarray]]:
-    """(metadata batch: key, shard, caption; embeddings (n, E) float32) over every finished output of OUT."""
+    """(metadata batch: key, shard, caption and, from outputs that have it, source; embeddings (n, E) float32) over
+    every finished output of OUT."""
     import pyarrow.dataset as pads
 
     files = OutputDir(out).files()
@@ -45,7 +46,8 @@ def iter_embeddings(out: str, column: str, batch_rows: int = 65536) -> Iterator[
         raise storage.StorageError(f"{out} has no finished embedding shards")
     fs, _ = storage.resolve(out)
     dataset = pads.dataset([storage.resolve(f)[1] for f in files], filesystem=fs, format="parquet")
-    for batch in dataset.to_batches(columns=["key", "shard", "caption", column], batch_size=batch_rows):
+    meta = [name for name in ("key", "shard", "source", "caption") if name in dataset.schema.names]
+    for batch in dataset.to_batches(columns=[*meta, column], batch_size=batch_rows):
         if batch.num_rows == 0:
             continue
         flat = pc.list_flatten(batch.column(column)).to_numpy(zero_copy_only=False)
@@ -69,7 +71,8 @@ def _top(scores: np.ndarray, captions: list[str], k: int, unique_captions: bool)
 
 def search_vector(out: str, query: np.ndarray, against: str, k: int = 5, unique_captions: bool = False) -> list[dict]:
     """The ``k`` rows of OUT whose ``against`` embedding (``image_embedding`` / ``text_embedding``) has the highest
-    cosine with ``query`` (E,), best first: ``{"key", "caption", "score", "shard"}``. With ``unique_captions``, one
+    cosine with ``query`` (E,), best first: ``{"key", "caption", "score", "shard", "source"}`` (``source``: the
+    original image file or URL, see mmray.infer.embed.OUTPUT_SCHEMA). With ``unique_captions``, one
     row per distinct caption (its best)."""
     if k < 1:
         raise ConfigError(f"--k must be at least 1, got {k}")
@@ -81,9 +84,10 @@ def search_vector(out: str, query: np.ndarray, against: str, k: int = 5, unique_
             raise ConfigError(f"the query embedding has {q.shape[0]} dimensions but {out} holds {emb.shape[1]}: "
                               "embed the query with the export that wrote OUT")
         scores = emb @ q / np.maximum(np.linalg.norm(emb, axis=1), 1e-12)           # (n,) cosines
-        cols = {name: meta.column(name).to_pylist() for name in ("key", "caption", "shard")}
+        cols = {name: meta.column(name).to_pylist() for name in meta.schema.names}
         best += [{"key": cols["key"][i], "caption": cols["caption"][i], "score": float(scores[i]),
-                  "shard": cols["shard"][i]} for i in _top(scores, cols["caption"], k, unique_captions)]
+                  "shard": cols["shard"][i], "source": (cols.get("source") or [""] * len(scores))[i]}
+                 for i in _top(scores, cols["caption"], k, unique_captions)]
         merged = np.array([h["score"] for h in best], np.float32)
         best = [best[i] for i in _top(merged, [h["caption"] for h in best], k, unique_captions)]
     return best
@@ -171,6 +175,8 @@ def render_contact_sheet(hits: list[dict], title: str, reader: dict | None = Non
     with its rank, score and caption under it."""
     from PIL import Image, ImageDraw, ImageFont
 
+    from mmray.data.pipeline import decode_pixels
+
     font = ImageFont.load_default()
     cols = min(len(hits), 5) or 1
     rows = math.ceil(len(hits) / cols) or 1
@@ -180,9 +186,9 @@ def render_contact_sheet(hits: list[dict], title: str, reader: dict | None = Non
     draw.text((4, 4), f"query: {title}"[:120], fill="black", font=font)
     for i, (hit, data) in enumerate(zip(hits, hit_images(hits, reader))):
         x, y = (i % cols) * CELL, head + (i // cols) * (CELL + text_h)
-        try:
-            img = Image.open(io.BytesIO(data)).convert("RGB").resize((CELL - 8, CELL - 8)) if data else None
-        except Exception:  # a hit whose image no longer decodes still gets its cell
+        try:  # decoded as the model saw it: upright, CMYK and 16-bit greyscale converted
+            img = Image.fromarray(decode_pixels(data, CELL - 8)) if data else None
+        except ValueError:  # a hit whose image no longer decodes still gets its cell
             img = None
         if img is not None:
             sheet.paste(img, (x + 4, y + 4))

@@ -127,7 +127,7 @@ def test_embed_writes_the_models_own_embeddings(embedded, exports, src):
     assert sorted(f for f in os.listdir(out) if not f.startswith((".", "_"))) == \
         ["a.tar.parquet", "b.tar.parquet", "c.parquet.parquet"]
     assert pq.read_schema(os.path.join(out, "a.tar.parquet")).names == \
-        ["key", "shard", "caption", "image_embedding", "text_embedding"]
+        ["key", "shard", "source", "caption", "image_embedding", "text_embedding"]
 
     rows = read_rows(out)
     samples = raw_samples(src)
@@ -176,7 +176,7 @@ def test_search_text_to_image_and_image_to_text(embedded, exports, src, tmp_path
     order = np.argsort(-(images @ query))
     assert [h["key"] for h in summary["hits"]] == [rows[i]["key"] for i in order[:3]]
     assert summary["hits"][0]["score"] == pytest.approx(float(images[order[0]] @ query), abs=1e-5)
-    assert set(summary["hits"][0]) == {"key", "caption", "score", "shard"}
+    assert set(summary["hits"][0]) == {"key", "caption", "score", "shard", "source"}
     from PIL import Image
     with Image.open(sheet) as png:
         assert png.format == "PNG" and png.size[0] >= 3 * 100
@@ -249,7 +249,7 @@ def test_generate_captions(ray_session, exports, src, tmp_path, fmt):
         rows = read_rows(str(out))
     else:
         rows = [json.loads(line) for f in files for line in (out / f).read_text().splitlines()]
-    assert len(rows) == USABLE and set(rows[0]) == {"key", "shard", "caption", "generated"}
+    assert len(rows) == USABLE and set(rows[0]) == {"key", "shard", "source", "caption", "generated"}
     samples = raw_samples(src)
     assert all(r["caption"] == samples[(r["shard"], r["key"])]["txt"].decode() for r in rows)
     assert all(isinstance(r["generated"], str) for r in rows)
@@ -264,7 +264,7 @@ def test_generate_vqa_answers_every_question(ray_session, exports, src, tmp_path
     usable = [s for s in raw_samples(src).values() if s["jpg"] != b"this is not a jpeg"]
     questions = sum(len(json.loads(s["json"])["qa"]) for s in usable)
     assert questions > USABLE and summary["rows"] == len(rows) == questions
-    assert set(rows[0]) == {"key", "shard", "question", "answer", "qa_type", "generated"}
+    assert set(rows[0]) == {"key", "shard", "source", "question", "answer", "qa_type", "generated"}
 
 
 def test_embed_search_and_generate_on_s3(ray_session, s3_bucket, exports, src):
@@ -324,10 +324,12 @@ def test_embed_and_generate_from_a_folder_and_a_csv_index(ray_session, exports, 
     (folder / "sub").mkdir(parents=True)
     samples = list(raw_samples(src).values())
     usable = [s for s in samples if s["jpg"] != b"this is not a jpeg"][:6]
+    files = {}  # caption -> the image file
     for i, s in enumerate(usable):
         where = folder / "sub" if i % 2 else folder
         (where / f"img{i}.jpg").write_bytes(s["jpg"])
         (where / f"img{i}.txt").write_bytes(s["txt"])
+        files[s["txt"].decode()] = str(where / f"img{i}.jpg")
     (folder / "no_caption.jpg").write_bytes(usable[0]["jpg"])
     out = str(tmp_path / "emb")
     code, summary = mmray("embed", exports["late"], str(folder), out, *POOL)
@@ -335,12 +337,19 @@ def test_embed_and_generate_from_a_folder_and_a_csv_index(ray_session, exports, 
     assert summary["samples"] == 6 and summary["bad"] == {"missing_caption": 1} and summary["shards_written"] == 1
     rows = read_rows(out)
     assert sorted(r["caption"] for r in rows) == sorted(s["txt"].decode() for s in usable)
+    # Each row and each search hit names the user's own image file, not the staged shard's key alone.
+    assert {r["caption"]: r["source"] for r in rows} == files
+    code, found = mmray("search", out, usable[2]["txt"].decode(), "--k", "3")
+    assert code == 0 and all(h["source"] == files[h["caption"]] for h in found["hits"]), found
     code, again = mmray("embed", exports["late"], str(folder), out, *POOL)
     assert code == 0 and (again["shards_written"], again["shards_skipped"]) == (0, 1)
     # Captioning reads no caption: the image without one is captioned too.
     code, gen = mmray("generate", exports["late"], str(folder), str(tmp_path / "captioned"), "--format", "jsonl",
                       *POOL)
     assert code == 0 and (gen["rows"], gen["bad"]) == (7, {}), gen
+    captioned = [json.loads(line) for f in sorted((tmp_path / "captioned").glob("*.jsonl"))
+                 for line in f.read_text().splitlines()]
+    assert sorted(r["source"] for r in captioned) == sorted([*files.values(), str(folder / "no_caption.jpg")])
 
     # The samples staging left out count against the bad-sample limit like the reader's own.
     code, strict = mmray("embed", exports["late"], str(folder), str(tmp_path / "strict"), "--actors", "1",

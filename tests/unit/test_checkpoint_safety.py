@@ -33,3 +33,15 @@ def test_plain_tensors_and_deepspeed_scaler_load(tmp_path):
     loaded = load_checkpoint_file(str(path))
     assert torch.equal(loaded["w"], torch.arange(3.0)) and loaded["step"] == 3
     assert loaded["scaler"].loss_scale == 1.0
+
+
+def test_export_into_a_file_is_refused_before_any_work(tmp_path):
+    """OUT is checked before the checkpoint is even looked for (consolidating a large one takes minutes)."""
+    from mmray.export import ExportError, export
+
+    target = tmp_path / "model.out"
+    target.write_text("not a directory")
+    with pytest.raises(ExportError, match=f"cannot export to {target}: OUT is a file"):
+        export(str(tmp_path / "no-such-run"), str(target))
+    with pytest.raises(ExportError, match=f"cannot export to {target}/v1: {target}, above OUT, is a file"):
+        export(str(tmp_path / "no-such-run"), str(target / "v1"))

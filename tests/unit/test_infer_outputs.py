@@ -127,3 +127,44 @@ def test_search_vector_merges_top_k_across_files(tmp_path):
     hits = search_vector(str(tmp_path / "out"), np.array([0.0, 1.0, 0.0]), "image_embedding", k=2)
     assert hits[0]["key"] == "2" and hits[0]["score"] == pytest.approx(1.0)
     assert len(hits) == 2 and hits[1]["score"] == pytest.approx(0.0)
+
+
+def test_decode_gives_each_sample_its_origin(decode):
+    """A staged folder's sample names its original file (metadata ``source``), an img2dataset one its URL."""
+    jpg = encode_jpeg(Image.new("RGB", (16, 16), (200, 0, 0)))
+    metas = [{"source": "/photos/cat.jpg"}, {"url": "https://example.com/dog.jpg", "caption": "x"}, {}, None]
+    members = []
+    for i, meta in enumerate(metas):
+        members += [(f"{i:04d}.jpg", jpg), (f"{i:04d}.txt", CAPTIONS[i].encode())]
+        if meta is not None:
+            members.append((f"{i:04d}.json", json.dumps(meta).encode()))
+    out = decode(_raw("s", build_tar(members)))
+    assert list(out["source"][~out["tally"]]) == ["/photos/cat.jpg", "https://example.com/dog.jpg", "", ""]
+
+
+def test_a_directory_holding_shards_and_images_is_refused(tmp_path):
+    """Reading only its shards would leave the images out without a word."""
+    from mmray.infer.inputs import check_sources
+
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "00000.tar").write_bytes(_tar(1))
+    (tmp_path / "mixed" / "photo.JPG").write_bytes(encode_jpeg(Image.new("RGB", (8, 8))))
+    with pytest.raises(ConfigError, match=r"mixed holds both shards and 1 image file\(s\) \(e.g. .*photo.JPG\)"):
+        check_sources([str(tmp_path / "mixed")], str(tmp_path / "out"))
+    (tmp_path / "mixed" / "photo.JPG").unlink()
+    (tmp_path / "mixed" / "._photo.jpg").write_bytes(b"macOS resource fork")  # hidden: not an image to read
+    check_sources([str(tmp_path / "mixed")], str(tmp_path / "out"))
+
+
+def test_contact_sheet_shows_images_as_the_model_sees_them(tmp_path):
+    """A 16-bit greyscale PNG at half scale is mid-grey on the sheet (Pillow's RGB conversion would clip it white)."""
+    from mmray.infer.search import CELL, render_contact_sheet
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((24, 24), 32768, np.uint16)).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")
+    shard = tmp_path / "00000.tar"
+    shard.write_bytes(build_tar([("0000.png", buf.getvalue()), ("0000.txt", b"grey")]))
+    hits = [{"key": "0000", "shard": str(shard), "caption": "grey", "score": 0.5, "source": ""}]
+    sheet = Image.open(io.BytesIO(render_contact_sheet(hits, "query"))).convert("RGB")
+    assert sheet.getpixel((CELL // 2, 24 + CELL // 2)) == (128, 128, 128)

@@ -36,8 +36,9 @@ def image_bytes(i: int, fmt: str) -> bytes:
 
 def make_folder(root: Path) -> dict[str, str]:
     """10 good samples in nested folders (jpg, png, webp, jpeg, JPG; one caption file with a UTF-8 BOM), one image
-    without a caption, one corrupt image with a caption, and files to ignore. Returns {image path: caption} of the
-    good samples."""
+    without a caption, one corrupt image with a caption, a GIF with a caption and a TIFF without (formats the shard
+    readers do not take: counted, not ingested), and files to ignore. Returns {image path: caption} of the good
+    samples."""
     good = {}
     dirs, exts = ["cats", "dogs", "dogs/puppies"], ["jpg", "png", "webp", "jpeg", "JPG"]
     for i in range(10):
@@ -54,6 +55,9 @@ def make_folder(root: Path) -> dict[str, str]:
     jpg = image_bytes(99, "JPEG")
     (root / "dogs" / "broken.jpg").write_bytes(jpg[: len(jpg) // 2])
     (root / "dogs" / "broken.txt").write_text("a broken dog")
+    (root / "cats" / "anim.gif").write_bytes(image_bytes(97, "GIF"))
+    (root / "cats" / "anim.txt").write_text("a moving cat")
+    (root / "dogs" / "scan.TIF").write_bytes(image_bytes(96, "TIFF"))
     (root / "README.md").write_text("not data")
     (root / ".hidden").mkdir()
     (root / ".hidden" / "x.jpg").write_bytes(jpg)
@@ -103,10 +107,13 @@ def test_layout_counts_and_manifest(prepared, folder, fmt, suffix):
     root, _ = folder
     assert {k: v for k, v in summary.items() if k not in ("wall_s", "bad_examples")} == {
         "src": str(root), "dest": str(dest), "format": fmt, "train_samples": 7, "val_samples": 3,
-        "train_shards": 2, "val_shards": 1, "bad": {"corrupt_image": 1, "missing_caption": 1},
+        "train_shards": 2, "val_shards": 1,
+        "bad": {"corrupt_image": 1, "missing_caption": 1, "unsupported_image_type": 2},
         "tokenizer": str(dest / "tokenizer.json")}
     assert summary["bad_examples"] == {"corrupt_image": [str(root / "dogs" / "broken.jpg")],
-                                       "missing_caption": [str(root / "cats" / "nocap.png")]}
+                                       "missing_caption": [str(root / "cats" / "nocap.png")],
+                                       "unsupported_image_type": [str(root / "cats" / "anim.gif"),
+                                                                  str(root / "dogs" / "scan.TIF")]}
     assert sorted(os.listdir(dest)) == ["dataset.json", "tokenizer.json", "train", "val"]
     assert sorted(os.listdir(dest / "train")) == [f"00000{suffix}", "00000_stats.json", f"00001{suffix}",
                                                   "00001_stats.json"]
@@ -316,7 +323,7 @@ def test_cli_prepares_a_folder_and_reports_bad_input(folder, tmp_path, capsys, c
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
     assert (summary["format"], summary["train_samples"], summary["val_samples"]) == ("parquet", 8, 2)
-    assert summary["bad"] == {"corrupt_image": 1, "missing_caption": 1}
+    assert summary["bad"] == {"corrupt_image": 1, "missing_caption": 1, "unsupported_image_type": 2}
     assert sorted(os.listdir(dest / "train")) == ["00000.parquet", "00000_stats.json", "00001.parquet",
                                                   "00001_stats.json"]
     assert "train: shard 2 written" in caplog.text

@@ -90,9 +90,15 @@ def test_missing_shards_fail_fast_naming_the_path_unless_allowed(tmp_path, caplo
         inspect_shards(f"{tmp_path}/{{00007,00008}}.tar", allow_missing=True)
     with pytest.raises(ValueError, match=f"shard does not exist: {tmp_path}/no/00000.tar"):
         inspect_shards(f"{tmp_path}/no/00000.tar")
-    with pytest.raises(ValueError, match=f"no .tar or .parquet shards under {tmp_path}/empty"):
+    with pytest.raises(ValueError, match=f"no .tar or .parquet shards under {tmp_path}/empty$"):
         (tmp_path / "empty").mkdir()
         inspect_shards(f"{tmp_path}/empty")
+    (tmp_path / "photos" / "cats").mkdir(parents=True)
+    (tmp_path / "photos" / "cats" / "1.jpg").write_bytes(b"\xff\xd8\xff")
+    with pytest.raises(ValueError, match=f"no .tar or .parquet shards under {tmp_path}/photos; it holds 1 image "
+                                         rf"file\(s\) \(e.g. {tmp_path}/photos/cats/1.jpg\): write them as shards "
+                                         rf"first, `mmray data prepare {tmp_path}/photos DEST`"):
+        inspect_shards(f"{tmp_path}/photos")
 
 
 def test_stats_json_gives_sample_counts(tmp_path):
