@@ -115,28 +115,36 @@ def _ext(path: str) -> str:
     return name.rpartition(".")[2].lower() if "." in name else ""
 
 
+def _same_case(paths: list[str], ext: str) -> str | None:
+    """The one of a stem's caption (or metadata) files to use: ``.txt`` before ``.TXT`` when both exist."""
+    return min(paths, key=lambda p: (not p.endswith("." + ext), p)) if paths else None
+
+
 def discover_folder(src: str) -> list[Candidate]:
     """Every image under ``src`` (recursively, hidden files skipped), in path order, with its caption and metadata
     files. An image without a ``.txt`` is a candidate already marked ``missing_caption``."""
     fs, inner = storage.resolve(src)
     root = storage.S3_SCHEME + inner if storage.is_s3(src) else inner
-    groups: dict[str, dict[str, str]] = {}  # path without extension -> {lowercase extension: path}
+    # path without extension -> {lowercase extension: paths}; a.jpg and a.JPG are two images (sharing a.txt)
+    groups: dict[str, dict[str, list[str]]] = {}
     for path in storage.list_files(src, recursive=True):
         rel = path[len(root):].lstrip("/")
         if any(part.startswith(".") for part in rel.split("/")):
             continue
         stem, dot, ext = rel.rpartition(".")
         if dot and "/" not in ext:
-            groups.setdefault(stem, {})[ext.lower()] = path
+            groups.setdefault(stem, {}).setdefault(ext.lower(), []).append(path)
     candidates = []
     for stem in sorted(groups):
         files = groups[stem]
+        caption = _same_case(files.get("txt", []), "txt")
+        meta = _same_case(files.get("json", []), "json")
         for ext in sorted(e for e in files if e in IMAGE_EXTENSIONS):
-            caption = files.get("txt")
-            candidates.append(Candidate(ref=files[ext], image=files[ext], ext=ext, caption_path=caption,
-                                        meta_path=files.get("json"), bad="" if caption else "missing_caption"))
+            for image in files[ext]:
+                candidates.append(Candidate(ref=image, image=image, ext=ext, caption_path=caption, meta_path=meta,
+                                            bad="" if caption else "missing_caption"))
         for ext in sorted(e for e in files if e in OTHER_IMAGE_EXTENSIONS):
-            candidates.append(Candidate(ref=files[ext], image=files[ext], ext=ext, bad="unsupported_image_type"))
+            candidates += [Candidate(ref=p, image=p, ext=ext, bad="unsupported_image_type") for p in files[ext]]
     if not candidates:
         raise ValueError(f"no images ({', '.join('.' + e for e in IMAGE_EXTENSIONS)}) found under {src}")
     return candidates

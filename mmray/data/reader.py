@@ -284,11 +284,18 @@ def _pick(shard: str, names: set[str], wanted: str, auto: tuple[str, ...], what:
     return found
 
 
+def _plain(t: pa.DataType) -> pa.DataType:
+    """A dictionary-encoded column's value type (pandas writes a Categorical this way; its cells read as values)."""
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
 def _is_binary(t: pa.DataType) -> bool:
+    t = _plain(t)
     return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
 
 
 def _is_text(t: pa.DataType) -> bool:
+    t = _plain(t)
     return _is_binary(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
@@ -297,7 +304,9 @@ def _caption_reader(shard: str, column: str, t: pa.DataType):
     text.
 
     Text (string or binary) is used as it is. A list of texts (several captions per image, as Hugging Face's
-    Flickr30k and COCO captions store them) gives its first non-empty caption."""
+    Flickr30k and COCO captions store them) gives its first non-empty caption. Dictionary-encoded columns read as
+    their values."""
+    t = _plain(t)
     if _is_text(t):
         return lambda v: v.encode("utf-8") if isinstance(v, str) else v
     if (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) and _is_text(t.value_type):

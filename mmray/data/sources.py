@@ -161,6 +161,26 @@ def image_files(directory: str, recursive: bool = False) -> list[str]:
             and posixpath.splitext(p)[1][1:].lower() in IMAGE_EXTENSIONS]
 
 
+def is_file(path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, inner = storage.resolve(path)
+    return fs.get_file_info(inner).type == pafs.FileType.File
+
+
+def not_a_shard(path: str) -> storage.StorageError:
+    """The error for a file given where shards (or a directory of them) belong, with what to do about it."""
+    name = path.lower()
+    if name.endswith((".csv", ".jsonl")):
+        hint = (f"it is an index of images: write them as shards first, `mmray data prepare {path} DEST`, and "
+                "read DEST")
+    elif name.endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")):
+        hint = "it is a compressed tar: shards are read as plain .tar (as img2dataset writes them); decompress it"
+    else:
+        hint = "give a .tar or .parquet shard, a directory of them, or a prepared data set"
+    return storage.StorageError(f"{path} is a file but not a .tar or .parquet shard; {hint}")
+
+
 def no_shards(directory: str) -> storage.StorageError:
     """The error for a directory without shards; when it holds images, it says how to make shards of them."""
     message = f"no .tar or .parquet shards under {directory}"
@@ -229,6 +249,8 @@ class Part:
             if bad:
                 raise storage.StorageError(f"{bad[0]} (from {self.spec}) is not a .tar or .parquet shard")
             return _check_exist(names, self.spec, allow_missing)
+        if is_file(self.spec):
+            raise not_a_shard(self.spec)
         paths = list_shards(self.spec)
         if not paths:
             raise no_shards(self.spec)

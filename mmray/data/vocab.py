@@ -82,6 +82,9 @@ def train_from_shards(src: str, out: str, vocab_size: int = 512, max_samples: in
         try:
             ds = read_raw(paths, **(reader or {})).select_columns(["key", "shard", "caption", "meta", "error"])
             for key, shard, caption, meta, error in _rows(ds):
+                if max_samples and used == max_samples:  # capped only when something is left unread
+                    capped = True
+                    break
                 try:
                     if error:
                         raise ValueError(error.split(":")[0])
@@ -92,9 +95,6 @@ def train_from_shards(src: str, out: str, vocab_size: int = 512, max_samples: in
                 used += 1
                 if progress and used % PROGRESS_EVERY == 0:
                     progress(f"{used} samples read for the tokenizer")
-                if used == max_samples:
-                    capped = True
-                    break
         finally:
             options.preserve_order = kept  # the caller's, for its own reads
     snap = quality.snapshot()

@@ -89,6 +89,9 @@ def test_tokenizer_from_pax_tars_learns_the_captions_and_metadata_text(ray_sessi
     assert capped["samples"] == 3 and capped["capped"]
     assert _single_tokens(TextTokenizer.from_file(str(tmp_path / "capped.json")), ["lighthouse", "harbour"]) == [
         "harbour"]
+    # A cap that every usable sample fits under left nothing out: not "capped".
+    exact = train_from_shards(str(shards), str(tmp_path / "exact.json"), vocab_size=1024, max_samples=10)
+    assert exact["samples"] == 10 and not exact["capped"]
 
 
 def test_tokenizer_from_img2dataset_parquet_on_s3(ray_session, s3_bucket):

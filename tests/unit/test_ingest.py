@@ -338,3 +338,21 @@ def test_cli_prepares_a_folder_and_reports_bad_input(folder, tmp_path, capsys, c
         summary = json.loads(out.strip().splitlines()[-1])
         assert code == 2 and summary["kind"] == "bad_input" and message in summary["error"], summary
     assert not (tmp_path / "x").exists()
+
+
+def test_images_whose_names_differ_only_in_case_are_two_samples(tmp_path):
+    """a.jpg and a.JPG (a case-sensitive file system holds both) are two images sharing a.txt; neither is lost."""
+    src = tmp_path / "cased"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(image_bytes(1, "JPEG"))
+    (src / "a.JPG").write_bytes(image_bytes(2, "JPEG"))
+    (src / "a.txt").write_text("first caption")
+    (src / "a.TXT").write_text("second caption")
+    (src / "b.png").write_bytes(image_bytes(3, "PNG"))
+    (src / "b.txt").write_text("a third")
+    summary = prepare_ingest(str(src), str(tmp_path / "out"), val_samples=0)
+    assert (summary["train_samples"], summary["bad"]) == (3, {})
+    samples = read_samples(tmp_path / "out", "train")
+    assert sorted((s["meta"]["source"].rsplit("/", 1)[1], s["caption"]) for s in samples) == [
+        ("a.JPG", "first caption"), ("a.jpg", "first caption"), ("b.png", "a third")]
+    assert {s["image"] for s in samples} == {image_bytes(i, f) for i, f in ((1, "JPEG"), (2, "JPEG"), (3, "PNG"))}

@@ -188,6 +188,18 @@ def test_parquet_with_nested_metadata_and_caption_lists_as_hugging_face_writes_t
     assert json.loads(_rows(iter_parquet(_parquet(maps), "m.parquet", 10))[0]["meta"]) == {"label": "cat"}
 
 
+def test_parquet_dictionary_encoded_columns_read_as_their_values():
+    """pandas writes a Categorical column dictionary-encoded: captions (and images) stored so are still text."""
+    captions = pa.array(["a cat", "a dog", "a cat"]).dictionary_encode()
+    images = pa.array([_jpeg(), _jpeg(), None], pa.binary()).dictionary_encode()
+    table = pa.table({"image": images, "caption": captions, "key": ["a", "b", "c"]})
+    assert pa.types.is_dictionary(pq.read_table(io.BytesIO(_parquet(table))).schema.field("caption").type)
+    rows = _rows(iter_parquet(_parquet(table), "cat.parquet", 10))
+    assert [(r["key"], r["caption"], r["error"]) for r in rows] == [
+        ("a", b"a cat", ""), ("b", b"a dog", ""), ("c", b"a cat", "missing_image")]
+    assert rows[0]["image"] == _jpeg()
+
+
 def test_parquet_columns_of_the_wrong_type_are_named():
     numbers = pa.table({"jpg": [_jpeg()], "txt": [7]})
     with pytest.raises(ValueError, match=r"n.parquet: Parquet caption column 'txt' holds int64, not text.*"

@@ -99,6 +99,14 @@ def test_missing_shards_fail_fast_naming_the_path_unless_allowed(tmp_path, caplo
                                          rf"file\(s\) \(e.g. {tmp_path}/photos/cats/1.jpg\): write them as shards "
                                          rf"first, `mmray data prepare {tmp_path}/photos DEST`"):
         inspect_shards(f"{tmp_path}/photos")
+    for name, hint in [("index.csv", f"an index of images: write them as shards first, `mmray data prepare "
+                                     f"{tmp_path}/index.csv DEST`"),
+                       ("shards.tar.gz", "a compressed tar: shards are read as plain .tar"),
+                       ("notes.md", "give a .tar or .parquet shard, a directory of them, or a prepared data set")]:
+        (tmp_path / name).write_text("x")
+        with pytest.raises(ValueError, match=f"^{tmp_path}/{name} is a file but not a .tar or .parquet shard; "
+                                             f"it is {hint}" if "give" not in hint else hint):
+            inspect_shards(f"{tmp_path}/{name}")
 
 
 def test_stats_json_gives_sample_counts(tmp_path):
