@@ -347,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, metavar="SRC",
                     help="prepared data set, shard prefix, shard file, brace pattern or '::'-joined list "
                          "(local or s3://)")
-    ev.add_argument("--split", default="val", help="split of a prepared data set (default val)")
+    ev.add_argument("--split", default="val", choices=("val", "train"),
+                    help="split of a prepared data set (default val); shards named directly are read whole")
     ev.add_argument("--max-samples", type=int, default=None,
                     help="evaluate at most this many samples (default: the model config's eval.max_samples; 0 = all)")
     ev.add_argument("overrides", nargs="*", metavar="eval.key=value",

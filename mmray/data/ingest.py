@@ -20,8 +20,10 @@ downloaded).
 
 Output: the layout of :mod:`mmray.data.prepare` (train/ and val/ shards, tokenizer.json, dataset.json written last),
 as WebDataset tars or Parquet files. Images are stored as their original bytes, never re-encoded. Validation takes
-``val_samples`` usable samples chosen by a shuffle of the samples seeded with ``seed`` (written in that shuffled
-order); training takes all other usable samples, in source order. The output is a pure function of the source and
+``val_samples`` usable samples chosen by a shuffle of the images seeded with ``seed`` (written in that shuffled
+order); an image that an index lists on several rows (several captions, as COCO has) goes to one split with all its
+rows, so validation may hold a few more than ``val_samples``. Training takes all other usable samples, in source
+order. The output is a pure function of the source and
 the arguments (save the timings in ``*_stats.json``).
 """
 from __future__ import annotations
@@ -442,21 +444,28 @@ def prepare_ingest(src: str, dest: str, format: str = "webdataset", samples_per_
     bad = _Bad()
     suffix = FORMATS[format]
 
-    # Validation: the first n_val usable samples in a seeded shuffle of the listing.
-    order = list(range(len(candidates)))
-    random.Random(seed).shuffle(order)
+    # Validation: the first n_val usable samples in a seeded shuffle of the images, each image with all its rows (an
+    # index may list one image with several captions, as COCO does: held-out images must not be trained on).
+    rows_of: dict[str, list[int]] = {}
+    for i, c in enumerate(candidates):
+        rows_of.setdefault(c.image or c.ref, []).append(i)
+    groups = list(rows_of.values())
+    random.Random(seed).shuffle(groups)
+    group_of = {i: g for g, rows in enumerate(groups) for i in rows}
     taken: set[int] = set()  # read in this pass: chosen for validation, or found bad
-    eligible_order = ((i, candidates[i]) for i in order if not candidates[i].bad)
+    eligible_order = ((i, candidates[i]) for rows in groups for i in rows if not candidates[i].bad)
+    last_group = -1
     with _writer(dest, "val", format, samples_per_shard, say) as val, \
             closing(_ordered_map(eligible_order if n_val else (), threads)) as results:
         for i, result in results:
+            if val.samples >= n_val and group_of[i] != last_group:
+                break  # enough, and the last image's rows are all in
+            last_group = group_of[i]
             taken.add(i)
             if isinstance(result, str):
                 bad.add(result, candidates[i])
                 continue
             _write(val, result)
-            if val.samples == n_val:
-                break
     if val.samples < n_val:
         raise ValueError(f"only {val.samples} usable samples in {src} (bad: {bad}); val_samples={n_val} needs more")
 
@@ -495,6 +504,7 @@ def prepare_ingest(src: str, dest: str, format: str = "webdataset", samples_per_
         "val": split_manifest("val", val.shards),
         "tokenizer": TOKENIZER,
         "bad": dict(sorted(bad.counts.items())),
+        "bad_examples": {reason: bad.examples[reason] for reason in sorted(bad.examples)},
     }
     storage.write_text(manifest_path, json.dumps(manifest, indent=2))
     say(f"done: {train.samples} train + {val.samples} val samples written to {dest}; bad samples: {bad}")

@@ -14,7 +14,7 @@ import torch
 
 from mmray import storage
 from mmray.config import Config, ConfigError
-from mmray.infer.inputs import Rows, check_sources, find_sources, merge_staged, stage_claimed
+from mmray.infer.inputs import Rows, check_sources, find_sources, stage_claimed
 from mmray.infer.outputs import OutputDir, float_lists
 from mmray.infer.runner import Job, absolute, load_model, read_export, run
 
@@ -108,5 +108,5 @@ def embed(export_dir: str, srcs: list[str], out: str, *, batch_size: int = 256, 
     # Folders of images and CSV / JSONL indexes are written as shards under OUT/_staged first (once).
     read, staged, prefixes = stage_claimed(job, fresh, srcs, export_dir, progress)
     job.sources = find_sources(read, prefixes)
-    summary = merge_staged(run(job, progress, staged), staged)
+    summary = run(job, progress, staged)
     return {"command": "embed", "export": export_dir, "src": srcs, **summary}

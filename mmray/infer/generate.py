@@ -22,7 +22,7 @@ import torch
 from mmray import storage
 from mmray.config import Config, ConfigError
 from mmray.data.tokenizer import BOS, EOS, TextTokenizer, qa_entries, qa_text
-from mmray.infer.inputs import Rows, check_sources, find_sources, merge_staged, stage_claimed
+from mmray.infer.inputs import Rows, check_sources, find_sources, stage_claimed
 from mmray.infer.outputs import OutputDir
 from mmray.infer.runner import ExportInfo, Job, absolute, load_model, read_export, run
 
@@ -166,6 +166,6 @@ def generate(export_dir: str, srcs: list[str], out: str, *, task: str = "caption
     # Folders of images and CSV / JSONL indexes are written as shards under OUT/_staged first (once).
     read, staged, prefixes = stage_claimed(job, fresh, srcs, export_dir, progress)
     job.sources = find_sources(read, prefixes)
-    summary = merge_staged(run(job, progress, staged), staged)
+    summary = run(job, progress, staged)
     return {"command": "generate", "task": task, "export": export_dir, "src": srcs, "beam": beam,
             "max_new_tokens": max_new, "format": fmt, **summary}

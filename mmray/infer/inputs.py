@@ -84,15 +84,16 @@ def stage_sources(srcs: list[str], out: str, tokenizer: str, progress=None,
     """Replace each folder / CSV / JSONL source by its shards, written once under ``OUT/_staged/<hash>`` by
     :func:`mmray.data.ingest.prepare_ingest` (all samples in train/, with the export's tokenizer); a rerun reuses
     them (a changed folder is not noticed: delete OUT/_staged to stage it again). Returns the sources to read, the
-    staging's bad-sample counts and examples (missing captions or images, unreadable images: the reader never sees
-    them), and an output-name prefix for each staged source (its hash), so that staged shards never share a name."""
+    samples each staging left out, ``{staged dir: {"bad": counts, "bad_examples": ...}}`` (missing captions or
+    images, unreadable images: the reader never sees them; see :func:`staged_bad`), and an output-name prefix for
+    each staged source (its hash), so that staged shards never share a name."""
     import hashlib
 
     from mmray.config import ConfigError
     from mmray.data.ingest import prepare_ingest
     from mmray.data.prepare import MANIFEST, is_prepared
 
-    read, bad, examples, prefixes = [], {}, {}, {}
+    read, staged, prefixes = [], {}, {}
     for src in srcs:
         if not _needs_staging(src):
             read.append(src)
@@ -102,7 +103,7 @@ def stage_sources(srcs: list[str], out: str, tokenizer: str, progress=None,
         dest = storage.join(out, STAGED, digest)
         if is_prepared(dest):
             manifest = json.loads(storage.read_text(storage.join(dest, MANIFEST)))
-            staged_bad = manifest.get("bad", {})
+            staged[dest] = {"bad": manifest.get("bad", {}), "bad_examples": manifest.get("bad_examples", {})}
             if progress:
                 progress(f"{src}: using the shards staged in {dest}")
         else:
@@ -117,14 +118,10 @@ def stage_sources(srcs: list[str], out: str, tokenizer: str, progress=None,
                     message += (f" (here: write it as shards first, `mmray data prepare {src} DEST --image-column ... "
                                 f"--caption-column ...`, and pass DEST)")
                 raise ConfigError(message) from None
-            staged_bad = summary["bad"]
-            for reason, refs in summary["bad_examples"].items():
-                examples.setdefault(reason, []).extend(refs)
-        for reason, n in staged_bad.items():
-            bad[reason] = bad.get(reason, 0) + n
+            staged[dest] = {"bad": summary["bad"], "bad_examples": summary["bad_examples"]}
         read.append(dest)
         prefixes[dest] = f"{STAGED}_{digest}__"
-    return read, {"bad": bad, "bad_examples": examples}, prefixes
+    return read, staged, prefixes
 
 
 def stage_claimed(job, fresh: bool, srcs: list[str], export_dir: str, progress=None) -> tuple[list[str], dict, dict]:
@@ -140,8 +137,24 @@ def stage_claimed(job, fresh: bool, srcs: list[str], export_dir: str, progress=N
         raise
 
 
+def staged_bad(staged: dict, shards: list[str]) -> dict:
+    """The samples left out by the staging of the sources whose shards a run reads (``shards``): a rerun that
+    finds a staged source's outputs all written does not count its bad samples again."""
+    inner = [storage.resolve(s)[1] for s in shards]
+    bad: dict[str, int] = {}
+    examples: dict[str, list[str]] = {}
+    for dest, left_out in staged.items():
+        root = storage.resolve(dest)[1].rstrip("/") + "/"
+        if any(s.startswith(root) for s in inner):
+            for reason, n in left_out["bad"].items():
+                bad[reason] = bad.get(reason, 0) + n
+            for reason, refs in left_out["bad_examples"].items():
+                examples.setdefault(reason, []).extend(refs)
+    return {"bad": bad, "bad_examples": examples}
+
+
 def merge_staged(summary: dict, staged: dict) -> dict:
-    """Add the staging's bad samples to a run's summary."""
+    """Add bad samples (:func:`staged_bad`'s) to a run's summary."""
     bad = dict(summary.get("bad", {}))
     for reason, n in staged["bad"].items():
         bad[reason] = bad.get(reason, 0) + n

@@ -22,7 +22,7 @@ from mmray.data.pipeline import READER_OVERRIDES, ray_running, reader_options
 from mmray.data.tokenizer import TextTokenizer
 from mmray.export import MANIFEST_FILE, WEIGHTS_FILE, ExportError, _sha256, read_manifest
 from mmray.infer import DEVICES
-from mmray.infer.inputs import Decode, Rows, merge_staged, read_counted
+from mmray.infer.inputs import Decode, Rows, merge_staged, read_counted, staged_bad
 from mmray.infer.outputs import OutputDir, ShardAssembler
 
 log = logging.getLogger("mmray")
@@ -197,8 +197,8 @@ def run(job: Job, progress: Callable[[str], None] | None = None, staged: dict | 
     ``samples`` (usable samples of this run), ``rows`` (rows written: one per sample, or per question for VQA),
     ``samples_read`` (usable and bad), ``bad`` (count per reason), ``shards_written``, ``shards_skipped``,
     ``samples_per_s`` (usable samples per second of the pipeline, actor start-up included) and ``wall_s``.
-    ``staged``: the bad samples that staging a folder or index left out (see mmray.infer.inputs.stage_sources),
-    which count against the bad-sample limit with the reader's."""
+    ``staged``: the samples that staging each folder or index left out (see mmray.infer.inputs.stage_sources);
+    those of the sources this run reads count in ``bad`` and against the bad-sample limit, with the reader's."""
     import ray
 
     from mmray.data.pipeline import DataQuality, check_quality, quality_snapshot
@@ -206,6 +206,7 @@ def run(job: Job, progress: Callable[[str], None] | None = None, staged: dict | 
     say = progress or log.info
     started = time.perf_counter()
     todo, skipped = job.outputs.plan(job.sources)
+    left_out = staged_bad(staged or {}, [uri for uri, _ in todo])
     say(f"{job.name}: {len(job.sources)} shards, {skipped} already written, {len(todo)} to do -> {job.outputs.out}")
     summary = {"out": job.outputs.out, "shards": len(job.sources), "shards_written": 0, "shards_skipped": skipped,
                "samples": 0, "rows": 0, "samples_read": 0, "bad": {}, "bad_examples": {}}
@@ -223,6 +224,9 @@ def run(job: Job, progress: Callable[[str], None] | None = None, staged: dict | 
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for shard, rows, raw_rows in assembler.add(batch):
                 uri, name = by_inner[shard]
+                # Checked before the shard is written: a shard that takes the run over the limit is not recorded
+                # as done, so a rerun reads it again (and stops again) instead of passing without a word.
+                check_quality(merge_staged(quality_snapshot(quality), left_out), max_bad)
                 record = job.outputs.write(name, uri, job.to_table(rows, uri), raw_rows)
                 summary["shards_written"] += 1
                 summary["rows"] += record["rows"]
@@ -231,13 +235,11 @@ def run(job: Job, progress: Callable[[str], None] | None = None, staged: dict | 
                 say(f"{job.name}: shard {summary['shards_written']}/{len(todo)} written: {record['file']} "
                     f"({record['rows']} rows, {record['bad']} bad samples); {summary['samples_read']} samples "
                     f"read, {rate:.1f}/s")
-                check_quality(merge_staged(quality_snapshot(quality), staged or {"bad": {}, "bad_examples": {}}),
-                              max_bad)
         elapsed = time.perf_counter() - t0
         if assembler.pending():
             raise RuntimeError(f"the stream ended before these shards were complete: {assembler.pending()}")
         snap = quality_snapshot(quality)  # complete: Preprocess waits for each block's counts before passing it on
-    return {**summary, "samples": snap["good"], "bad": snap["bad"], "bad_examples": snap["bad_examples"],
-            "device": "gpu" if pool.use_gpu else "cpu", "actors": pool.size,
+    return {**merge_staged({**summary, "bad": snap["bad"], "bad_examples": snap["bad_examples"]}, left_out),
+            "samples": snap["good"], "device": "gpu" if pool.use_gpu else "cpu", "actors": pool.size,
             "samples_per_s": round(snap["good"] / max(elapsed, 1e-9), 1),
             "wall_s": round(time.perf_counter() - started, 3)}

@@ -118,6 +118,8 @@ def search(out: str, text: str | None = None, image: str | None = None, k: int =
 
     if (text is None) == (image is None):
         raise ConfigError("give a query text, or --image PATH, but not both")
+    if text is not None and not text.strip():
+        raise ConfigError("the query text is empty: give words to search for, or --image PATH")
     if k < 1:
         raise ConfigError(f"--k must be at least 1, got {k}")
     manifest = embeddings_info(out)

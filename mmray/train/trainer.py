@@ -79,6 +79,11 @@ def resolve_data(cfg: Config) -> DataSet:
         except sources.SourceError as e:
             raise ConfigError(f"data.val_source: {e}") from None
     elif prepared:
+        for p in prepared:
+            if not sources.is_dir(storage.join(p.spec, "val")):
+                raise ConfigError(f"data.val_source: the prepared data set {p.spec} has no val/ split (it was prepared "
+                                  "with --val-samples 0); set data.val_source to held-out shards, or prepare it again "
+                                  "with validation samples.")
         val = [s for p in prepared for s in p.shards("val")]
     else:
         raise ConfigError(f"data.val_source: data.source {root!r} names shards, not a prepared data set with a val/ "

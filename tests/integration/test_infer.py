@@ -234,6 +234,8 @@ def test_search_refuses_a_bad_query(embedded, tmp_path):
     assert code == 2 and "corrupt_image" in summary["error"]
     code, summary = mmray("search", out, "a red circle", "--image", str(tmp_path / "q.jpg"))
     assert code == 2 and "not both" in summary["error"]
+    code, summary = mmray("search", out, "  ")
+    assert code == 2 and summary["error"].startswith("the query text is empty"), summary
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
@@ -343,6 +345,7 @@ def test_embed_and_generate_from_a_folder_and_a_csv_index(ray_session, exports, 
     assert code == 0 and all(h["source"] == files[h["caption"]] for h in found["hits"]), found
     code, again = mmray("embed", exports["late"], str(folder), out, *POOL)
     assert code == 0 and (again["shards_written"], again["shards_skipped"]) == (0, 1)
+    assert again["bad"] == {}, again  # the staged source was not read again: its left-out sample is not counted
     # Captioning reads no caption: the image without one is captioned too.
     code, gen = mmray("generate", exports["late"], str(folder), str(tmp_path / "captioned"), "--format", "jsonl",
                       *POOL)
@@ -355,6 +358,12 @@ def test_embed_and_generate_from_a_folder_and_a_csv_index(ray_session, exports, 
     code, strict = mmray("embed", exports["late"], str(folder), str(tmp_path / "strict"), "--actors", "1",
                          "--max-bad-fraction", "0.1")
     assert code == 2 and strict["error"].startswith("1 of 7 samples (14.3%) are bad, over data.max_bad_fraction=0.1")
+    assert str(folder / "no_caption.jpg") in strict["error"]
+    # Rerun on the same OUT: the staged shards are reused, and the sample staging left out is still counted, once,
+    # with its example.
+    code, again = mmray("embed", exports["late"], str(folder), str(tmp_path / "strict"), "--actors", "1",
+                        "--max-bad-fraction", "0.1")
+    assert code == 2 and again["error"] == strict["error"], again
 
     index = tmp_path / "index.csv"
     with open(index, "w", newline="") as f:

@@ -30,3 +30,13 @@ def test_readme_mentions_only_real_config_keys():
     assert "train.lrr" in mentioned  # the README's typo example; everything else must be a real key
     file_names = {"model.safetensors"}
     assert mentioned - {"train.lrr"} - file_names <= keys, mentioned - keys
+
+
+def test_eval_split_takes_only_the_splits_a_prepared_data_set_has(capsys):
+    import pytest
+
+    from mmray import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "model", "--data", "ds", "--split", "nosuch"])
+    assert exit_info.value.code == 2 and "invalid choice: 'nosuch'" in capsys.readouterr().err

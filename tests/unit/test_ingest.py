@@ -356,3 +356,21 @@ def test_images_whose_names_differ_only_in_case_are_two_samples(tmp_path):
     assert sorted((s["meta"]["source"].rsplit("/", 1)[1], s["caption"]) for s in samples) == [
         ("a.JPG", "first caption"), ("a.jpg", "first caption"), ("b.png", "a third")]
     assert {s["image"] for s in samples} == {image_bytes(i, f) for i, f in ((1, "JPEG"), (2, "JPEG"), (3, "PNG"))}
+
+
+def test_an_image_listed_with_several_captions_stays_in_one_split(tmp_path):
+    """COCO-style: five captions per image, one row each. A held-out image must not also be trained on."""
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rows = ["image,caption"]
+    for i in range(6):
+        (images / f"{i}.png").write_bytes(image_bytes(i, "PNG"))
+        rows += [f"imgs/{i}.png,caption {c} of image {i}" for c in range(5)]
+    (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
+    for seed in range(4):
+        dest = tmp_path / f"out{seed}"
+        summary = prepare_ingest(str(tmp_path / "captions.csv"), str(dest), val_samples=3, seed=seed)
+        val = {s["meta"]["source"] for s in read_samples(dest, "val")}
+        train = {s["meta"]["source"] for s in read_samples(dest, "train")}
+        assert len(val) == 1 and not val & train and len(train) == 5
+        assert (summary["val_samples"], summary["train_samples"]) == (5, 25)

@@ -226,3 +226,26 @@ def test_resolve_data_mixes_prepared_data_sets(tmp_path):
     assert data.val == [f"{tmp_path}/{n}/val/00000.tar" for n in "ab"]
     assert data.tokenizer.vocab_size > 0 and data.train_samples == 8 and data.weights is None
     assert json.loads((tmp_path / "a" / "train" / "00000_stats.json").read_text())["successes"] == 4
+
+
+def test_a_prepared_data_set_without_a_val_split_asks_for_data_val_source(tmp_path):
+    """`mmray data prepare ... --val-samples 0` writes no val/; training on it names the key to set."""
+    import io
+
+    from PIL import Image
+
+    from mmray.data.ingest import prepare_ingest
+    from mmray.train.trainer import resolve_data
+
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (i * 80, 0, 0)).save(buf, format="PNG")
+        (tmp_path / "photos" / f"{i}.png").write_bytes(buf.getvalue())
+        (tmp_path / "photos" / f"{i}.txt").write_text(f"photo {i}")
+    prepare_ingest(str(tmp_path / "photos"), str(tmp_path / "ds"), val_samples=0)
+    with pytest.raises(config.ConfigError, match=f"data.val_source: the prepared data set {tmp_path}/ds has no val/ "
+                                                 r"split \(it was prepared with --val-samples 0\)"):
+        resolve_data(config.load(None, [f"data.source={tmp_path}/ds"]))
+    data = resolve_data(config.load(None, [f"data.source={tmp_path}/ds", f"data.val_source={tmp_path}/ds/train"]))
+    assert data.val == data.train and len(data.train) == 1
