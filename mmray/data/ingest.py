@@ -8,7 +8,8 @@ Sources (local or ``s3://``):
 - a ``.csv`` (with a header row) or ``.jsonl`` index with one sample per row: the image path in column ``image``
   (else ``path``, ``filepath``, ``file_name``; or ``image_column``) and the caption in ``caption`` (else ``text``; or
   ``caption_column``). Relative paths resolve against the index file's directory; absolute local paths and
-  ``s3://`` URIs are used as they are. The row's other fields are kept in the sample's metadata. Samples are taken
+  ``s3://`` URIs are used as they are; a path without an extension (as downloaders often save files) is read as
+  the JPEG, PNG or WebP its bytes say it is. The row's other fields are kept in the sample's metadata. Samples are taken
   in row order. A malformed row is an error that names the file and line.
 
 A sample that cannot be used is skipped and counted by reason, with a few examples: ``missing_caption``,
@@ -246,7 +247,7 @@ def discover_index(src: str, kind: str, image_column: str | None = None,
         ext = _ext(path)
         bad = ("missing_image" if not image else
                "unsupported_url" if image.lower().startswith(("http://", "https://")) else
-               "unsupported_image_type" if ext not in IMAGE_EXTENSIONS else
+               "unsupported_image_type" if ext and ext not in IMAGE_EXTENSIONS else
                "missing_caption" if caption is None else "")
         candidates.append(Candidate(ref=ref, image=path, ext=ext, caption=caption, extra=extra, bad=bad))
     if not candidates:
@@ -283,14 +284,30 @@ def check_image(data: bytes) -> tuple[int, int]:
     return width, height
 
 
+def sniff_extension(data: bytes) -> str:
+    """The IMAGE_EXTENSIONS entry for encoded image bytes, from their signature; "" for anything else."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return ""
+
+
 def load(candidate: Candidate) -> Loaded | str:
-    """Read and check one sample: a Loaded, or the reason it is bad."""
+    """Read and check one sample: a Loaded, or the reason it is bad. An image path without an extension (as
+    downloaders often save files) is taken by its bytes' signature."""
     if candidate.bad:
         return candidate.bad
     try:
         data = storage.read_bytes(candidate.image)
     except storage.StorageError:
         return "missing_image"
+    if not candidate.ext:
+        if not (ext := sniff_extension(data)):
+            return "unsupported_image_type" if data else "empty_image"
+        candidate = replace(candidate, ext=ext)
     caption = candidate.caption
     if candidate.caption_path is not None:
         try:

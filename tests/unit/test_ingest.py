@@ -194,15 +194,22 @@ def test_csv_index_with_quoted_comma_and_newline_relative_and_absolute_paths(tmp
         f"{src / 'img' / '2.png'},absolute path,c\n"
         "img/3.png,,d\n"
         "img/missing.png,gone,e\n"
-        "img/0.gif,a gif,f\n")
+        "img/0.gif,a gif,f\n"
+        "img/download,saved without an extension,g\n"
+        "img/notes,no extension and no image,h\n")
+    (src / "img" / "download").write_bytes(data[1])  # a PNG, known by its signature
+    (src / "img" / "notes").write_text("just text")
     summary = prepare_ingest(str(src / "index.csv"), str(tmp_path / "out"), val_samples=1, seed=1)
-    assert (summary["train_samples"], summary["val_samples"]) == (2, 1)
-    assert summary["bad"] == {"empty_caption": 1, "missing_image": 1, "unsupported_image_type": 1}
+    assert (summary["train_samples"], summary["val_samples"]) == (3, 1)
+    assert summary["bad"] == {"empty_caption": 1, "missing_image": 1, "unsupported_image_type": 2}
+    assert summary["bad_examples"]["unsupported_image_type"][1] == f"{src / 'index.csv'}:10: img/notes"
     # Line numbers are the file's lines: the caption of the second row spans lines 3 and 4.
     assert summary["bad_examples"]["empty_caption"] == [f"{src / 'index.csv'}:6: img/3.png"]
     samples = read_samples(tmp_path / "out", "train") + read_samples(tmp_path / "out", "val")
     captions = {s["caption"]: s for s in samples}
-    assert set(captions) == {"a cat, sitting", "two lines\nof caption", "absolute path"}
+    assert set(captions) == {"a cat, sitting", "two lines\nof caption", "absolute path", "saved without an extension"}
+    assert captions["saved without an extension"]["image"] == data[1] and \
+        captions["saved without an extension"]["ext"] == "png"
     assert captions["a cat, sitting"]["image"] == data[0] and captions["absolute path"]["image"] == data[2]
     assert captions["two lines\nof caption"]["meta"]["source_id"] == "b"  # other columns become metadata
     assert captions["a cat, sitting"]["meta"]["source"] == str(src / "img" / "0.png")
