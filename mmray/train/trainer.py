@@ -189,12 +189,18 @@ def init_ray(cfg: Config) -> str:
     return "local"
 
 
-def check_cluster_fits(cfg: Config) -> None:
-    """Fail fast, naming the keys to change, when training workers would leave Ray Data no CPU (the run would hang)."""
+def check_cluster_fits(cfg: Config, ray_mode: str = "local") -> None:
+    """Fail fast, naming the keys to change, when training workers would leave Ray Data no CPU, or ask for GPUs that
+    a Ray this process started cannot have (either way the run would wait forever). A joined cluster may still add
+    GPU nodes (its autoscaler starts them on demand), so there an absent GPU is not an error."""
     import ray
 
     from mmray.config import ConfigError
 
+    if cfg.train.use_gpu == "true" and ray_mode != "joined" and not ray.cluster_resources().get("GPU", 0):
+        raise ConfigError("train.use_gpu=true, but this machine has no GPU that Ray can use: set train.use_gpu=auto "
+                          "(or false) to train on CPUs, or submit the run to a cluster with GPU workers "
+                          "(`ray up ray-cluster.yaml`, then `ray job submit`).")
     total = ray.cluster_resources().get("CPU", 0)
     reserved = cfg.train.num_workers * cfg.train.cpus_per_worker
     if total - reserved < 1:
@@ -329,6 +335,26 @@ def _user_error(error: BaseException) -> BaseException | None:
     return None
 
 
+def check_budget_pays_a_stop(cfg: Config, meter) -> None:
+    """ConfigError when what is left of budget.usd cannot pay, at the cluster's burn rate, for the stop that the
+    budget guard keeps in reserve (a checkpoint and budget.teardown_s): the guard decides only after the first step,
+    so a run started without that much left could end over the cap (a rerun of a run that stopped for its budget)."""
+    import ray
+
+    from mmray.config import ConfigError
+    from mmray.cost.budget import BudgetGuard, decide
+
+    if not cfg.budget.usd:
+        return
+    spent, burn = ray.get([meter.spent_usd.remote(), meter.burn_usd_per_hour.remote()])
+    reserve_s = BudgetGuard(cfg.budget.usd, teardown_s=cfg.budget.teardown_s).reserve_s
+    decision = decide(spent, burn, 0.0, cfg.budget.usd, reserve_s)
+    if decision.stop:
+        raise ConfigError(f"run {cfg.run_name} has ${cfg.budget.usd - spent:.4f} of its budget.usd=${cfg.budget.usd:g} "
+                          f"left, less than one checkpoint and stop costs at ${burn:.2f}/h ({reserve_s:.0f} s: "
+                          f"${decision.projected_usd - spent:.4f}); raise budget.usd to run it")
+
+
 def train(cfg: Config, callbacks: Sequence = (), before_fit: Callable[[object], None] | None = None) -> dict:
     """Run (or resume) training for ``cfg`` and return the machine-readable summary.
 
@@ -359,7 +385,7 @@ def train(cfg: Config, callbacks: Sequence = (), before_fit: Callable[[object], 
                           f"(see {cost_meter.cost_path(run_dir)}); raise budget.usd to continue it")
     ray_mode = init_ray(cfg)
     try:
-        check_cluster_fits(cfg)
+        check_cluster_fits(cfg, ray_mode)
         # Zero-CPU helpers are pinned to the driver's node (as Ray Train pins its controller): on a spot worker,
         # a preemption would take them down with it.
         here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
@@ -369,6 +395,7 @@ def train(cfg: Config, callbacks: Sequence = (), before_fit: Callable[[object], 
         meter = cost_meter.start_meter(run_dir, budget_usd=cfg.budget.usd, prices_path=cfg.budget.prices,
                                        interval_s=cfg.budget.meter_interval_s)
         try:
+            check_budget_pays_a_stop(cfg, meter)
             trainer = build_trainer(cfg, data, quality, meter, callbacks, data_position=position)
             if before_fit is not None:
                 before_fit(trainer)

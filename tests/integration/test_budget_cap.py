@@ -37,3 +37,13 @@ def test_training_stops_for_budget_and_never_exceeds_it(ray_session, tiny_datase
                           "train.checkpoint_every=4", f"budget.usd={cost['spent_usd']!r}", f"budget.prices={prices}")
     with pytest.raises(config.ConfigError, match=r"has spent \$.* raise budget.usd to continue"):
         train(refuse_cfg)
+    # A little more than spent, less than a checkpoint and a stop cost at $36/h: refused too, since the budget guard
+    # decides only after the first step (this rerun would start, train nothing and end over the cap).
+    short_cfg = tiny_cfg(tiny_dataset, tmp_path / "runs", "run.name=budget", "train.max_steps=100000",
+                         "train.checkpoint_every=4", f"budget.usd={cost['spent_usd'] + 0.05!r}",
+                         f"budget.prices={prices}", "budget.teardown_s=2")
+    with pytest.raises(config.ConfigError, match=r"left, less than one checkpoint and stop costs at \$36.00/h "
+                                                 r"\(40 s: \$0.3950\)"):
+        train(short_cfg)
+    after = json.loads((tmp_path / "runs" / "budget" / "cost.json").read_text())
+    assert after["spent_usd"] <= cost["spent_usd"] + 0.05  # the refused start stayed within the cap

@@ -31,3 +31,22 @@ def test_workers_ask_this_instances_state_api_and_get_the_truth(ray_session):
         assert time.monotonic() < deadline, "the state API still reports a killed actor alive after 30 s"
         time.sleep(0.2)
     ray.kill(probe)
+
+
+def test_a_run_that_cannot_get_its_resources_here_is_refused_before_it_waits(ray_session):
+    """train.use_gpu=true on a machine without a GPU, or workers that would take every CPU, would wait forever for
+    resources; a Ray this process started refuses them at once (a joined cluster's autoscaler may add GPU nodes)."""
+    import pytest
+
+    from mmray import config
+    from mmray.train.trainer import check_cluster_fits
+
+    assert not ray.cluster_resources().get("GPU")
+    gpu = config.load(None, ["train.use_gpu=true", "train.num_workers=1"])
+    for mode in ("local", "in-process"):
+        with pytest.raises(config.ConfigError, match="train.use_gpu=true, but this machine has no GPU"):
+            check_cluster_fits(gpu, mode)
+    check_cluster_fits(gpu, "joined")
+    cpus = int(ray.cluster_resources()["CPU"])
+    with pytest.raises(config.ConfigError, match=f"has {cpus} CPUs and the {cpus} training workers reserve"):
+        check_cluster_fits(config.load(None, [f"train.num_workers={cpus}"]), "local")
