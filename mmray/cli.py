@@ -383,12 +383,24 @@ def _verbose_anywhere(parser: argparse.ArgumentParser) -> None:
                 _verbose_anywhere(sp)
 
 
+class CommandFailed(RuntimeError):
+    """A command whose work ran but failed as a whole (every trial of a sweep): the CLI prints ``summary`` with the
+    error and exits 1."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
 def run(fn: Callable[[argparse.Namespace], dict], args: argparse.Namespace) -> int:
     # Everything printed while the command works (including worker output that Ray forwards to the driver's
     # stdout) goes to stderr, so that stdout carries only the JSON summary line.
     stdout, sys.stdout = sys.stdout, sys.stderr
     try:
         summary, code = fn(args), EXIT_OK
+    except CommandFailed as e:  # the work ran and failed: its whole summary, with the error, and exit 1
+        logging.getLogger("mmray").error("%s", e)
+        summary, code = {**e.summary, "error": str(e), "kind": "error"}, EXIT_ERROR
     except _bad_input_types() as e:
         while isinstance(getattr(e, "cause", None), BaseException):  # raised in a Ray task: Ray's wrapper, whose
             e = e.cause  # text is the task's traceback; the message is the original error's

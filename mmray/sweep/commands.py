@@ -18,7 +18,8 @@ SWEEP_DIR/runs/<trial id>. No trial starts unless its projected cost fits what i
 trials are stopped before the spend can cross it. Writes results.csv, best_config.yaml (accepted by `mmray train
 --config`), metric_vs_cost.png (Pareto frontier), best_per_fusion.png and learning_curves.png into SWEEP_DIR
 (sweep.storage_path/sweep.name). Overrides: section.key=value for the training config, sweep.key=value or
-sweep.section.key=value for the sweep (e.g. sweep.num_samples=4 sweep.budget.usd=5).
+sweep.section.key=value for the sweep (e.g. sweep.num_samples=4 sweep.budget.usd=5). A trial that fails is
+recorded with its error and the sweep goes on; when every trial failed, the summary is printed and the exit code is 1.
 """
 
 
@@ -33,7 +34,13 @@ def cmd_sweep(args: argparse.Namespace) -> dict:
     from mmray.sweep.runner import run_sweep
 
     logging.getLogger("mmray").info("sweep %s -> %s%s", spec.name, spec.sweep_dir, " (resuming)" if args.resume else "")
-    return run_sweep(spec, resume=args.resume)
+    summary = run_sweep(spec, resume=args.resume)
+    if summary["trials"] and summary["errored"] == summary["trials"]:
+        from mmray.cli import CommandFailed
+
+        raise CommandFailed(f"every trial of the sweep failed ({summary['trials']}); their errors are in "
+                            f"{summary['outputs'].get('results_csv', spec.sweep_dir)} (column error)", summary)
+    return summary
 
 
 def register(sub: argparse._SubParsersAction, with_config: Callable[[argparse.ArgumentParser], None]) -> None:

@@ -61,6 +61,11 @@ class BudgetGate(SearchAlgorithm):
         ok, why = self.ledger.can_admit(now)
         if not ok:
             if not self.ledger.active():
+                # Only the budget's doing if the search had another trial to run: a finished grid is not a stop for
+                # budget (the trial asked for here is dropped either way: the sweep ends).
+                if self.inner.next_trial() is None and self.inner.is_finished():
+                    self.set_finished()
+                    return None
                 log.warning("no new trial: %s; the sweep ends", why)
                 if why.startswith("budget"):
                     self.ledger.exhaust(why, now)

@@ -392,3 +392,57 @@ def test_budget_usd_of_a_sweep_config_caps_the_whole_sweep():
     with pytest.raises(config.ConfigError, match="disagree"):
         spec.from_mapping({**_sweep(budget={"usd": 5}), "budget": {"usd": 7}})
     assert spec.from_mapping(_sweep(), ["budget.usd=3"]).budget.usd == 3
+
+
+class _Grid:
+    """A search with ``n`` trials left (the part of Tune's SearchAlgorithm interface BudgetGate uses)."""
+
+    def __init__(self, n: int):
+        self.left, self.finished = n, False
+
+    def next_trial(self):
+        if self.left:
+            self.left -= 1
+            return type("Trial", (), {"trial_id": f"t{self.left}", "config": {}})()
+        self.finished = True
+        return None
+
+    def is_finished(self):
+        return self.finished
+
+    def set_finished(self):
+        self.finished = True
+
+
+@pytest.mark.parametrize("left, for_budget", [(0, False), (1, True)])
+def test_a_sweep_ends_for_budget_only_when_the_search_had_a_trial_left(left, for_budget):
+    """A grid that ran every trial is finished, not stopped for budget, even when another trial would not fit."""
+    from mmray.sweep.tuning import BudgetGate
+
+    ledger, _ = _ledger(usd=0.01, safety=1.0, stop_reserve_s=10, step_s=2.0, startup_s=50)
+    assert not ledger.can_admit(0.0)[0] and not ledger.active()
+    gate = BudgetGate(_Grid(left), ledger, clock=lambda: 0.0)
+    assert gate.next_trial() is None and gate.is_finished()
+    assert bool(ledger.exhausted) is for_budget
+
+
+def test_a_sweep_whose_every_trial_failed_exits_1_with_its_summary(tmp_path, monkeypatch, capsys):
+    """A sweep asked for a metric no trial reports (or whose trials all crash) ran, but found nothing: exit 1."""
+    import argparse
+    import json
+
+    from mmray import cli
+    from mmray.sweep import commands, runner
+
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({"sweep": {"metric": "loss", "mode": "min",
+                                           "space": {"model.fusion": {"grid": ["late", "attention"]}}}}))
+    args = argparse.Namespace(config=str(f), overrides=[], resume=False)
+    outcome = {"trials": 2, "errored": 2, "best_config": None, "outputs": {"results_csv": "/s/results.csv"}}
+    monkeypatch.setattr(runner, "run_sweep", lambda spec, resume=False: dict(outcome))
+    assert cli.run(commands.cmd_sweep, args) == cli.EXIT_ERROR
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["kind"] == "error" and last["errored"] == 2 and last["best_config"] is None
+    assert last["error"] == "every trial of the sweep failed (2); their errors are in /s/results.csv (column error)"
+    monkeypatch.setattr(runner, "run_sweep", lambda spec, resume=False: {**outcome, "errored": 1})
+    assert cli.run(commands.cmd_sweep, args) == cli.EXIT_OK
