@@ -278,12 +278,16 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def fingerprint(self) -> str:
-        """A short hash of everything that changes what is trained (not where it is stored or logged)."""
+        """A short hash of everything that changes what is trained (not where it is stored or logged, nor on which
+        resources or how it is evaluated)."""
         d = self.to_dict()
         d.pop("run")
         d.pop("budget")  # what a run may cost does not change what it trains: a new cap resumes the same run
+        d.pop("eval")    # nor does how it is evaluated
         for k in ("log_every", "checkpoint_every", "max_failures", "max_preemption_failures", "collective_timeout_s",
-                  "activation_checkpointing"):  # the last two change how, not what: the gradients are the same
+                  "activation_checkpointing",  # changes how, not what: the gradients are the same
+                  # the resources: a run resumes on another worker count (after spot capacity shrank, say)
+                  "num_workers", "cpus_per_worker", "use_gpu"):
             d["train"].pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -483,6 +487,7 @@ def _check_consistency(cfg: Config) -> None:
                           f"data.synthetic_samples ({d.synthetic_samples}).")
     _check_deepspeed(cfg.train)
     _check_keep_best(cfg)
+    _check_run_name(cfg.run.name)
     from mmray.models.pretrained import parse_freeze
 
     parse_freeze(m.freeze)  # names only; whether anything is left to train is checked where the model is built
@@ -561,6 +566,15 @@ def _check_deepspeed(t: TrainConfig) -> None:
         raise ConfigError(f"train.offload_param={t.offload_param} needs train.zero_stage=3 (only ZeRO-3 partitions "
                           f"the parameters; DeepSpeed would silently ignore the offload), got "
                           f"train.zero_stage={t.zero_stage}.")
+def _check_run_name(name: str) -> None:
+    """run.name is a directory under run.storage_path: never a path that leaves it (absolute, or with '..')."""
+    parts = name.replace("\\", "/").split("/")
+    if name and (name.startswith(("/", "\\", "~")) or any(p in ("", ".", "..") for p in parts)):
+        raise ConfigError(f"run.name: {name!r} is not a run name: it names the run's directory under "
+                          "run.storage_path, so it may not be absolute or hold '.', '..' or empty path parts; use "
+                          "letters, digits, '-', '_' (and '/' between parts to group runs).")
+
+
 def _check_keep_best(cfg: Config) -> None:
     """run.keep_best ranks checkpoints by a metric reported with them: say so before start when it never would be."""
     r, t = cfg.run, cfg.train

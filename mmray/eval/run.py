@@ -72,6 +72,8 @@ def run_eval(model_path: str, data: str, split: str = "val", max_samples: int | 
     from mmray.data.pipeline import DataQuality, quality_snapshot, ray_running, read_split
     from mmray.eval.evaluate import evaluate
 
+    if max_samples is not None and max_samples < 0:
+        raise config_lib.ConfigError(f"--max-samples must be >= 0 (0: every sample), got {max_samples}")
     t0 = time.perf_counter()
     model, cfg, tokenizer, source = load_model(model_path)
     # Evaluation and data-reading settings only: the model's architecture comes from its own config.

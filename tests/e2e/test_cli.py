@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
     (["train", "--config", "missing.yaml"], ["config file not found: missing.yaml"]),
     (["train", "data.source=/nonexistent/shapes", "train.max_steps=2", "train.warmup_steps=1"],
      ["/nonexistent/shapes"]),
+    (["eval", "model", "--data", "shards", "--max-samples", "-1"], ["--max-samples must be >= 0 (0: every sample)"]),
 ])
 def test_bad_input_exits_2_before_ray_starts(mmray, args, needles):
     t0 = time.perf_counter()

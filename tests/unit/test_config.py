@@ -35,6 +35,8 @@ def test_run_name_depends_on_what_is_trained_not_where():
     a = config.load(None, [])
     assert config.load(None, ["run.storage_path=/elsewhere", "train.log_every=5"]).run_name == a.run_name
     assert config.load(None, ["train.lr=0.1"]).run_name != a.run_name
+    # Resources and evaluation are not what is trained: the same command on fewer workers resumes the run.
+    assert config.load(None, ["train.num_workers=1", "train.use_gpu=false", "eval.every=10"]).run_name == a.run_name
     assert config.load(None, ["run.name=mine"]).run_name == "mine"
 
 
@@ -148,3 +150,13 @@ def test_shipped_configs_exist():
 def test_every_shipped_config_loads(path):
     cfg = config.load(path)
     assert cfg.run_name
+
+
+@pytest.mark.parametrize("name", ["../../etc", "/etc/x", "a//b", ".", "runs/..", "~me", "a\\..\\b", "grp/"])
+def test_a_run_name_may_not_leave_the_storage_path(name):
+    with pytest.raises(config.ConfigError, match=r"run.name: .* may not be absolute or hold '.', '..'"):
+        config.load(None, [f"run.name={name}"])
+
+
+def test_a_run_name_may_group_runs_in_folders():
+    assert config.load(None, ["run.name=fusion/late-2"]).run_name == "fusion/late-2"
