@@ -657,6 +657,10 @@ class Checkpointer:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name,
                              checkpoint_upload_fn=_upload_fn())
         self.taken.add(name)
+        if self.rank == 0 and self.cost_meter is not None:
+            # The spend up to this checkpoint goes into cost.json now (not at the meter's next sample): a driver
+            # killed later loses at most the time since the last checkpoint or sample from the run's record.
+            self.cost_meter.sample.remote()
         if score is not None and self.rank == 0:
             fs, run_dir = _run_location(ray.train.get_checkpoint())
             keep_best(run_dir, fs, name, score, self.best)

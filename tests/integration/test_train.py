@@ -41,6 +41,10 @@ def test_rerun_resumes_from_latest_checkpoint_on_s3(ray_session, s3_bucket):
                  "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt"):
         assert prefix + name in keys
     assert json.loads(s3.get_object(Bucket=s3_bucket, Key=prefix + "state.json")["Body"].read())["step"] == 4
+    # The cost meter saved the spend at each checkpoint (steps 2 and 4), not only at its start and stop (its
+    # 30-second samples): a driver killed after a checkpoint loses no spend from before it.
+    cost = json.loads(s3.get_object(Bucket=s3_bucket, Key="runs/resume/cost.json")["Body"].read())
+    assert len(cost["series"]) >= 4, cost["series"]
 
     longer = train(_cfg(data, runs, "run.name=resume", "train.max_steps=6"))
     assert longer["metrics"]["resumed_from_step"] == 4
