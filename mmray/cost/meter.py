@@ -353,20 +353,24 @@ def report(run_dir: str, now: float | None = None) -> dict:
 
     ``spent_usd`` is the figure at the last sample (``updated_at``); while a meter is running the cluster keeps
     spending, so ``spent_usd_now`` adds the burn since then (an estimate: nodes may have left meanwhile). After a
-    clean stop (``stopped``) the run spends nothing more and the two are equal.
+    clean stop (``stopped``) the run spends nothing more: the two are equal, the burn and the nodes alive are 0, and
+    ``last_burn_usd_per_hour`` (which the forecast to finish uses) is the burn when it stopped.
     """
     state = read_state(run_dir)
     if state is None:
         raise storage.StorageError(f"no {COST_FILE} under {run_dir}: the run has not been metered (yet)")
     now = time.time() if now is None else now
     age = max(0.0, now - (state["updated_at"] or now))
-    running_for = 0.0 if state.get("stopped") else age
-    out = {"run_dir": run_dir, "spent_usd": state["spent_usd"], "burn_usd_per_hour": state["burn_usd_per_hour"],
+    stopped = bool(state.get("stopped"))
+    running_for = 0.0 if stopped else age
+    out = {"run_dir": run_dir, "spent_usd": state["spent_usd"],
+           "burn_usd_per_hour": 0.0 if stopped else state["burn_usd_per_hour"],
+           "last_burn_usd_per_hour": state["burn_usd_per_hour"],
            "spent_usd_now": state["spent_usd"] + state["burn_usd_per_hour"] * running_for / 3600.0,
-           "stopped": bool(state.get("stopped")),
+           "stopped": stopped,
            "budget_usd": state["budget_usd"], "updated_at": state["updated_at"], "age_s": age,
            "started_at": state["started_at"], "restarts": state["restarts"],
-           "nodes_alive": sum(1 for n in state["nodes"].values() if n["alive"]),
+           "nodes_alive": 0 if stopped else sum(1 for n in state["nodes"].values() if n["alive"]),
            "nodes_seen": len(state["nodes"]), "unpriced": state["unpriced"], "prices": state["prices"],
            "progress": state["progress"], "preemptions": state.get("preemptions", []), "forecast": None}
     p = state["progress"]
