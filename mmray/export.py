@@ -110,7 +110,8 @@ def _sha256(data: bytes) -> str:
 
 
 def _to_safetensors(state: dict[str, torch.Tensor], dtype: torch.dtype, metadata: dict[str, str]) -> bytes:
-    """safetensors bytes of ``state`` with floating tensors cast to ``dtype``; shared tensors are stored apart."""
+    """safetensors bytes of ``state`` with floating tensors cast to ``dtype``; shared tensors are stored apart.
+    The same state and metadata always give the same bytes (see :func:`_sorted_header`)."""
     from safetensors.torch import save
 
     out, seen = {}, set()
@@ -121,7 +122,18 @@ def _to_safetensors(state: dict[str, torch.Tensor], dtype: torch.dtype, metadata
             t = t.clone()
         seen.add(t.data_ptr())
         out[name] = t
-    return save(out, metadata=metadata)
+    return _sorted_header(save(out, metadata=metadata))
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """safetensors bytes with the header's keys sorted. safetensors writes its ``__metadata__`` map in hash order,
+    which differs from call to call, so two exports of one checkpoint would differ in their sha256. The header is
+    JSON after an 8-byte little-endian length, padded with spaces to a multiple of 8; tensor offsets are relative
+    to its end, so rewriting it leaves the data as it is."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + n:]
 
 
 def _check_out(out: str) -> None:

@@ -45,3 +45,26 @@ def test_export_into_a_file_is_refused_before_any_work(tmp_path):
         export(str(tmp_path / "no-such-run"), str(target))
     with pytest.raises(ExportError, match=f"cannot export to {target}/v1: {target}, above OUT, is a file"):
         export(str(tmp_path / "no-such-run"), str(target / "v1"))
+
+
+def test_an_export_of_the_same_weights_is_the_same_bytes():
+    """safetensors writes its metadata in hash order (a new order on each call); exports must not depend on it."""
+    import tempfile
+
+    from safetensors import safe_open
+    from safetensors.torch import load
+
+    from mmray.export import _to_safetensors
+
+    state = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.bias": torch.ones(3), "steps": torch.tensor([7])}
+    metadata = {"format": "pt", "step": "4", "source": "/runs/x/checkpoint_00000004", "dtype": "fp32"}
+    files = {_to_safetensors(state, torch.float32, metadata) for _ in range(12)}
+    assert len(files) == 1
+    (data,) = files
+    loaded = load(data)
+    assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as f:
+        f.write(data)
+        f.flush()
+        with safe_open(f.name, "pt") as opened:
+            assert opened.metadata() == metadata
