@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import difflib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -387,6 +388,7 @@ def parse(sweep: Any, base: Mapping[str, Any]) -> SweepSpec:
                               f"{', '.join(sorted(set(point) - {d.key for d in space}))}.")
         points.append(dict(point))
 
+    _check_metric_reported(metric, base, space, points)
     scheduler = _typed("scheduler", sweep.get("scheduler"), SchedulerSpec)
     scheduler = _check_scheduler(scheduler, cfg, metric, space)
     budget = _typed("budget", sweep.get("budget"), BudgetSpec)
@@ -412,6 +414,37 @@ def parse(sweep: Any, base: Mapping[str, Any]) -> SweepSpec:
                      scheduler=scheduler, budget=budget, name=name, storage_path=storage_path or cfg.run.storage_path,
                      base=base, config=cfg, **ints)
     return dataclasses.replace(spec, name=name or f"sweep-{fingerprint(spec)}")
+
+
+# Held-out metrics by the objective whose outputs compute them (mmray.eval.evaluate); others need none.
+METRIC_OBJECTIVES = (("val_vqa_", "vqa"), ("val_caption_", "caption"), ("val_bleu4", "caption"),
+                     ("val_cider_d", "caption"), ("val_i2t_", "contrastive"), ("val_t2i_", "contrastive"),
+                     ("val_zero_shot", "contrastive"), ("val_itm_", "itm"))
+OBJECTIVE_KEYS = ("model.fusion", "model.decoder_depth", "model.preset", "model.contrastive_weight",
+                  "model.itm_weight", "model.caption_weight", "model.vqa_weight")
+
+
+def _check_metric_reported(metric: str, base: dict, space: tuple[Dimension, ...], points: list[dict]) -> None:
+    """ConfigError when no trial could report ``metric``: it needs an objective (VQA, captioning, contrastive, ITM)
+    that neither the base config nor any value the space or the points give the objective keys trains (every trial
+    would run to its end and fail). Skipped when a range decides an objective key (its values are not listed)."""
+    from mmray.models.objectives import objective_weights
+
+    needed = next((objective for prefix, objective in METRIC_OBJECTIVES if metric.startswith(prefix)), None)
+    dims = [d for d in space if d.key in OBJECTIVE_KEYS]
+    if needed is None or not all(d.enumerated for d in dims):
+        return
+    trials = [dict(zip([d.key for d in dims], values)) for values in itertools.product(*(d.args for d in dims))]
+    trials += [{k: v for k, v in p.items() if k in OBJECTIVE_KEYS} for p in points]
+    for values in trials:
+        try:
+            if needed in objective_weights(config_lib.from_dict(with_values(base, values)).model):
+                return
+        except ConfigError:
+            continue  # a combination that is not a valid config: its trial fails anyway
+    raise ConfigError(f"sweep.metric: {metric!r} is computed from the {needed} objective, which no trial of this "
+                      f"sweep trains (model.fusion, model.decoder_depth and model.{needed}_weight decide it; see "
+                      "`mmray config`); choose a metric the trials report, or train that objective.")
 
 
 def _check_scheduler(s: SchedulerSpec, cfg: Config, metric: str, space: tuple[Dimension, ...]) -> SchedulerSpec:

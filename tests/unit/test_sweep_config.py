@@ -446,3 +446,22 @@ def test_a_sweep_whose_every_trial_failed_exits_1_with_its_summary(tmp_path, mon
     assert last["error"] == "every trial of the sweep failed (2); their errors are in /s/results.csv (column error)"
     monkeypatch.setattr(runner, "run_sweep", lambda spec, resume=False: {**outcome, "errored": 1})
     assert cli.run(commands.cmd_sweep, args) == cli.EXIT_OK
+
+
+@pytest.mark.parametrize("metric, fusions, model, ok", [
+    ("val_vqa_acc", ["late", "attention"], {}, False),                              # no decoder: no VQA
+    ("val_vqa_acc", ["late", "attention"], {"decoder_depth": 1, "vqa_weight": 1}, True),
+    ("val_i2t_r@1", ["early", "hierarchical"], {}, False),                          # fused towers: no embeddings
+    ("val_i2t_r@1", ["early", "late"], {}, True),                                   # late's trial reports it
+    ("val_itm_acc", ["late"], {}, False),
+    ("loss", ["late"], {}, True),
+])
+def test_a_metric_no_trial_reports_is_refused_before_the_sweep(metric, fusions, model, ok):
+    raw = {"metric": metric, "space": {"model.fusion": {"grid": fusions}}}
+    base = {"eval": {"every": 2}, "model": model}
+    if ok:
+        spec.parse(raw, base)
+    else:
+        with pytest.raises(ConfigError, match=rf"sweep.metric: '{metric}' is computed from the .* objective, which "
+                                              "no trial of this sweep trains"):
+            spec.parse(raw, base)
