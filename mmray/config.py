@@ -288,14 +288,30 @@ class Config:
         d.pop("eval")    # nor does how it is evaluated
         for k in ("log_every", "checkpoint_every", "max_failures", "max_preemption_failures", "collective_timeout_s",
                   "activation_checkpointing",  # changes how, not what: the gradients are the same
-                  # the resources: a run resumes on another worker count (after spot capacity shrank, say)
-                  "num_workers", "cpus_per_worker", "use_gpu"):
+                  # the resources: a run resumes on another worker count (after spot capacity shrank, say); not
+                  # train.use_gpu, which decides the numerics of precision=auto (bf16 on GPUs, fp32 on CPUs)
+                  "num_workers", "cpus_per_worker"):
             d["train"].pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
     @property
     def run_name(self) -> str:
         return self.run.name or f"{self.model.preset}-{self.model.fusion}-{self.fingerprint()}"
+
+    def legacy_run_name(self) -> str:
+        """The name that mmray derived for this config before the fingerprint left out train.num_workers,
+        train.cpus_per_worker and eval.* (commit 6fed92f), so that a run started then is found and continued, with its
+        checkpoints and its spend, instead of started again ("" when run.name is set)."""
+        if self.run.name:
+            return ""
+        d = self.to_dict()
+        d.pop("run")
+        d.pop("budget")
+        for k in ("log_every", "checkpoint_every", "max_failures", "max_preemption_failures", "collective_timeout_s",
+                  "activation_checkpointing"):
+            d["train"].pop(k)
+        digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.model.preset}-{self.model.fusion}-{digest}"
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig,
@@ -489,7 +505,6 @@ def _check_consistency(cfg: Config) -> None:
                           f"data.synthetic_samples ({d.synthetic_samples}).")
     _check_deepspeed(cfg.train)
     _check_keep_best(cfg)
-    _check_run_name(cfg.run.name)
     from mmray.models.pretrained import parse_freeze
 
     parse_freeze(m.freeze)  # names only; whether anything is left to train is checked where the model is built
@@ -568,8 +583,10 @@ def _check_deepspeed(t: TrainConfig) -> None:
         raise ConfigError(f"train.offload_param={t.offload_param} needs train.zero_stage=3 (only ZeRO-3 partitions "
                           f"the parameters; DeepSpeed would silently ignore the offload), got "
                           f"train.zero_stage={t.zero_stage}.")
-def _check_run_name(name: str) -> None:
-    """run.name is a directory under run.storage_path: never a path that leaves it (absolute, or with '..')."""
+def check_run_name(name: str) -> None:
+    """run.name is a directory under run.storage_path: never a path that leaves it (absolute, or with '..').
+    Checked where a run directory is made (training), not when a config is read: exports and checkpoints of runs
+    named before this rule still load."""
     parts = name.replace("\\", "/").split("/")
     if name and (name.startswith(("/", "\\", "~")) or any(p in ("", ".", "..") for p in parts)):
         raise ConfigError(f"run.name: {name!r} is not a run name: it names the run's directory under "

@@ -92,7 +92,7 @@ def cmd_cost(args: argparse.Namespace) -> dict:
     budget = f" of ${summary['budget_usd']:.2f}" if summary["budget_usd"] else " (no budget cap)"
     if summary["stopped"]:
         log.info("spent $%.4f%s; the run is stopped (it burned $%.3f/h over %d nodes when it stopped)",
-                 summary["spent_usd"], budget, summary["last_burn_usd_per_hour"], summary["nodes_seen"])
+                 summary["spent_usd"], budget, summary["last_burn_usd_per_hour"], summary["nodes_at_stop"])
     else:
         log.info("spent $%.4f%s as of %.0f s ago; burn $%.3f/h over %d live nodes (%d seen)", summary["spent_usd"],
                  budget, summary["age_s"], summary["burn_usd_per_hour"], summary["nodes_alive"], summary["nodes_seen"])

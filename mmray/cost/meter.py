@@ -177,8 +177,11 @@ class CostMeter:
     # ------------------------------------------------------------------------------------------------ sampling
 
     def sample(self) -> dict:
-        """List the nodes once, charge them up to now, save cost.json; returns :meth:`status`."""
+        """List the nodes once, charge them up to now, save cost.json; returns :meth:`status`. After a clean stop
+        (:meth:`stop`) a late caller's sample (a checkpoint's, say) changes nothing: the record stays a clean end."""
         with self._lock:
+            if self._stopped:
+                return self.status()
             now = float(self._clock())
             listing = {n["node_id"]: n for n in self._list_nodes()}
             if self._started_at is None:
@@ -235,7 +238,10 @@ class CostMeter:
                 log.exception("cost meter: sample failed")
 
     def start(self) -> dict:
-        """Sample now, then every ``interval_s`` in a background thread (idempotent)."""
+        """Sample now, then every ``interval_s`` in a background thread (idempotent; after :meth:`stop`, metering
+        starts again)."""
+        with self._lock:
+            self._stopped = False
         status = self.sample()
         if self._thread is None:
             self._stop.clear()
@@ -251,7 +257,8 @@ class CostMeter:
             self._thread.join(timeout=self.interval_s + 5)
             self._thread = None
         with self._lock:
-            self.sample()
+            if not self._stopped:
+                self.sample()
             self._stopped = True
             self._persist()
             return self.status()
@@ -371,6 +378,7 @@ def report(run_dir: str, now: float | None = None) -> dict:
            "budget_usd": state["budget_usd"], "updated_at": state["updated_at"], "age_s": age,
            "started_at": state["started_at"], "restarts": state["restarts"],
            "nodes_alive": 0 if stopped else sum(1 for n in state["nodes"].values() if n["alive"]),
+           "nodes_at_stop": sum(1 for n in state["nodes"].values() if n["alive"]) if stopped else None,
            "nodes_seen": len(state["nodes"]), "unpriced": state["unpriced"], "prices": state["prices"],
            "progress": state["progress"], "preemptions": state.get("preemptions", []), "forecast": None}
     p = state["progress"]

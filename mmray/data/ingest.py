@@ -118,9 +118,11 @@ def _ext(path: str) -> str:
     return name.rpartition(".")[2].lower() if "." in name else ""
 
 
-def _same_case(paths: list[str], ext: str) -> str | None:
-    """The one of a stem's caption (or metadata) files to use: ``.txt`` before ``.TXT`` when both exist."""
-    return min(paths, key=lambda p: (not p.endswith("." + ext), p)) if paths else None
+def _same_case(paths: list[str], ext: str, upper: bool = False) -> str | None:
+    """The one of a stem's caption (or metadata) files to use for an image: when a case-sensitive file system holds
+    both ``a.txt`` and ``a.TXT``, the one whose extension has the image's case (``a.JPG`` takes ``a.TXT``)."""
+    wanted = "." + (ext.upper() if upper else ext)
+    return min(paths, key=lambda p: (not p.endswith(wanted), p)) if paths else None
 
 
 def discover_folder(src: str) -> list[Candidate]:
@@ -140,10 +142,11 @@ def discover_folder(src: str) -> list[Candidate]:
     candidates = []
     for stem in sorted(groups):
         files = groups[stem]
-        caption = _same_case(files.get("txt", []), "txt")
-        meta = _same_case(files.get("json", []), "json")
         for ext in sorted(e for e in files if e in IMAGE_EXTENSIONS):
             for image in files[ext]:
+                upper = image.rpartition(".")[2].isupper()
+                caption = _same_case(files.get("txt", []), "txt", upper)
+                meta = _same_case(files.get("json", []), "json", upper)
                 candidates.append(Candidate(ref=image, image=image, ext=ext, caption_path=caption, meta_path=meta,
                                             bad="" if caption else "missing_caption"))
         for ext in sorted(e for e in files if e in OTHER_IMAGE_EXTENSIONS):
@@ -498,7 +501,9 @@ def prepare_ingest(src: str, dest: str, format: str = "webdataset", samples_per_
             _write(train, result)
             texts += sample_texts(result.caption, result.meta)
     if not train.samples:
-        raise ValueError(f"no usable training samples in {src} (bad: {bad}); examples: {bad.examples}")
+        took = (f"; validation took {val.samples} samples (whole images, with every row that lists them): lower "
+                f"--val-samples" if val.samples else "")
+        raise ValueError(f"no usable training samples in {src} (bad: {bad}); examples: {bad.examples}{took}")
     for split, writer in (("train", train), ("val", val)):
         remove_stale_shards(storage.join(dest, split), len(writer.shards), suffix)
 

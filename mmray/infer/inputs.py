@@ -84,9 +84,9 @@ def stage_sources(srcs: list[str], out: str, tokenizer: str, progress=None,
     """Replace each folder / CSV / JSONL source by its shards, written once under ``OUT/_staged/<hash>`` by
     :func:`mmray.data.ingest.prepare_ingest` (all samples in train/, with the export's tokenizer); a rerun reuses
     them (a changed folder is not noticed: delete OUT/_staged to stage it again). Returns the sources to read, the
-    samples each staging left out, ``{staged dir: {"bad": counts, "bad_examples": ...}}`` (missing captions or
-    images, unreadable images: the reader never sees them; see :func:`staged_bad`), and an output-name prefix for
-    each staged source (its hash), so that staged shards never share a name."""
+    samples each staging left out, ``{staged dir: {"bad": counts, "bad_examples": ..., "samples": samples staged}}``
+    (missing captions or images, unreadable images: the reader never sees them; see :class:`LeftOut`), and an
+    output-name prefix for each staged source (its hash), so that staged shards never share a name."""
     import hashlib
 
     from mmray.config import ConfigError
@@ -103,7 +103,8 @@ def stage_sources(srcs: list[str], out: str, tokenizer: str, progress=None,
         dest = storage.join(out, STAGED, digest)
         if is_prepared(dest):
             manifest = json.loads(storage.read_text(storage.join(dest, MANIFEST)))
-            staged[dest] = {"bad": manifest.get("bad", {}), "bad_examples": manifest.get("bad_examples", {})}
+            staged[dest] = {"bad": manifest.get("bad", {}), "bad_examples": manifest.get("bad_examples", {}),
+                            "samples": manifest.get("train", {}).get("samples", 0)}
             if progress:
                 progress(f"{src}: using the shards staged in {dest}")
         else:
@@ -118,7 +119,8 @@ def stage_sources(srcs: list[str], out: str, tokenizer: str, progress=None,
                     message += (f" (here: write it as shards first, `mmray data prepare {src} DEST --image-column ... "
                                 f"--caption-column ...`, and pass DEST)")
                 raise ConfigError(message) from None
-            staged[dest] = {"bad": summary["bad"], "bad_examples": summary["bad_examples"]}
+            staged[dest] = {"bad": summary["bad"], "bad_examples": summary["bad_examples"],
+                            "samples": summary["train_samples"]}
         read.append(dest)
         prefixes[dest] = f"{STAGED}_{digest}__"
     return read, staged, prefixes
@@ -137,24 +139,44 @@ def stage_claimed(job, fresh: bool, srcs: list[str], export_dir: str, progress=N
         raise
 
 
-def staged_bad(staged: dict, shards: list[str]) -> dict:
-    """The samples left out by the staging of the sources whose shards a run reads (``shards``): a rerun that
-    finds a staged source's outputs all written does not count its bad samples again."""
-    inner = [storage.resolve(s)[1] for s in shards]
-    bad: dict[str, int] = {}
-    examples: dict[str, list[str]] = {}
-    for dest, left_out in staged.items():
-        root = storage.resolve(dest)[1].rstrip("/") + "/"
-        if any(s.startswith(root) for s in inner):
+class LeftOut:
+    """The samples that staging a folder or index left out, counted in a run as it reads the staged shards.
+
+    A staged source's left-out samples count in proportion to the share of its staged samples that the run has
+    read: all of them once it has read them all, and none in a rerun that finds the source's outputs all written.
+    So the bad fraction at any point compares like with like (a large folder with 0.5% bad images is not 30% bad
+    after its first shard), and a rerun that reads the last tenth of a source counts a tenth of its left-out ones.
+    """
+
+    def __init__(self, staged: dict, shards: list[str]):
+        self.staged = staged
+        self.read = {dest: 0 for dest in staged}
+        self.dest_of: dict[str, str] = {}  # shard (as given) -> the staged dir it lies in
+        for dest in staged:
+            root = storage.resolve(dest)[1].rstrip("/") + "/"
+            self.dest_of.update({s: dest for s in shards if storage.resolve(s)[1].startswith(root)})
+
+    def add(self, shard: str, raw_rows: int) -> None:
+        """``raw_rows`` samples of ``shard`` were read."""
+        if shard in self.dest_of:
+            self.read[self.dest_of[shard]] += raw_rows
+
+    def counts(self) -> dict:
+        """``{"bad": {reason: n}, "bad_examples": ...}`` of the share read so far."""
+        bad: dict[str, int] = {}
+        examples: dict[str, list[str]] = {}
+        for dest, left_out in self.staged.items():
+            total = left_out.get("samples") or 0
+            share = min(1.0, self.read[dest] / total) if total else float(self.read[dest] > 0)
             for reason, n in left_out["bad"].items():
-                bad[reason] = bad.get(reason, 0) + n
-            for reason, refs in left_out["bad_examples"].items():
-                examples.setdefault(reason, []).extend(refs)
-    return {"bad": bad, "bad_examples": examples}
+                if (part := int(n * share)) > 0:
+                    bad[reason] = bad.get(reason, 0) + part
+                    examples.setdefault(reason, []).extend(left_out["bad_examples"].get(reason, []))
+        return {"bad": bad, "bad_examples": examples}
 
 
 def merge_staged(summary: dict, staged: dict) -> dict:
-    """Add bad samples (:func:`staged_bad`'s) to a run's summary."""
+    """Add bad samples (:meth:`LeftOut.counts`) to a run's summary."""
     bad = dict(summary.get("bad", {}))
     for reason, n in staged["bad"].items():
         bad[reason] = bad.get(reason, 0) + n

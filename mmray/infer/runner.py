@@ -22,7 +22,7 @@ from mmray.data.pipeline import READER_OVERRIDES, ray_running, reader_options
 from mmray.data.tokenizer import TextTokenizer
 from mmray.export import MANIFEST_FILE, WEIGHTS_FILE, ExportError, _sha256, read_manifest
 from mmray.infer import DEVICES
-from mmray.infer.inputs import Decode, Rows, merge_staged, read_counted, staged_bad
+from mmray.infer.inputs import Decode, LeftOut, Rows, merge_staged, read_counted
 from mmray.infer.outputs import OutputDir, ShardAssembler
 
 log = logging.getLogger("mmray")
@@ -198,7 +198,8 @@ def run(job: Job, progress: Callable[[str], None] | None = None, staged: dict | 
     ``samples_read`` (usable and bad), ``bad`` (count per reason), ``shards_written``, ``shards_skipped``,
     ``samples_per_s`` (usable samples per second of the pipeline, actor start-up included) and ``wall_s``.
     ``staged``: the samples that staging each folder or index left out (see mmray.infer.inputs.stage_sources);
-    those of the sources this run reads count in ``bad`` and against the bad-sample limit, with the reader's."""
+    they count in ``bad`` and against the bad-sample limit, with the reader's, in proportion to the share of their
+    source that this run reads (mmray.infer.inputs.LeftOut)."""
     import ray
 
     from mmray.data.pipeline import DataQuality, check_quality, quality_snapshot
@@ -206,7 +207,7 @@ def run(job: Job, progress: Callable[[str], None] | None = None, staged: dict | 
     say = progress or log.info
     started = time.perf_counter()
     todo, skipped = job.outputs.plan(job.sources)
-    left_out = staged_bad(staged or {}, [uri for uri, _ in todo])
+    left_out = LeftOut(staged or {}, [uri for uri, _ in todo])
     say(f"{job.name}: {len(job.sources)} shards, {skipped} already written, {len(todo)} to do -> {job.outputs.out}")
     summary = {"out": job.outputs.out, "shards": len(job.sources), "shards_written": 0, "shards_skipped": skipped,
                "samples": 0, "rows": 0, "samples_read": 0, "bad": {}, "bad_examples": {}}
@@ -226,7 +227,8 @@ def run(job: Job, progress: Callable[[str], None] | None = None, staged: dict | 
                 uri, name = by_inner[shard]
                 # Checked before the shard is written: a shard that takes the run over the limit is not recorded
                 # as done, so a rerun reads it again (and stops again) instead of passing without a word.
-                check_quality(merge_staged(quality_snapshot(quality), left_out), max_bad)
+                left_out.add(uri, raw_rows)
+                check_quality(merge_staged(quality_snapshot(quality), left_out.counts()), max_bad)
                 record = job.outputs.write(name, uri, job.to_table(rows, uri), raw_rows)
                 summary["shards_written"] += 1
                 summary["rows"] += record["rows"]
@@ -239,7 +241,7 @@ def run(job: Job, progress: Callable[[str], None] | None = None, staged: dict | 
         if assembler.pending():
             raise RuntimeError(f"the stream ended before these shards were complete: {assembler.pending()}")
         snap = quality_snapshot(quality)  # complete: Preprocess waits for each block's counts before passing it on
-    return {**merge_staged({**summary, "bad": snap["bad"], "bad_examples": snap["bad_examples"]}, left_out),
+    return {**merge_staged({**summary, "bad": snap["bad"], "bad_examples": snap["bad_examples"]}, left_out.counts()),
             "samples": snap["good"], "device": "gpu" if pool.use_gpu else "cpu", "actors": pool.size,
             "samples_per_s": round(snap["good"] / max(elapsed, 1e-9), 1),
             "wall_s": round(time.perf_counter() - started, 3)}

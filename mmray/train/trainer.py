@@ -1,6 +1,7 @@
 """Driver side of a training run: resolve the data, start or join Ray, assemble and fit the TorchTrainer."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -9,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mmray import storage
-from mmray.config import Config, ConfigError, all_keys
+from mmray.config import Config, ConfigError, all_keys, check_run_name
 from mmray.data.tokenizer import TextTokenizer
 
 log = logging.getLogger("mmray")
@@ -191,13 +192,14 @@ def init_ray(cfg: Config) -> str:
 
 def check_cluster_fits(cfg: Config, ray_mode: str = "local") -> None:
     """Fail fast, naming the keys to change, when training workers would leave Ray Data no CPU, or ask for GPUs that
-    a Ray this process started cannot have (either way the run would wait forever). A joined cluster may still add
-    GPU nodes (its autoscaler starts them on demand), so there an absent GPU is not an error."""
+    a Ray this process started cannot have (either way the run would wait forever). A joined cluster (or one a
+    sweep's trial runs in) may still add GPU nodes: its autoscaler starts them on demand, so there an absent GPU is
+    not an error."""
     import ray
 
     from mmray.config import ConfigError
 
-    if cfg.train.use_gpu == "true" and ray_mode != "joined" and not ray.cluster_resources().get("GPU", 0):
+    if cfg.train.use_gpu == "true" and ray_mode == "local" and not ray.cluster_resources().get("GPU", 0):
         raise ConfigError("train.use_gpu=true, but this machine has no GPU that Ray can use: set train.use_gpu=auto "
                           "(or false) to train on CPUs, or submit the run to a cluster with GPU workers "
                           "(`ray up ray-cluster.yaml`, then `ray job submit`).")
@@ -335,6 +337,18 @@ def _user_error(error: BaseException) -> BaseException | None:
     return None
 
 
+def continue_legacy_run(cfg: Config, storage_root: str) -> Config:
+    """``cfg`` with run.name set to the run an older mmray derived for it (see Config.legacy_run_name) when that run
+    exists and the name derived now does not: its checkpoints and spend (cost.json) carry on."""
+    legacy = cfg.legacy_run_name()
+    if not legacy or legacy == cfg.run_name or storage.exists(storage.join(storage_root, cfg.run_name)) \
+            or not storage.exists(storage.join(storage_root, legacy)):
+        return cfg
+    log.warning("continuing run %s, named as an earlier mmray named runs of this config (the name derived now "
+                "would be %s); set run.name to choose", legacy, cfg.run_name)
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=legacy))
+
+
 def check_budget_pays_a_stop(cfg: Config, meter) -> None:
     """ConfigError when what is left of budget.usd cannot pay, at the cluster's burn rate, for the stop that the
     budget guard keeps in reserve (a checkpoint and budget.teardown_s): the guard decides only after the first step,
@@ -370,6 +384,7 @@ def train(cfg: Config, callbacks: Sequence = (), before_fit: Callable[[object], 
     from mmray.cost import prices as cost_prices
 
     t0 = time.perf_counter()
+    check_run_name(cfg.run.name)
     data = resolve_data(cfg)  # bad data fails here, before any Ray resource exists
     cost_prices.load(cfg.budget.prices)  # so does a bad price table
     from mmray.train.engine import check_finetune
@@ -377,6 +392,7 @@ def train(cfg: Config, callbacks: Sequence = (), before_fit: Callable[[object], 
     check_finetune(cfg, data.tokenizer.vocab_size, data.tokenizer.pad_id)  # and bad pretrained weights
     storage_root = cfg.run.storage_path if storage.is_s3(cfg.run.storage_path) else \
         storage.resolve(cfg.run.storage_path)[1]
+    cfg = continue_legacy_run(cfg, storage_root)
     run_dir = storage.join(storage_root, cfg.run_name)
     check_resume_config(cfg, run_dir)  # and so does resuming with another model
     spent = (cost_meter.read_state(run_dir) or {}).get("spent_usd", 0.0)

@@ -169,10 +169,14 @@ def test_the_meter_samples_in_the_background(ray_session, tmp_path):
     assert meter_lib.get_meter(run_dir) is not None  # found by name, e.g. from a training worker
     status = ray.get(m.stop.remote())
     assert status["nodes_alive"] >= 1 and meter_lib.read_state(run_dir)["stopped"]
+    # A late sample (a run's last checkpoint asks for one, unwaited) leaves the clean end as it is.
+    ray.get(m.sample.remote())
+    assert meter_lib.read_state(run_dir)["stopped"]
     # `mmray cost` of the stopped run: nothing alive, nothing burning (the last burn rate kept apart).
     summary = meter_lib.report(run_dir)
     assert summary["stopped"] and (summary["nodes_alive"], summary["burn_usd_per_hour"]) == (0, 0.0)
     assert summary["last_burn_usd_per_hour"] == status["burn_usd_per_hour"]
+    assert summary["nodes_at_stop"] == status["nodes_alive"]
     _kill(ray, m, run_dir)
 
 

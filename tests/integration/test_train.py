@@ -31,7 +31,7 @@ def test_rerun_resumes_from_latest_checkpoint_on_s3(ray_session, s3_bucket):
     data = f"s3://{s3_bucket}/datasets/shapes"
     prepare_synthetic(data, samples=400, seed=5, val_samples=64, samples_per_shard=200)
     runs = f"s3://{s3_bucket}/runs"
-    first = train(_cfg(data, runs, "run.name=resume"))
+    first = train(_cfg(data, runs, "run.name=resume", "budget.meter_interval_s=3600"))
     assert first["steps"] == 4 and first["metrics"]["resumed_from_step"] == 0
     assert first["samples_seen"] == 4 * GLOBAL and first["run_dir"] == f"{runs}/resume"
     s3 = boto3.client("s3")
@@ -41,8 +41,8 @@ def test_rerun_resumes_from_latest_checkpoint_on_s3(ray_session, s3_bucket):
                  "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt"):
         assert prefix + name in keys
     assert json.loads(s3.get_object(Bucket=s3_bucket, Key=prefix + "state.json")["Body"].read())["step"] == 4
-    # The cost meter saved the spend at each checkpoint (steps 2 and 4), not only at its start and stop (its
-    # 30-second samples): a driver killed after a checkpoint loses no spend from before it.
+    # The cost meter saved the spend at each checkpoint (steps 2 and 4), not only at its start and stop (its own
+    # samples are an hour apart here): a driver killed after a checkpoint loses no spend from before it.
     cost = json.loads(s3.get_object(Bucket=s3_bucket, Key="runs/resume/cost.json")["Body"].read())
     assert len(cost["series"]) >= 4, cost["series"]
 

@@ -36,7 +36,7 @@ def test_run_name_depends_on_what_is_trained_not_where():
     assert config.load(None, ["run.storage_path=/elsewhere", "train.log_every=5"]).run_name == a.run_name
     assert config.load(None, ["train.lr=0.1"]).run_name != a.run_name
     # Resources and evaluation are not what is trained: the same command on fewer workers resumes the run.
-    assert config.load(None, ["train.num_workers=1", "train.use_gpu=false", "eval.every=10"]).run_name == a.run_name
+    assert config.load(None, ["train.num_workers=1", "train.cpus_per_worker=2", "eval.every=10"]).run_name == a.run_name
     assert config.load(None, ["run.name=mine"]).run_name == "mine"
 
 
@@ -153,10 +153,33 @@ def test_every_shipped_config_loads(path):
 
 
 @pytest.mark.parametrize("name", ["../../etc", "/etc/x", "a//b", ".", "runs/..", "~me", "a\\..\\b", "grp/"])
-def test_a_run_name_may_not_leave_the_storage_path(name):
+def test_a_run_name_may_not_leave_the_storage_path(name, tmp_path):
+    """Refused where a run directory is made (training); a config holding one still loads (the config.yaml of an
+    export or checkpoint made before the rule)."""
+    from mmray.train.trainer import train
+
+    cfg = config.load(None, [f"run.name={name}", f"run.storage_path={tmp_path}"])
     with pytest.raises(config.ConfigError, match=r"run.name: .* may not be absolute or hold '.', '..'"):
-        config.load(None, [f"run.name={name}"])
+        train(cfg)
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_run_name_may_group_runs_in_folders():
+    config.check_run_name("fusion/late-2")
     assert config.load(None, ["run.name=fusion/late-2"]).run_name == "fusion/late-2"
+
+
+def test_a_run_named_by_an_earlier_mmray_is_continued(tmp_path):
+    """Before the derived name left out the worker count and eval.*, the default config's run was
+    tiny-late-236e1579: the same command finds it (and its checkpoints and spend) instead of starting anew."""
+    from mmray.train.trainer import continue_legacy_run
+
+    cfg = config.load(None, [])
+    assert cfg.legacy_run_name() == "tiny-late-236e1579" != cfg.run_name
+    assert continue_legacy_run(cfg, str(tmp_path)).run_name == cfg.run_name  # nothing there: the new name
+    (tmp_path / "tiny-late-236e1579").mkdir()
+    assert continue_legacy_run(cfg, str(tmp_path)).run_name == "tiny-late-236e1579"
+    (tmp_path / cfg.run_name).mkdir()  # a run under the new name wins
+    assert continue_legacy_run(cfg, str(tmp_path)).run_name == cfg.run_name
+    named = config.load(None, ["run.name=mine"])
+    assert named.legacy_run_name() == "" and continue_legacy_run(named, str(tmp_path)).run_name == "mine"

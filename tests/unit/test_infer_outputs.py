@@ -168,3 +168,28 @@ def test_contact_sheet_shows_images_as_the_model_sees_them(tmp_path):
     hits = [{"key": "0000", "shard": str(shard), "caption": "grey", "score": 0.5, "source": ""}]
     sheet = Image.open(io.BytesIO(render_contact_sheet(hits, "query"))).convert("RGB")
     assert sheet.getpixel((CELL // 2, 24 + CELL // 2)) == (128, 128, 128)
+
+
+@pytest.mark.parametrize("out", ["/data/out", "s3://bucket/out"])
+def test_samples_staging_left_out_count_in_proportion_to_what_a_run_reads(out):
+    """A folder's unreadable images count as its staged shards are read: not all at the first shard (0.5% bad would
+    look like 30%), and in a rerun only for the part it reads."""
+    from mmray.infer.inputs import LeftOut
+
+    dest = f"{out}/_staged/abc"
+    staged = {dest: {"bad": {"corrupt_image": 6, "missing_caption": 1}, "bad_examples": {"corrupt_image": ["x.jpg"],
+                                                                                          "missing_caption": ["y.jpg"]},
+                     "samples": 1200}}
+    shards = [f"{dest}/train/0000{i}.tar" for i in range(3)] + [f"{out}/other/00000.tar"]
+    left_out = LeftOut(staged, shards)
+    assert left_out.counts() == {"bad": {}, "bad_examples": {}}
+    left_out.add(shards[3], 500)  # not a staged source's shard
+    left_out.add(shards[0], 400)
+    assert left_out.counts() == {"bad": {"corrupt_image": 2}, "bad_examples": {"corrupt_image": ["x.jpg"]}}
+    left_out.add(shards[1], 400)
+    left_out.add(shards[2], 400)
+    assert left_out.counts()["bad"] == {"corrupt_image": 6, "missing_caption": 1}
+    # A rerun that finds two of the three outputs written reads the last third.
+    rerun = LeftOut(staged, shards[2:3])
+    rerun.add(shards[2], 400)
+    assert rerun.counts()["bad"] == {"corrupt_image": 2}

@@ -348,20 +348,21 @@ def test_cli_prepares_a_folder_and_reports_bad_input(folder, tmp_path, capsys, c
 
 
 def test_images_whose_names_differ_only_in_case_are_two_samples(tmp_path):
-    """a.jpg and a.JPG (a case-sensitive file system holds both) are two images sharing a.txt; neither is lost."""
+    """a.jpg and a.JPG (a case-sensitive file system holds both) are two images, each with the caption file whose
+    extension has its case; neither is lost. b.PNG with only b.txt takes that."""
     src = tmp_path / "cased"
     src.mkdir()
     (src / "a.jpg").write_bytes(image_bytes(1, "JPEG"))
     (src / "a.JPG").write_bytes(image_bytes(2, "JPEG"))
     (src / "a.txt").write_text("first caption")
     (src / "a.TXT").write_text("second caption")
-    (src / "b.png").write_bytes(image_bytes(3, "PNG"))
+    (src / "b.PNG").write_bytes(image_bytes(3, "PNG"))
     (src / "b.txt").write_text("a third")
     summary = prepare_ingest(str(src), str(tmp_path / "out"), val_samples=0)
     assert (summary["train_samples"], summary["bad"]) == (3, {})
     samples = read_samples(tmp_path / "out", "train")
     assert sorted((s["meta"]["source"].rsplit("/", 1)[1], s["caption"]) for s in samples) == [
-        ("a.JPG", "first caption"), ("a.jpg", "first caption"), ("b.png", "a third")]
+        ("a.JPG", "second caption"), ("a.jpg", "first caption"), ("b.PNG", "a third")]
     assert {s["image"] for s in samples} == {image_bytes(i, f) for i, f in ((1, "JPEG"), (2, "JPEG"), (3, "PNG"))}
 
 
@@ -381,3 +382,15 @@ def test_an_image_listed_with_several_captions_stays_in_one_split(tmp_path):
         train = {s["meta"]["source"] for s in read_samples(dest, "train")}
         assert len(val) == 1 and not val & train and len(train) == 5
         assert (summary["val_samples"], summary["train_samples"]) == (5, 25)
+
+
+def test_validation_that_takes_every_image_says_so(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    rows = ["image,caption"]
+    for i in range(2):
+        (tmp_path / "imgs" / f"{i}.png").write_bytes(image_bytes(i, "PNG"))
+        rows += [f"imgs/{i}.png,caption {c} of image {i}" for c in range(5)]
+    (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"no usable training samples .*validation took 10 samples \(whole images, "
+                                         r"with every row that lists them\): lower --val-samples"):
+        prepare_ingest(str(tmp_path / "captions.csv"), str(tmp_path / "out"), val_samples=6)
