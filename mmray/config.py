@@ -256,6 +256,9 @@ class BudgetConfig:
                      "table (cluster/prices.yaml); empty means $MMRAY_PRICES, else the packaged table alone.")
     teardown_s: float = _f(30.0, "Seconds the budget guard reserves for stopping after the final checkpoint (reporting, "
                            "shutting workers down), paid at the current burn rate.", min=0.0)
+    checkpoint_s: float = _f(30.0, "Seconds the budget guard assumes a checkpoint takes until it has timed one (the "
+                             "stop it keeps in reserve before the first checkpoint, and at the start of a run); "
+                             "set it to what this model's checkpoints take on this storage.", min=0.0)
     meter_interval_s: float = _f(30.0, "Seconds between the cost meter's samples of the cluster's nodes (it also "
                                  "samples at every checkpoint); a node is charged until the first sample that finds "
                                  "it gone. A killed driver's run loses from cost.json the spend since its last "

@@ -70,7 +70,8 @@ class _Budget:
         from mmray.cost.budget import BudgetGuard
 
         self.meter, self.rank = meter, rank
-        self.guard = BudgetGuard(cfg.budget.usd, teardown_s=cfg.budget.teardown_s)
+        self.guard = BudgetGuard(cfg.budget.usd, teardown_s=cfg.budget.teardown_s,
+                                 checkpoint_s_guess=cfg.budget.checkpoint_s)
         self.mark_steps, self.mark_t = None, time.perf_counter()
         self.decision: dict = {}
 
