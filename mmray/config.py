@@ -282,20 +282,22 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def _digest(self, sections: tuple[str, ...], train_keys: tuple[str, ...]) -> str:
+        """A short hash of the config without the ``sections`` and the ``train_keys`` of its train section."""
+        d = {s: v for s, v in self.to_dict().items() if s not in sections}
+        d["train"] = {k: v for k, v in d["train"].items() if k not in train_keys}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+
+    # Never in the fingerprint: where a run is stored and what it may cost (a new cap resumes the same run), and
+    # train keys that change how, not what, is trained (activation checkpointing: the gradients are the same).
+    _UNTRAINED = ("log_every", "checkpoint_every", "max_failures", "max_preemption_failures", "collective_timeout_s",
+                  "activation_checkpointing")
+
     def fingerprint(self) -> str:
         """A short hash of everything that changes what is trained (not where it is stored or logged, nor on which
-        resources or how it is evaluated)."""
-        d = self.to_dict()
-        d.pop("run")
-        d.pop("budget")  # what a run may cost does not change what it trains: a new cap resumes the same run
-        d.pop("eval")    # nor does how it is evaluated
-        for k in ("log_every", "checkpoint_every", "max_failures", "max_preemption_failures", "collective_timeout_s",
-                  "activation_checkpointing",  # changes how, not what: the gradients are the same
-                  # the resources: a run resumes on another worker count (after spot capacity shrank, say); not
-                  # train.use_gpu, which decides the numerics of precision=auto (bf16 on GPUs, fp32 on CPUs)
-                  "num_workers", "cpus_per_worker"):
-            d["train"].pop(k)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+        resources or how it is evaluated). The resources: a run resumes on another worker count (after spot
+        capacity shrank, say); train.use_gpu stays, since it decides the numerics of precision=auto."""
+        return self._digest(("run", "budget", "eval"), self._UNTRAINED + ("num_workers", "cpus_per_worker"))
 
     @property
     def run_name(self) -> str:
@@ -307,14 +309,7 @@ class Config:
         checkpoints and its spend, instead of started again ("" when run.name is set)."""
         if self.run.name:
             return ""
-        d = self.to_dict()
-        d.pop("run")
-        d.pop("budget")
-        for k in ("log_every", "checkpoint_every", "max_failures", "max_preemption_failures", "collective_timeout_s",
-                  "activation_checkpointing"):
-            d["train"].pop(k)
-        digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
-        return f"{self.model.preset}-{self.model.fusion}-{digest}"
+        return f"{self.model.preset}-{self.model.fusion}-{self._digest(('run', 'budget'), self._UNTRAINED)}"
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig,

@@ -74,6 +74,12 @@ class BudgetGuard:
     has been timed, the stop reserve uses ``checkpoint_s_guess``.
     """
 
+    @classmethod
+    def for_budget(cls, budget) -> "BudgetGuard":
+        """The guard for a config's budget section (mmray.config.BudgetConfig): its cap, teardown and checkpoint
+        guess; the training loop and the start-of-run check use the same one."""
+        return cls(budget.usd, teardown_s=budget.teardown_s, checkpoint_s_guess=budget.checkpoint_s)
+
     def __init__(self, budget_usd: float, *, safety: float = DEFAULT_SAFETY, teardown_s: float = DEFAULT_TEARDOWN_S,
                  window: int = DEFAULT_WINDOW, checkpoint_s_guess: float = DEFAULT_CHECKPOINT_GUESS_S):
         if safety < 1:

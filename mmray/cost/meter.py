@@ -257,8 +257,7 @@ class CostMeter:
             self._thread.join(timeout=self.interval_s + 5)
             self._thread = None
         with self._lock:
-            if not self._stopped:
-                self.sample()
+            self.sample()
             self._stopped = True
             self._persist()
             return self.status()
@@ -370,6 +369,7 @@ def report(run_dir: str, now: float | None = None) -> dict:
     age = max(0.0, now - (state["updated_at"] or now))
     stopped = bool(state.get("stopped"))
     running_for = 0.0 if stopped else age
+    alive = sum(1 for n in state["nodes"].values() if n["alive"])  # at the last sample (the stop's, if stopped)
     out = {"run_dir": run_dir, "spent_usd": state["spent_usd"],
            "burn_usd_per_hour": 0.0 if stopped else state["burn_usd_per_hour"],
            "last_burn_usd_per_hour": state["burn_usd_per_hour"],
@@ -377,8 +377,7 @@ def report(run_dir: str, now: float | None = None) -> dict:
            "stopped": stopped,
            "budget_usd": state["budget_usd"], "updated_at": state["updated_at"], "age_s": age,
            "started_at": state["started_at"], "restarts": state["restarts"],
-           "nodes_alive": 0 if stopped else sum(1 for n in state["nodes"].values() if n["alive"]),
-           "nodes_at_stop": sum(1 for n in state["nodes"].values() if n["alive"]) if stopped else None,
+           "nodes_alive": 0 if stopped else alive, "nodes_at_stop": alive if stopped else None,
            "nodes_seen": len(state["nodes"]), "unpriced": state["unpriced"], "prices": state["prices"],
            "progress": state["progress"], "preemptions": state.get("preemptions", []), "forecast": None}
     p = state["progress"]

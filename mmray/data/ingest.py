@@ -287,15 +287,17 @@ def check_image(data: bytes) -> tuple[int, int]:
     return width, height
 
 
+FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # Pillow's format names -> IMAGE_EXTENSIONS
+
+
 def sniff_extension(data: bytes) -> str:
-    """The IMAGE_EXTENSIONS entry for encoded image bytes, from their signature; "" for anything else."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return ""
+    """The IMAGE_EXTENSIONS entry for encoded image bytes, as Pillow identifies them (the header only); "" for
+    anything else."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return FORMAT_EXTENSIONS.get(img.format, "")
+    except Exception:  # PIL raises UnidentifiedImageError and others for what is not an image it knows
+        return ""
 
 
 def load(candidate: Candidate) -> Loaded | str:

@@ -136,12 +136,16 @@ def check_spec(spec: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------ storage
 
 
+def _file_type(path: str):
+    fs, inner = storage.resolve(path)
+    return fs.get_file_info(inner).type
+
+
 def is_dir(path: str) -> bool:
     """True for a local directory or a non-empty S3 prefix."""
     import pyarrow.fs as pafs
 
-    fs, inner = storage.resolve(path)
-    return fs.get_file_info(inner).type == pafs.FileType.Directory
+    return _file_type(path) == pafs.FileType.Directory
 
 
 def list_shards(directory: str) -> list[str]:
@@ -164,8 +168,7 @@ def image_files(directory: str, recursive: bool = False) -> list[str]:
 def is_file(path: str) -> bool:
     import pyarrow.fs as pafs
 
-    fs, inner = storage.resolve(path)
-    return fs.get_file_info(inner).type == pafs.FileType.File
+    return _file_type(path) == pafs.FileType.File
 
 
 def not_a_shard(path: str) -> storage.StorageError:

@@ -31,7 +31,7 @@ from mmray import storage
 from mmray.data.inspect import find_shards
 from mmray.data.pipeline import Preprocess, decode_meta
 from mmray.data.reader import RAW_SCHEMA, ShardDatasource
-from mmray.data.sources import SHARD_SUFFIXES, image_files
+from mmray.data.sources import SHARD_SUFFIXES, image_files, is_dir
 
 END_OF_SHARD = "end_of_shard"
 
@@ -49,7 +49,7 @@ def _needs_staging(src: str) -> bool:
     """A folder of images with captions, or a .csv / .jsonl index, rather than shards or a prepared data set."""
     if src.endswith(SHARD_SUFFIXES):
         return False
-    if not _is_dir(src):
+    if not is_dir(src):
         return src.lower().endswith((".csv", ".jsonl"))
     try:
         find_shards(src)
@@ -194,7 +194,7 @@ a rerun from another directory finds the same shards.
     """
     found: list[tuple[str, str]] = []
     for src in srcs:
-        if src.endswith(SHARD_SUFFIXES) and not _is_dir(src):
+        if src.endswith(SHARD_SUFFIXES) and not is_dir(src):
             if not storage.exists(src):
                 raise storage.StorageError(f"shard does not exist: {src}")
             path = src if storage.is_s3(src) else storage.resolve(src)[1]  # local: absolute, as find_shards gives
@@ -210,13 +210,6 @@ a rerun from another directory finds the same shards.
                                        "embed or generate them into separate outputs")
         names[name] = path
     return list(dict.fromkeys(found))
-
-
-def _is_dir(path: str) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, inner = storage.resolve(path)
-    return fs.get_file_info(inner).type == pafs.FileType.Directory
 
 
 def _end_row(path: str, rows: int) -> pa.Table:

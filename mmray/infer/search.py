@@ -85,8 +85,9 @@ def search_vector(out: str, query: np.ndarray, against: str, k: int = 5, unique_
                               "embed the query with the export that wrote OUT")
         scores = emb @ q / np.maximum(np.linalg.norm(emb, axis=1), 1e-12)           # (n,) cosines
         cols = {name: meta.column(name).to_pylist() for name in meta.schema.names}
+        sources = cols.get("source") or [""] * len(scores)  # outputs written before the column existed
         best += [{"key": cols["key"][i], "caption": cols["caption"][i], "score": float(scores[i]),
-                  "shard": cols["shard"][i], "source": (cols.get("source") or [""] * len(scores))[i]}
+                  "shard": cols["shard"][i], "source": sources[i]}
                  for i in _top(scores, cols["caption"], k, unique_captions)]
         merged = np.array([h["score"] for h in best], np.float32)
         best = [best[i] for i in _top(merged, [h["caption"] for h in best], k, unique_captions)]

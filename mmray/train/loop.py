@@ -70,8 +70,7 @@ class _Budget:
         from mmray.cost.budget import BudgetGuard
 
         self.meter, self.rank = meter, rank
-        self.guard = BudgetGuard(cfg.budget.usd, teardown_s=cfg.budget.teardown_s,
-                                 checkpoint_s_guess=cfg.budget.checkpoint_s)
+        self.guard = BudgetGuard.for_budget(cfg.budget)
         self.mark_steps, self.mark_t = None, time.perf_counter()
         self.decision: dict = {}
 

@@ -361,8 +361,7 @@ def check_budget_pays_a_stop(cfg: Config, meter) -> None:
     if not cfg.budget.usd:
         return
     spent, burn = ray.get([meter.spent_usd.remote(), meter.burn_usd_per_hour.remote()])
-    reserve_s = BudgetGuard(cfg.budget.usd, teardown_s=cfg.budget.teardown_s,
-                            checkpoint_s_guess=cfg.budget.checkpoint_s).reserve_s
+    reserve_s = BudgetGuard.for_budget(cfg.budget).reserve_s
     decision = decide(spent, burn, 0.0, cfg.budget.usd, reserve_s)
     if decision.stop:
         raise ConfigError(f"run {cfg.run_name} has ${cfg.budget.usd - spent:.4f} of its budget.usd=${cfg.budget.usd:g} "
