@@ -6,6 +6,7 @@ with the data set (``DEST/tokenizer.json``) so that training and evaluation alwa
 """
 from __future__ import annotations
 
+import json
 import math
 import string
 from collections.abc import Iterable, Sequence
@@ -19,6 +20,7 @@ PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)  # in id order: [PAD] is 0
 BASE_ALPHABET = string.ascii_lowercase + string.digits + string.punctuation
 MIN_VOCAB_SIZE = 128  # the base alphabet, the special tokens and room for merges
+BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))  # byte fallback for text beyond ASCII (SentencePiece's names)
 # Pad token names used by common tokenizer families, in the order pad_id looks for them.
 PAD_CANDIDATES = ("[PAD]", "<pad>", "<|pad|>", "<|endoftext|>")
 
@@ -53,7 +55,7 @@ def sample_texts(caption: str, meta: dict) -> list[str]:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Tokenizer:
-    """Train a lowercase BPE tokenizer that wraps every text as ``[BOS] ... [EOS]``.
+    """Train a lowercase BPE tokenizer that wraps every text as ``[BOS] ... [EOS]``, with at most ``vocab_size`` ids.
 
     Why this recipe: Hugging Face's BPE trainer is deterministic (its WordPiece and Unigram trainers are not, and
     neither is BPE with a continuing-subword prefix), so the same captions always give the same tokenizer.json.
@@ -61,22 +63,52 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Tokenizer:
     the normalized text exactly, punctuation spacing included; punctuation is split off so ``circle?`` reuses
     ``▁circle``. Lowercase ASCII letters, digits and punctuation are always in the alphabet, so English text never
     meets [UNK]. ``vocab_size`` is an upper bound: a small vocabulary stops growing once every word is one token.
+
+    Text beyond ASCII (accents, Cyrillic, CJK, emoji): the tokenizer gets the 256 byte tokens ``<0x00>``..``<0xFF>``
+    (SentencePiece's byte fallback, as in Llama), and a character outside the learned alphabet, seen in training or
+    not, is encoded as its UTF-8 bytes instead of [UNK], and decodes back to itself. The byte tokens count against
+    ``vocab_size`` (from :data:`MIN_VOCAB_SIZE` + 256 = 384 on; below that there are none). Characters compete for
+    the rest: the most frequent ones get their own token (``limit_alphabet``), so a script with thousands of
+    characters cannot grow the vocabulary past ``vocab_size``. A tokenizer trained on ASCII text alone has no byte
+    tokens (it stays as small as the captions need), and maps any other character to [UNK].
     """
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE}, got {vocab_size}")
+    texts = texts if isinstance(texts, list) else list(texts)
+    byte_fallback = vocab_size >= MIN_VOCAB_SIZE + len(BYTE_TOKENS) and not all(text.isascii() for text in texts)
+    learned = vocab_size - (len(BYTE_TOKENS) if byte_fallback else 0)
     tokenizer = Tokenizer(models.BPE(unk_token=UNK))
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()])
     tokenizer.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=list(BASE_ALPHABET), show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=learned, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=list(BASE_ALPHABET), show_progress=False,
+                                  limit_alphabet=learned - len(SPECIAL_TOKENS))
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    if byte_fallback:
+        tokenizer = _with_byte_fallback(tokenizer)
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}",
         pair=f"{BOS} $A {EOS} $B {EOS}",
         special_tokens=[(BOS, tokenizer.token_to_id(BOS)), (EOS, tokenizer.token_to_id(EOS))],
     )
     return tokenizer
+
+
+def _with_byte_fallback(tokenizer: Tokenizer) -> Tokenizer:
+    """``tokenizer`` with the 256 byte tokens appended to its BPE vocabulary (the trained ids keep their values),
+    ``byte_fallback`` on, and a decoder that turns runs of byte tokens back into their characters."""
+    spec = json.loads(tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    next_id = max(vocab.values()) + 1
+    for token in BYTE_TOKENS:
+        if token not in vocab:
+            vocab[token] = next_id
+            next_id += 1
+    spec["model"]["byte_fallback"] = True
+    out = Tokenizer.from_str(json.dumps(spec))
+    out.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    return out
 
 
 class TextTokenizer:

@@ -54,6 +54,38 @@ def test_unseen_english_text_needs_no_unk(tok):
     assert tok.decode(ids) == text
 
 
+# Captions in a script with thousands of characters, some of them rare: the data a CJK user brings.
+CJK = ["一只红色的圆形在蓝色的方形左边", "黄色的三角形", "紫色的菱形和橙色的十字", "a red circle 在左边"] * 40 + \
+    [chr(0x4E00 + i) * 2 for i in range(700)]
+
+
+@pytest.mark.parametrize("vocab_size", [384, 512, 1024])
+def test_text_beyond_ascii_stays_within_the_vocab_size_and_never_meets_unk(vocab_size):
+    """Before: every character seen was kept (692 ids for vocab_size=256) and unseen ones became [UNK]. Now the rarest
+    characters, and characters never seen, are encoded as their UTF-8 bytes and decode back to themselves."""
+    tok = TextTokenizer(train_tokenizer(CJK, vocab_size=vocab_size))
+    assert tok.vocab_size == vocab_size
+    assert tok.tokenizer.token_to_id("<0xE4>") is not None and tok.tokenizer.token_to_id("[UNK]") == 1
+    texts = ["一只红色的圆形", "unseen: 丂丂 鿋 𝄞 🙂 ü é ß", "a red circle left of 中"]
+    ids = tok.encode_batch(texts, max_len=64)
+    assert not (ids == 1).any()
+    assert [tok.decode(row) for row in ids] == texts
+    # The frequent characters keep tokens of their own; a rare one costs its three bytes.
+    assert not any(t.startswith("<0x") for t in tok.tokenizer.encode("黄色的三角形").tokens)
+    assert tok.tokenizer.encode("鿋").tokens[-4:-1] == ["<0xE9>", "<0xBF>", "<0x8B>"]
+
+
+def test_a_small_vocabulary_for_text_beyond_ascii_has_no_byte_tokens_but_keeps_its_size():
+    """Below 384 ids the 256 byte tokens do not fit: the most frequent characters are kept, the rest become [UNK]."""
+    tok = TextTokenizer(train_tokenizer(CJK, vocab_size=200))
+    assert tok.vocab_size == 200 and tok.tokenizer.token_to_id("<0xE4>") is None
+    assert tok.decode(tok.encode_batch(["黄色的三角形"], 16)[0]) == "黄色的三角形"
+
+
+def test_ascii_captions_get_no_byte_tokens(tok):
+    assert tok.tokenizer.token_to_id("<0x41>") is None and tok.vocab_size < 256
+
+
 def test_encode_wraps_in_bos_eos_and_pads_right(tok):
     ids = tok.encode_batch(["a large red circle", "A LARGE RED CIRCLE"], max_len=10)
     assert ids.shape == (2, 10) and ids.dtype == np.int64
