@@ -31,7 +31,7 @@ from mmray.losses import caption_loss
 
 # Shapes question types that need cross-modal binding: which colour the named shape has, which shape has the named
 # colour, and whether one named object is left of another. ``count`` needs no binding.
-COMPOSITIONAL = ("colour", "shape", "position")
+COMPOSITIONAL = ("colour", "shape", "position", "size")
 
 
 def _tensor(batch: dict, key: str, device: torch.device) -> torch.Tensor:

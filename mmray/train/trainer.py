@@ -17,9 +17,13 @@ log = logging.getLogger("mmray")
 
 
 def synthetic_dir(cfg: Config) -> str:
-    """Where the embedded synthetic set for this config is cached; its name encodes everything that shapes it."""
+    """Where the embedded synthetic set for this config is cached; its name encodes everything that shapes it,
+    the generator's version (:data:`mmray.data.shapes.VERSION`) included, so a set an older generator wrote is not
+    reused."""
+    from mmray.data.shapes import VERSION
+
     d = cfg.data
-    name = f"shapes-n{d.synthetic_samples}-val{d.synthetic_val_samples}-seed{d.synthetic_seed}"
+    name = f"shapes-v{VERSION}-n{d.synthetic_samples}-val{d.synthetic_val_samples}-seed{d.synthetic_seed}"
     return storage.join(d.cache_dir, name)
 
 

@@ -50,7 +50,7 @@ def _model(cfg, tokenizer):
 def test_every_sample_gets_its_question_and_label(data):
     tokenizer, batch = data
     assert all(q and a for q, a in zip(batch["question"], batch["answer"]))  # every shapes scene has QA pairs
-    assert {t for t in batch["qa_type"]} <= {"count", "colour", "shape", "position"}
+    assert {t for t in batch["qa_type"]} <= {"count", "colour", "shape", "position", "size"}
     bos, eos = special_ids(tokenizer)
     assert (batch["answer_ids"][:, 0] == bos).all() and (batch["question_ids"][:, 0] == bos).all()
     one_object = [i for i, c in enumerate(batch["caption"]) if " left of " not in c and " and " not in c]

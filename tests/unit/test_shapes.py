@@ -101,7 +101,11 @@ def _check_answer(qa: dict, objects: list[dict]) -> None:
     elif qa["type"] == "shape":
         colour = re.fullmatch(r"what shape is the (\w+) object\?", q).group(1)
         assert [o["shape"] for o in objects if o["colour"] == colour] == [a]
+    elif qa["type"] == "size":
+        size = re.fullmatch(r"what colour is the (\w+) shape\?", q).group(1)
+        assert len(objects) > 1 and [o["colour"] for o in objects if o["size"] == size] == [a]
     else:
+        assert qa["type"] == "position"
         first, second = re.fullmatch(r"is the (\w+ \w+) left of the (\w+ \w+)\?", q).groups()
         names = [f"{o['colour']} {o['shape']}" for o in objects]
         assert names.count(first) == 1 and names.count(second) == 1
@@ -117,6 +121,11 @@ def test_qa_answers_agree_with_objects(many):
 
 def test_qa_covers_every_type_and_both_yes_and_no(many):
     qa = [qa for s in many for qa in s.qa]
-    assert {q["type"] for q in qa} == {"count", "colour", "shape", "position"}
+    assert {q["type"] for q in qa} == {"count", "colour", "shape", "position", "size"}
+    # A size question wherever a size is unique in a scene of two or more, and never in a scene of one.
+    for s in many:
+        sizes = [o["size"] for o in s.objects]
+        unique = sorted(o["colour"] for o in s.objects if len(s.objects) > 1 and sizes.count(o["size"]) == 1)
+        assert sorted(q["answer"] for q in s.qa if q["type"] == "size") == unique
     assert {q["answer"] for q in qa if q["type"] == "position"} == {"yes", "no"}
     assert all(sum(q["type"] == "count" for q in s.qa) == 1 for s in many)
