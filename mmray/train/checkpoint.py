@@ -28,6 +28,7 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,6 +193,31 @@ def latest_complete(run_dir: str, fs: pafs.FileSystem | None = None, skip: tuple
             if rejected is not None:
                 rejected.append(f"{name}: {e}")
     return None
+
+
+def prune_unmanaged(run_dir: str, kept: Iterable[str], keep_last: int, log=log_line) -> list[str]:
+    """Delete the checkpoint directories of ``run_dir`` that run.keep_last no longer covers and that Ray Train will
+    never delete, and return their names.
+
+    ``kept`` names the checkpoints Ray Train retains at the end of a run (``Result.best_checkpoints``). It deletes
+    the older ones it knows, but not those it never learnt of: a checkpoint whose upload a killed driver interrupted
+    (partial, refused at the restore), one that was complete but came after Ray Train's last record of its
+    checkpoints, or the checkpoints of an earlier start that ended in an error. Without this, each restart that
+    catches a driver there leaves one behind for good, a model's size of storage every time. What goes: every
+    ``checkpoint_*`` directory beyond the newest ``keep_last`` in the directory, unless Ray Train keeps it. Never a
+    kept one, never ``best/`` or any other name."""
+    fs, inner = storage.resolve(run_dir)
+    kept = set(kept)
+    if not kept:
+        return []
+    gone = [n for n in list_checkpoints(inner, fs)[keep_last:] if n not in kept]
+    for name in gone:
+        fs.delete_dir(f"{inner.rstrip('/')}/{name}")
+    if gone:
+        log(f"deleted {len(gone)} checkpoint(s) that an interrupted start of this run left and that Ray Train "
+            f"does not manage, beyond the newest run.keep_last={keep_last}: "
+            f"{', '.join(sorted(gone, key=checkpoint_order))}")
+    return gone
 
 
 def unique_name(step: int, taken: set[str], tag: str, always: bool = False) -> str:

@@ -383,6 +383,7 @@ def train(cfg: Config, callbacks: Sequence = (), before_fit: Callable[[object], 
 
     from mmray.data import sources
     from mmray.data.pipeline import RunData, quality_snapshot
+    from mmray.train.checkpoint import prune_unmanaged
 
     from mmray.cost import meter as cost_meter
     from mmray.cost import prices as cost_prices
@@ -426,6 +427,9 @@ def train(cfg: Config, callbacks: Sequence = (), before_fit: Callable[[object], 
             cost = ray.get(meter.stop.remote())  # a clean end, saved; the next start of this run continues from it
             ray.kill(meter)
         data_quality = quality_snapshot(quality)
+        # Checkpoints that an interrupted earlier start left outside Ray Train's knowledge, which it never deletes.
+        prune_unmanaged(run_dir, [os.path.basename(c.path) for c, _ in result.best_checkpoints or ()],
+                        cfg.run.keep_last)
     finally:
         if ray_mode != "in-process":  # flushes forwarded worker logs before the caller prints its summary
             ray.shutdown()

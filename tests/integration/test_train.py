@@ -46,8 +46,14 @@ def test_rerun_resumes_from_latest_checkpoint_on_s3(ray_session, s3_bucket):
     cost = json.loads(s3.get_object(Bucket=s3_bucket, Key="runs/resume/cost.json")["Body"].read())
     assert len(cost["series"]) >= 4, cost["series"]
 
+    # What a driver killed while uploading a checkpoint leaves: part of a checkpoint that Ray Train never registered
+    # (it never deletes those). The rerun resumes from step 4, and removes it once its own checkpoints are kept.
+    s3.put_object(Bucket=s3_bucket, Key="runs/resume/checkpoint_00000003/ds/mp_rank_00_model_states.pt", Body=b"x")
+
     longer = train(_cfg(data, runs, "run.name=resume", "train.max_steps=6"))
     assert longer["metrics"]["resumed_from_step"] == 4
+    left = {o["Key"].split("/")[2] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="runs/resume/")["Contents"]}
+    assert {n for n in left if n.startswith("checkpoint_0")} == {"checkpoint_00000004", "checkpoint_00000006"}
     assert longer["steps"] == 6
     assert longer["samples_seen"] == 6 * GLOBAL
     assert longer["checkpoint"].endswith("checkpoint_00000006")
