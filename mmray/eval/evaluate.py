@@ -30,7 +30,8 @@ from mmray.eval.retrieval import retrieval_metrics
 from mmray.losses import caption_loss
 
 # Shapes question types that need cross-modal binding: which colour the named shape has, which shape has the named
-# colour, and whether one named object is left of another. ``count`` needs no binding.
+# colour, whether one named object is left of another, and which colour the object named by its size has.
+# ``count`` needs no binding.
 COMPOSITIONAL = ("colour", "shape", "position", "size")
 
 

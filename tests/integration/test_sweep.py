@@ -25,6 +25,8 @@ from mmray import cli, config
 from mmray.sweep import commands, spec as spec_lib
 from mmray.sweep.runner import run_sweep
 
+from sweep_results import results_rows
+
 GRID = ["hierarchical", "early", "late"]  # after the points: the failing one and attention (see the docstring)
 BASE_LR, POINT_LR = 1e-4, 5e-3
 MAX_STEPS = 4
@@ -108,7 +110,7 @@ def test_sweep_under_asha_and_budget_survives_an_interruption(ray_session, sweep
     assert {p: p.stat().st_mtime_ns for t in finished for p in (runs / t).rglob("*")} == run_files
 
     # Every trial is in the results: the four strategies and the failing point, recorded with its error.
-    rows = {r["trial_id"]: r for r in summary_rows(sweep)}
+    rows = {r["trial_id"]: r for r in results_rows(sweep)}
     assert summary["trials"] == 5 and len(rows) == 5
     assert sorted(r["model.fusion"] for r in rows.values()) == sorted(GRID + ["attention", "late"])
     failed = [r for r in rows.values() if r["status"] == "ERROR"]
@@ -146,13 +148,6 @@ def test_sweep_under_asha_and_budget_survives_an_interruption(ray_session, sweep
     assert (best.model.fusion, best.train.lr) == ("attention", POINT_LR)
     assert best.data.source == sweep.config.data.source and best.run.name == ""
     assert summary["best_metric"] == pytest.approx(float(rows[finished[0]]["val_caption_loss"]))
-
-
-def summary_rows(spec) -> list[dict]:
-    import csv
-
-    with open(Path(spec.sweep_dir) / "results.csv") as f:
-        return list(csv.DictReader(f))
 
 
 def test_cli_rejects_a_bad_sweep_before_ray_starts(tmp_path, capsys):

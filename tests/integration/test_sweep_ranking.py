@@ -25,6 +25,8 @@ from mmray.data.shapes import generate_sample
 from mmray.sweep import spec as spec_lib
 from mmray.sweep.runner import run_sweep
 
+from sweep_results import results_rows
+
 IMAGES, VAL = 4512, 320
 STEPS = 300
 MARGIN = 0.08  # in-process the gap was 0.10-0.22; one standard error of 320 questions is about 0.025
@@ -76,10 +78,7 @@ def test_sweep_ranks_cross_modal_fusion_above_late_on_compositional_questions(ra
     summary = run_sweep(sweep)
     assert summary["trials"] == 2 and summary["errored"] == 0 and summary["stopped_early"] == 0
 
-    import csv
-
-    with open(summary["outputs"]["results_csv"]) as f:
-        rows = {r["model.fusion"]: r for r in csv.DictReader(f)}
+    rows = {r["model.fusion"]: r for r in results_rows(sweep)}
     assert set(rows) == {"late", "hierarchical"} and all(r["steps"] == str(STEPS) for r in rows.values())
     late, cross = (float(rows[f]["val_vqa_acc_compositional"]) for f in ("late", "hierarchical"))
     assert cross >= late + MARGIN, rows

@@ -66,24 +66,27 @@ def test_rerun_resumes_from_latest_checkpoint_on_s3(ray_session, s3_bucket):
         assert again["metrics"][key] == pytest.approx(longer["metrics"][key])
 
 
-# Each strategy at another ZeRO stage, with DeepSpeed's options on (tests/integration/test_deepspeed_options.py covers
-# each combination against ZeRO-0's losses, cheaper); gradient accumulation feeds DeepSpeed's batch arithmetic.
+# Two strategies through Ray Train, at the ZeRO stages the other runs of the suite do not train at (they default to
+# ZeRO-1; test_checkpoint.py's run is ZeRO-2 without DeepSpeed's options, test_exact_resume.py's ZeRO-0), with
+# DeepSpeed's options on, and between them both kinds of held-out metrics: retrieval from a contrastive strategy,
+# image-text matching from a fusing one. Gradient accumulation feeds DeepSpeed's batch arithmetic.
+# Every strategy against ZeRO-0's losses under ZeRO-3, and every combination of stage and options, train in
+# tests/integration/test_deepspeed_options.py (cheaper: no Ray); the sweeps train every strategy through Ray Train.
 FUSION_RUNS = [  # (fusion, ZeRO stage, gradient accumulation, DeepSpeed options)
     ("attention", 3, 1, ["train.offload_optimizer=cpu", "train.offload_param=cpu"]),
     ("late", 2, 2, ["train.offload_optimizer=cpu", "train.activation_checkpointing=true"]),
-    ("early", 1, 1, []),
-    ("hierarchical", 0, 1, ["train.activation_checkpointing=true"]),
 ]
 
 
-def test_the_runs_cover_every_strategy_and_stage():
-    assert sorted(r[0] for r in FUSION_RUNS) == sorted(FUSIONS) and sorted(r[1] for r in FUSION_RUNS) == [0, 1, 2, 3]
+def test_the_runs_cover_both_kinds_of_held_out_metrics():
+    provides = [FUSIONS[r[0]].provides for r in FUSION_RUNS]
+    assert any("image_embeds" in p for p in provides) and any("itm_logits" in p for p in provides)
 
 
 @pytest.mark.parametrize("fusion, stage, accum, deepspeed", FUSION_RUNS, ids=[r[0] for r in FUSION_RUNS])
-def test_every_fusion_strategy_trains_under_deepspeed(ray_session, tiny_dataset, tmp_path, fusion, stage, accum,
-                                                      deepspeed):
-    """A 2-worker DeepSpeed run of each registered strategy with a decoder trained on captions and VQA, evaluated
+def test_fusion_strategies_train_under_deepspeed(ray_session, tiny_dataset, tmp_path, fusion, stage, accum,
+                                                 deepspeed):
+    """A 2-worker DeepSpeed run of a strategy with a decoder trained on captions and VQA, evaluated
     at the end (the ZeRO-3 run also at step 1, eval.every, between training steps): the held-out metrics are those
     the strategy provides (ZeRO-3 generates with its partitioned parameters gathered). The final checkpoint holds
     every rank's shards, the state, the data position and the config, and loads with weights_only=True."""
