@@ -4,7 +4,8 @@ from __future__ import annotations
 import time
 
 from mmray import storage
-from mmray.data.pipeline import DataQuality, Preprocess, block_rows, quality_snapshot, ray_running, read_raw
+from mmray.data.pipeline import (DataQuality, Preprocess, block_rows, preprocessed, quality_snapshot, ray_running,
+                                 read_raw)
 from mmray.data.sources import count_samples, inspect_shards, total_samples
 
 
@@ -35,8 +36,7 @@ def inspect(src: str, image_size: int = 64, progress=None, allow_missing: bool =
         quality = ray.remote(DataQuality).options(num_cpus=0).remote()
         t0 = time.perf_counter()
         options = {**(reader or {}), "rows_per_block": block_rows(image_size)}  # for the size decoded here
-        ds = read_raw(paths, **options).map_batches(Preprocess(None, image_size, 0, quality),
-                                                    batch_size=None, batch_format="numpy")
+        ds = preprocessed(read_raw(paths, **options), Preprocess(None, image_size, 0, quality))
         seen = 0
         for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
             seen += len(batch["key"])

@@ -481,9 +481,9 @@ def read_raw(paths: list[str], shuffle_seed: int | None = None, weights: dict[st
     if weights and any(w != 1 for w in weights.values()):
         by_shard = {storage.resolve(p)[1]: w for p, w in weights.items()}  # as the reader's ``shard`` column names it
         resample = Resample(by_shard, mix_seed)
-    # One read task per file, its blocks not re-split: Ray Data then fuses the read with a following map_batches
-    # whose batch_size is None (read_split's Preprocess) into one task per file, ~25% less CPU a sample than
-    # passing the raw bytes through the object store to separate decode tasks (bench/data_throughput.py).
+    # One read task per file: Ray Data fuses the read with the following map_batches (Preprocess, see
+    # preprocessed()) into one task per file, ~25% less CPU a sample than passing the raw bytes through the object
+    # store to separate decode tasks (bench/data_throughput.py).
     if position is not None:
         return ray.data.read_datasource(PositionedShardDatasource(
             resolved, seed=shuffle_seed or 0, position=position, resample=resample, window=shuffle_window,
@@ -502,16 +502,58 @@ BLOCK_PIXEL_BYTES = 24 << 20
 
 
 def block_rows(image_size: int) -> int:
-    """Samples per block for images of side ``image_size``: 256, halved until a block's pixels fit in 24 MiB (128
-    at 224 px). Larger blocks pass glibc malloc's largest mmap threshold (32 MiB), so every one is mapped and
-    zero-filled afresh instead of reusing freed heap memory. At 224 px (512 px JPEG sources), 128-row blocks took
-    2.69 ms of CPU a sample through Ray Data against 2.86 ms for 256-row ones (medians of 6 runs each; 2.26 against
-    2.50 ms in one process). A power of two, so that micro-batches of the usual sizes slice blocks without
-    copying."""
+    """Samples per block the shard reader emits, for images of side ``image_size``: 256, halved until a block's
+    pixels would fit in 24 MiB (128 at 224 px). In one process (the reader and Preprocess without Ray) 128-row
+    blocks took 2.26 ms of CPU a sample at 224 px against 2.50 ms for 256-row ones. Through Ray Data these are not
+    the blocks Preprocess decodes: Ray Data's read operator merges the reader's blocks up to its
+    ``target_max_block_size`` (128 MiB) before the fused map, see :func:`preprocessed`."""
     rows = 256
     while rows > 16 and rows * image_size * image_size * 3 > BLOCK_PIXEL_BYTES:
         rows //= 2
     return rows
+
+
+DECODED_BATCH_BYTES = 128 << 20  # Ray Data's default target_max_block_size, applied to the decoded pixels
+
+
+def decoded_rows(image_size: int) -> int:
+    """The most samples one Preprocess call decodes: as many as fill DECODED_BATCH_BYTES with pixels of side
+    ``image_size`` (891 at 224 px, 43,690 at 32 px)."""
+    return max(1, DECODED_BATCH_BYTES // (image_size * image_size * 3))
+
+
+def preprocessed(ds, pre: Preprocess):
+    """``ds`` (raw samples, :func:`read_raw`) decoded by ``pre``, fused with the read into one task per shard, at
+    most :func:`decoded_rows` samples a call.
+
+    Ray Data's read operator merges the reader's blocks until one passes ``target_max_block_size`` (128 MiB) of
+    encoded bytes: a 1000-sample shard of 96 KB JPEGs arrives whole, and an img2dataset shard of 10,000 256 px
+    JPEGs (~29 KB) in pieces of ~4,600 samples. Decoded whole, such a piece is one 690 MB array of 224 px pixels in
+    each task. Batches of decoded_rows keep a task's pixel array at 128 MiB, and each leaves the task as a block
+    of its own (Ray Data merges output blocks only below its target, and slices them only past 1.5 times it).
+    Much smaller batches cost throughput, since every block pays Ray Data's and the object store's fixed costs:
+    against whole 1000-sample shards, batches of 128 at 224 px (blocks of 19 MB) decoded 1-4% fewer samples per
+    CPU-second (within this machine's noise), and batches of 256 at 32 px (786 KB) 40% fewer.
+
+    The batches are cut here (:class:`InChunks`), not by map_batches' batch_size: Ray Data would then bundle read
+    tasks, several shards to one task, until their rows reached the batch size."""
+    return ds.map_batches(InChunks(pre, decoded_rows(pre.image_size)), batch_size=None, batch_format="numpy")
+
+
+class InChunks:
+    """``pre`` applied to a batch ``rows`` samples at a time, each result yielded as a batch of its own (Ray Data
+    makes each one a block)."""
+
+    def __init__(self, pre, rows: int):
+        self.pre, self.rows = pre, rows
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        n = len(batch["key"])
+        if n <= self.rows:
+            yield self.pre(batch)
+            return
+        for start in range(0, n, self.rows):
+            yield self.pre({k: v[start:start + self.rows] for k, v in batch.items()})
 
 
 READER_KEYS = ("image_column", "caption_column", "image_extensions", "caption_extension", "metadata_extension")
@@ -532,7 +574,6 @@ def read_split(paths: list[str], cfg: Config, tokenizer: TextTokenizer, shuffle_
                quality=None, weights: dict[str, float] | None = None, position=None):
     """Raw samples (mixed by ``weights``, seeded by train.seed) preprocessed into the batch schema, streaming
     (``position``: see :func:`read_raw`)."""
-    return read_raw(paths, shuffle_seed, weights, cfg.train.seed, position=position,
-                    shuffle_window=cfg.data.shuffle_buffer, **reader_options(cfg)).map_batches(
-        Preprocess(tokenizer.to_str(), cfg.data.image_size, cfg.data.max_text_len, quality),
-        batch_size=None, batch_format="numpy")  # whole reader blocks (block_rows), fused with the read; see read_raw
+    raw = read_raw(paths, shuffle_seed, weights, cfg.train.seed, position=position,
+                   shuffle_window=cfg.data.shuffle_buffer, **reader_options(cfg))
+    return preprocessed(raw, Preprocess(tokenizer.to_str(), cfg.data.image_size, cfg.data.max_text_len, quality))

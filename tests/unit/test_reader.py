@@ -425,9 +425,9 @@ def test_quality_limit_names_reasons_and_examples():
 
 
 @pytest.mark.parametrize("size, rows", [(32, 256), (64, 256), (160, 256), (224, 128), (384, 32), (4096, 16)])
-def test_blocks_of_large_images_stay_under_the_mmap_threshold(size, rows):
-    """A block's pixels (rows x S x S x 3 bytes) stay within 24 MiB, under glibc's 32 MiB mmap ceiling, as a power of
-    two of at most 256 rows and at least 16."""
+def test_reader_blocks_of_large_images_stay_under_the_mmap_threshold(size, rows):
+    """A reader block's pixels (rows x S x S x 3 bytes) stay within 24 MiB, under glibc's 32 MiB mmap ceiling, as a
+    power of two of at most 256 rows and at least 16."""
     from mmray.data.pipeline import BLOCK_PIXEL_BYTES, block_rows
 
     assert block_rows(size) == rows
@@ -446,3 +446,29 @@ def test_binary_columns_are_built_whole_and_equal_pyarrows():
     # encodes them (each then fails to decode, as corrupt_image, instead of failing the read).
     assert pa.table({"image": binary_array(["é", None])}, schema=pa.schema([("image", pa.binary())])).column(
         "image").to_pylist() == ["é".encode(), None]
+
+
+@pytest.mark.parametrize("size, rows", [(32, 43690), (224, 891), (512, 170), (8192, 1)])
+def test_a_preprocess_call_decodes_at_most_128_mib_of_pixels(size, rows):
+    from mmray.data.pipeline import DECODED_BATCH_BYTES, decoded_rows
+
+    assert decoded_rows(size) == rows
+    assert rows == 1 or rows * size * size * 3 <= DECODED_BATCH_BYTES < (rows + 1) * size * size * 3
+
+
+def test_in_chunks_decodes_a_large_batch_in_pieces_in_order():
+    from mmray.data.pipeline import InChunks
+
+    calls = []
+
+    def pre(batch):
+        calls.append(len(batch["key"]))
+        return {"key": batch["key"] * 2}
+
+    batch = {"key": np.arange(250), "image": np.array([b"x"] * 250, dtype=object)}
+    out = list(InChunks(pre, 100)(batch))
+    assert calls == [100, 100, 50]
+    assert np.concatenate([o["key"] for o in out]).tolist() == (np.arange(250) * 2).tolist()
+    calls.clear()
+    assert [o["key"].tolist() for o in InChunks(pre, 100)({"key": np.arange(0)})] == [[]] and calls == [0]
+
