@@ -528,9 +528,10 @@ def preprocessed(ds, pre: Preprocess):
 
     Ray Data's read operator merges the reader's blocks until one passes ``target_max_block_size`` (128 MiB) of
     encoded bytes: a 1000-sample shard of 96 KB JPEGs arrives whole, and an img2dataset shard of 10,000 256 px
-    JPEGs (~29 KB) in pieces of ~4,600 samples. Decoded whole, such a piece is one 690 MB array of 224 px pixels in
-    each task. Batches of decoded_rows keep a task's pixel array at 128 MiB, and each leaves the task as a block
-    of its own (Ray Data merges output blocks only below its target, and slices them only past 1.5 times it).
+    JPEGs (35 KB at quality 95) in pieces of ~3,800 samples. Decoded whole, such a piece is one 570 MB array of
+    224 px pixels in each task. Batches of decoded_rows keep a task's pixel array at 128 MiB (a decoding worker's
+    peak RSS on that shard: 2.1 GiB against ~3.0, bench/decode_batch_memory.py), and each leaves the task as a
+    block of its own (Ray Data merges output blocks only below its target, and slices them only past 1.5 times it).
     Much smaller batches cost throughput, since every block pays Ray Data's and the object store's fixed costs:
     against whole 1000-sample shards, batches of 128 at 224 px (blocks of 19 MB) decoded 1-4% fewer samples per
     CPU-second (within this machine's noise), and batches of 256 at 32 px (786 KB) 40% fewer.
