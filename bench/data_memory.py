@@ -43,16 +43,17 @@ def _tree_rss() -> int:
 
 
 class PeakSampler:
-    """Samples the process tree's RSS in a thread; ``peak`` is the highest seen between start and stop."""
+    """Samples ``measure()`` (default: the process tree's RSS) in a thread; ``peak`` is the highest seen between
+    start and stop."""
 
-    def __init__(self, interval: float):
-        self.interval, self.peak = interval, 0
+    def __init__(self, interval: float, measure=_tree_rss):
+        self.interval, self.peak, self.measure = interval, 0, measure
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _tree_rss())
+            self.peak = max(self.peak, self.measure())
             self._stop.wait(self.interval)
 
     def __enter__(self) -> "PeakSampler":
@@ -62,7 +63,7 @@ class PeakSampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _tree_rss())
+        self.peak = max(self.peak, self.measure())
 
 
 def main() -> None:

@@ -20,34 +20,20 @@ import json
 import os
 import shutil
 import tempfile
-import threading
-import time
 
 
-def _worker_peak_rss(run) -> tuple[int, int]:
-    """(samples ``run()`` returned, the highest RSS in bytes of one Ray worker process while it ran)."""
+def _largest_worker_rss() -> int:
+    """The highest RSS in bytes of any one Ray worker process under this one."""
     import psutil
 
-    stop, peak = threading.Event(), [0]
-
-    def sample():
-        while not stop.is_set():
-            for proc in psutil.Process().children(recursive=True):
-                try:
-                    if "default_worker" in " ".join(proc.cmdline()) or proc.name().startswith("ray::"):
-                        peak[0] = max(peak[0], proc.memory_info().rss)
-                except psutil.Error:
-                    pass
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        samples = run()
-    finally:
-        stop.set()
-        thread.join()
-    return samples, peak[0]
+    largest = 0
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "default_worker" in " ".join(proc.cmdline()) or proc.name().startswith("ray::"):
+                largest = max(largest, proc.memory_info().rss)
+        except psutil.Error:
+            pass
+    return largest
 
 
 def main() -> None:
@@ -59,6 +45,7 @@ def main() -> None:
 
     import ray
 
+    from data_memory import PeakSampler
     from data_throughput import _photos
     from mmray.data.pipeline import Preprocess, block_rows, decoded_rows, preprocessed, read_raw
     from mmray.data.prepare import prepare_synthetic
@@ -88,9 +75,10 @@ def main() -> None:
     peaks = {name: [] for name in paths_ds}
     for _ in range(2):
         for name, make in paths_ds.items():
-            samples, peak = _worker_peak_rss(lambda: count(make()))
+            with PeakSampler(0.05, _largest_worker_rss) as sampler:
+                samples = count(make())
             assert samples == args.samples, (name, samples)
-            peaks[name].append(peak)
+            peaks[name].append(sampler.peak)
     ray.shutdown()
     shutil.rmtree(root, ignore_errors=True)
     mib = {name: [round(v / 2**20) for v in values] for name, values in peaks.items()}
