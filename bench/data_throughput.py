@@ -197,15 +197,19 @@ class TimedPreprocess:
 
 
 def _decode_share(paths: list[str], index: int, count: int, size: int) -> tuple[int, float, float]:
-    """One process of the all-cores decode-only limit: loads the .jpg members of ``paths``, then decodes every
-    ``count``-th of them from ``index`` and times that loop alone: (images, wall s, CPU s)."""
+    """One process of the all-cores decode-only limit: loads every ``count``-th .jpg member of ``paths`` from
+    ``index`` (its share, in the order the lone loop decodes them), then times decoding them alone: (images, wall s,
+    CPU s)."""
     from mmray.data.pipeline import decode_pixels
 
-    images = []
+    images, seen = [], 0
     for path in paths:
         with tarfile.open(path) as tar:
-            images += [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")]
-    images = images[index::count]
+            for member in tar:
+                if member.name.endswith(".jpg"):
+                    if seen % count == index:
+                        images.append(tar.extractfile(member).read())
+                    seen += 1
     t0, c0 = time.perf_counter(), time.process_time()
     for data in images:
         decode_pixels(data, size)
