@@ -196,12 +196,8 @@ class TimedPreprocess:
         return out
 
 
-def _decode_share(paths: list[str], index: int, count: int, size: int) -> tuple[int, float, float]:
-    """One process of the all-cores decode-only limit: loads every ``count``-th .jpg member of ``paths`` from
-    ``index`` (its share, in the order the lone loop decodes them), then times decoding them alone: (images, wall s,
-    CPU s)."""
-    from mmray.data.pipeline import decode_pixels
-
+def _jpegs(paths: list[str], index: int = 0, count: int = 1) -> list[bytes]:
+    """The .jpg members of the shards, in order; with ``count`` > 1, every ``count``-th of them from ``index``."""
     images, seen = [], 0
     for path in paths:
         with tarfile.open(path) as tar:
@@ -210,10 +206,23 @@ def _decode_share(paths: list[str], index: int, count: int, size: int) -> tuple[
                     if seen % count == index:
                         images.append(tar.extractfile(member).read())
                     seen += 1
+    return images
+
+
+def _decode_loop(images: list[bytes], size: int) -> tuple[int, float, float]:
+    """The decode-only loop: decode_pixels on each image, nothing else. (images, wall s, CPU s)"""
+    from mmray.data.pipeline import decode_pixels
+
     t0, c0 = time.perf_counter(), time.process_time()
     for data in images:
         decode_pixels(data, size)
     return len(images), time.perf_counter() - t0, time.process_time() - c0
+
+
+def _decode_share(paths: list[str], index: int, count: int, size: int) -> tuple[int, float, float]:
+    """One process of the all-cores decode-only limit: the loop over its share of the images (every ``count``-th
+    from ``index``), loaded first and not timed."""
+    return _decode_loop(_jpegs(paths, index, count), size)
 
 
 def _ready(_: int) -> None:
@@ -247,7 +256,7 @@ def main() -> None:
 
     import ray
 
-    from mmray.data.pipeline import Preprocess, block_rows, decode_pixels, preprocessed, read_raw
+    from mmray.data.pipeline import Preprocess, block_rows, preprocessed, read_raw
     from mmray.data.prepare import prepare_synthetic
     from mmray.data.tokenizer import TextTokenizer
 
@@ -261,16 +270,12 @@ def main() -> None:
     tok = TextTokenizer.from_file(os.path.join(root, "tokenizer.json")).to_str()
 
     # Decode-only limit: images already in memory, nothing but decode + resize; one loop alone, and one a core at once.
-    images = []
-    for path in paths:
-        with tarfile.open(path) as tar:
-            images += [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")]
+    images = _jpegs(paths)
 
     def decode_only() -> tuple[float, float]:
-        t0, c0 = time.perf_counter(), time.process_time()
-        for data in images:
-            decode_pixels(data, args.image_size)
-        return len(images) / (time.perf_counter() - t0), len(images) / (time.process_time() - c0)
+        """(samples/s, samples per CPU-s) of the loop alone, in this process."""
+        n, wall, cpu = _decode_loop(images, args.image_size)
+        return n / wall, n / cpu
 
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -296,26 +301,24 @@ def main() -> None:
         return keys, len(keys) / wall, len(keys) / cpu, first, decode_s / wall, decode_s / cpu
 
     # Every path as read_split builds mmray's: one read task per file, fused with the maps; Preprocess decodes at
-    # most decoded_rows samples a call (see mmray.data.pipeline.preprocessed).
-    passes = [args.passes]  # the warm-up runs make one pass
-
-    def mmray_ds():
-        raw = read_raw(paths * passes[0], rows_per_block=block_rows(args.image_size))
+    # most decoded_rows samples a call (see mmray.data.pipeline.preprocessed). Each streams the shards ``passes``
+    # times.
+    def mmray_ds(passes: int):
+        raw = read_raw(paths * passes, rows_per_block=block_rows(args.image_size))
         return preprocessed(raw, TimedPreprocess(pre))
 
-    def mmray_unreserved_ds():
+    def mmray_unreserved_ds(passes: int):
         # A diagnostic, not a setting to train with (see the module docstring).
-        ds = mmray_ds()
+        ds = mmray_ds(passes)
         ds.context.op_resource_reservation_enabled = False
         return ds
 
-    def stock_ds():  # read_webdataset as documented: its default decoder
-        stock = ray.data.read_webdataset(paths * passes[0], override_num_blocks=len(paths) * passes[0])
+    def stock_ds(passes: int):  # read_webdataset as documented: its default decoder
+        stock = ray.data.read_webdataset(paths * passes, override_num_blocks=len(paths) * passes)
         return stock.map_batches(StockPreprocess(tok, args.image_size, 32), batch_size=None, batch_format="numpy")
 
-    def stock_reader_ds():
-        stock = ray.data.read_webdataset(paths * passes[0], decoder=None,
-                                         override_num_blocks=len(paths) * passes[0])
+    def stock_reader_ds(passes: int):
+        stock = ray.data.read_webdataset(paths * passes, decoder=None, override_num_blocks=len(paths) * passes)
         stock = stock.map_batches(_stock_rows, batch_size=None, batch_format="numpy")
         return preprocessed(stock, pre)
 
@@ -325,30 +328,29 @@ def main() -> None:
     # to each other: in every round, mmray's run sits between two measurements of the decode-only loop (alone, then
     # on every core), and its ratio to their mean is that round's; the stock paths run in the same round. The
     # figures below are the median over the rounds (each round's too), and each path's best rate for the tables.
-    passes[0] = 1
     for make in paths_ds.values():
-        timed(make())  # warm-up: worker processes start and import, not measured
-    passes[0] = args.passes
+        timed(make(1))  # warm-up, one pass: worker processes start and import, not measured
     runs = {name: [] for name in paths_ds}
     limit, limit_all, rounds = [], [], []
     for _ in range(args.repeats):
         for name in ("stock", "stock_reader", "mmray_unreserved"):
-            runs[name].append(timed(paths_ds[name]()))
+            runs[name].append(timed(paths_ds[name](args.passes)))
         before = decode_only(), decode_all_cores()
-        runs["mmray"].append(timed(mmray_ds()))
+        runs["mmray"].append(timed(mmray_ds(args.passes)))
         after = decode_only(), decode_all_cores()
         limit += [before[0], after[0]]
         limit_all += [before[1], after[1]]
+        # the loops around mmray's run: (samples/s, per CPU-s), alone and on every core
+        alone, all_cores = [[(b + a) / 2 for b, a in zip(before[i], after[i])] for i in (0, 1)]
         rate, cpu = runs["mmray"][-1][1:3]
         rounds.append({
-            "vs_decode_limit_all_cores_per_core": rate / args.cpus / ((before[1][0] + after[1][0]) / 2),
-            "vs_decode_limit_all_cores_per_cpu_s": cpu / ((before[1][1] + after[1][1]) / 2),
-            "vs_decode_limit_per_core": rate / args.cpus / ((before[0][0] + after[0][0]) / 2),
-            "vs_decode_limit_per_cpu_s": cpu / ((before[0][1] + after[0][1]) / 2),
+            "vs_decode_limit_all_cores_per_core": rate / args.cpus / all_cores[0],
+            "vs_decode_limit_all_cores_per_cpu_s": cpu / all_cores[1],
+            "vs_decode_limit_per_core": rate / args.cpus / alone[0],
+            "vs_decode_limit_per_cpu_s": cpu / alone[1],
             "vs_stock": rate / runs["stock"][-1][1], "vs_stock_per_cpu_s": cpu / runs["stock"][-1][2],
             "vs_stock_reader_per_cpu_s": cpu / runs["stock_reader"][-1][2],
-            "unreserved_vs_decode_limit_all_cores_per_core":
-                runs["mmray_unreserved"][-1][1] / args.cpus / ((before[1][0] + after[1][0]) / 2),
+            "unreserved_vs_decode_limit_all_cores_per_core": runs["mmray_unreserved"][-1][1] / args.cpus / all_cores[0],
         })
     ray.shutdown()
     pool.shutdown()
