@@ -117,7 +117,8 @@ class FaultyS3Proxy:
             handler.send_header("Content-Type", "application/xml")
             handler.send_header("Content-Length", str(len(SLOW_DOWN)))
             handler.end_headers()
-            handler.wfile.write(SLOW_DOWN)
+            if handler.command != "HEAD":  # a HEAD answer has no body; bytes sent anyway would start the next answer
+                handler.wfile.write(SLOW_DOWN)
             return
         if fault == "drop" and self.drop_at == "request":
             self._drop(handler)

@@ -3,7 +3,9 @@
 stream is never mistaken for a truncated shard."""
 from __future__ import annotations
 
+import http.client
 import posixpath
+from urllib.parse import urlparse
 
 import pytest
 
@@ -42,3 +44,24 @@ def test_reads_through_injected_s3_faults_return_exactly_the_samples(ray_session
         faulty = _samples(paths)
     assert proxy.counters["slowdowns"] >= 2 and proxy.counters["drops"] >= 4, proxy.counters
     assert faulty == direct
+
+
+def test_a_slowdown_answer_to_head_has_no_body_and_keeps_the_connection_usable(s3_endpoint, s3_bucket):
+    """A 503 answer to HEAD carries no body (RFC 9110 9.3.2): bytes sent after it would be read as the start of the
+    next answer on the same keep-alive connection ("Invalid status line"), a fault no real S3 endpoint makes."""
+    with FaultyS3Proxy(s3_endpoint, fail_every=1) as proxy:
+        conn = http.client.HTTPConnection(urlparse(proxy.url).hostname, urlparse(proxy.url).port, timeout=10)
+        try:
+            conn.request("HEAD", f"/{s3_bucket}")
+            first = conn.getresponse()
+            assert (first.status, first.read()) == (503, b"")
+            proxy.fail_every = 0
+            conn.request("HEAD", f"/{s3_bucket}")  # the same connection
+            again = conn.getresponse()
+            assert (again.status, again.read()) == (200, b"")
+            conn.request("GET", f"/{s3_bucket}?list-type=2")
+            second = conn.getresponse()
+            assert second.status == 200 and b"ListBucketResult" in second.read()
+        finally:
+            conn.close()
+    assert proxy.counters == {"requests": 3, "slowdowns": 1, "drops": 0}
