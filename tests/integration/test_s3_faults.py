@@ -50,7 +50,8 @@ def test_a_slowdown_answer_to_head_has_no_body_and_keeps_the_connection_usable(s
     """A 503 answer to HEAD carries no body (RFC 9110 9.3.2): bytes sent after it would be read as the start of the
     next answer on the same keep-alive connection ("Invalid status line"), a fault no real S3 endpoint makes."""
     with FaultyS3Proxy(s3_endpoint, fail_every=1) as proxy:
-        conn = http.client.HTTPConnection(urlparse(proxy.url).hostname, urlparse(proxy.url).port, timeout=10)
+        url = urlparse(proxy.url)
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
         try:
             conn.request("HEAD", f"/{s3_bucket}")
             first = conn.getresponse()
@@ -60,8 +61,8 @@ def test_a_slowdown_answer_to_head_has_no_body_and_keeps_the_connection_usable(s
             again = conn.getresponse()
             assert (again.status, again.read()) == (200, b"")
             conn.request("GET", f"/{s3_bucket}?list-type=2")
-            second = conn.getresponse()
-            assert second.status == 200 and b"ListBucketResult" in second.read()
+            listing = conn.getresponse()
+            assert listing.status == 200 and b"ListBucketResult" in listing.read()
         finally:
             conn.close()
     assert proxy.counters == {"requests": 3, "slowdowns": 1, "drops": 0}
