@@ -128,7 +128,7 @@ def read_bytes(path: str, *, endpoint_url: str | None = None) -> bytes:
     """Read a whole file. Raises StorageError naming the path if it (or its bucket) is missing."""
     fs, inner = resolve(path, endpoint_url)
     with _named_errors(path, fs, inner, "file"):
-        with fs.open_input_stream(inner) as f:
+        with fs.open_input_stream(inner, compression=None) as f:  # the bytes as stored: no decompressing by suffix
             return f.read()
 
 
@@ -168,7 +168,7 @@ def _write_s3(path: str, data: bytes, endpoint_url: str | None) -> None:
     if "/" not in inner:
         raise StorageError(f"S3 URI names a bucket but no object key: {path}")
     with _named_errors(path, fs, inner, "file"):
-        with fs.open_output_stream(inner) as f:
+        with fs.open_output_stream(inner, compression=None) as f:  # as given: no compressing by suffix
             f.write(data)
 
 

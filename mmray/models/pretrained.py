@@ -135,7 +135,7 @@ class WeightsFile:
                 if storage.is_s3(self.path):
                     self._tmp = tempfile.TemporaryDirectory(prefix="mmray-init-")
                     local = os.path.join(self._tmp.name, os.path.basename(inner))
-                with fs.open_input_stream(inner) as src, contextlib.ExitStack() as stack:
+                with fs.open_input_stream(inner, compression=None) as src, contextlib.ExitStack() as stack:
                     dst = stack.enter_context(open(local, "wb")) if local != self.path else None
                     while chunk := src.read(16 << 20):
                         digest.update(chunk)

@@ -74,7 +74,7 @@ def manifest_name(rank: int) -> str:
 
 def _sha256(fs: pafs.FileSystem, path: str) -> str:
     digest = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
+    with fs.open_input_stream(path, compression=None) as f:  # the bytes as stored
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -94,7 +94,7 @@ def write_manifest(directory: str, rank: int, world_size: int, step: int) -> dic
 
 def _read_json(fs: pafs.FileSystem, path: str, name: str) -> dict:
     try:
-        with fs.open_input_stream(path) as f:
+        with fs.open_input_stream(path, compression=None) as f:
             value = json.loads(f.read())
     except (ValueError, UnicodeDecodeError) as e:
         raise IncompleteCheckpoint(f"{name} is not valid JSON ({e})") from None
@@ -330,7 +330,7 @@ def _write_json(fs: pafs.FileSystem, path: str, value: dict) -> None:
     """Write a small JSON file whole: a temporary file moved into place (an S3 object is whole anyway)."""
     fs.create_dir(path.rsplit("/", 1)[0])
     tmp = f"{path}.tmp"
-    with fs.open_output_stream(tmp) as f:
+    with fs.open_output_stream(tmp, compression=None) as f:
         f.write(json.dumps(value, indent=1, sort_keys=True).encode())
     fs.move(tmp, path)
 

@@ -79,6 +79,20 @@ def test_s3_round_trip_and_missing_key(s3_bucket):
     assert not storage.exists(uri)
 
 
+def test_files_named_like_compressed_ones_are_stored_and_read_as_given(s3_bucket, s3_endpoint, tmp_path):
+    """Arrow compresses and decompresses by file suffix unless told not to: a `.tar.gz` written through
+    mmray.storage must hold the bytes given (what any other S3 client reads back), locally and on S3."""
+    import gzip
+
+    data = gzip.compress(b"a tar's bytes" * 100)
+    for uri in (f"s3://{s3_bucket}/shards/00000.tar.gz", str(tmp_path / "00000.tar.gz")):
+        storage.write_bytes(uri, data)
+        assert storage.read_bytes(uri) == data
+    obj = boto3.client("s3", endpoint_url=s3_endpoint).get_object(Bucket=s3_bucket, Key="shards/00000.tar.gz")
+    assert obj["Body"].read() == data
+    assert (tmp_path / "00000.tar.gz").read_bytes() == data
+
+
 def test_endpoint_precedence(s3_bucket, s3_endpoint, monkeypatch):
     """AWS_ENDPOINT_URL_S3 beats AWS_ENDPOINT_URL (as in boto3); an explicit endpoint_url beats both."""
     dead = "http://127.0.0.1:9"  # nothing listens there
