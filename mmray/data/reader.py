@@ -20,6 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource
 
+from mmray.data.sources import tar_codec
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # data.image_extensions' default, in order of preference
 CAPTION_EXTENSION, METADATA_EXTENSION = "txt", "json"  # data.caption_extension, data.metadata_extension
 
@@ -99,14 +101,46 @@ class StreamError(Exception):
     of being mistaken for a truncated shard and silently changing the samples read."""
 
 
+class _Source:
+    """The raw stream under a decompressing one: remembers its own read error, so that a storage error is told apart
+    from corrupt compressed data (both reach the reader as an OSError of the decompressing stream)."""
+
+    closed = False
+
+    def __init__(self, stream):
+        self.stream, self.error = stream, None
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self.stream.read(n)
+        except Exception as e:
+            self.error = e
+            raise
+
+    def close(self) -> None:
+        self.closed = True  # the stream itself is its opener's to close
+
+
 class _Blocks:
     """Reads a stream in large chunks and hands out exact byte counts, so that parsing a tar costs no read call per
     512-byte header. Errors of the stream itself are wrapped in StreamError so that they are not taken for a corrupt
-    tar."""
+    tar.
+
+    With ``codec`` (an Arrow codec: gzip, bz2, zstd), the stream is compressed and is decompressed as it is read by
+    Arrow's ``CompressedInputStream``; compressed data that is corrupt or cut short is a tarfile.ReadError (a bad
+    shard), a failing read of the stream under it a StreamError. Arrow fails the whole read that meets the damage,
+    so a compressed stream is read in smaller chunks: what a damaged shard loses past its last whole sample is at
+    most one chunk."""
 
     CHUNK = 1 << 20
+    COMPRESSED_CHUNK = 1 << 14
 
-    def __init__(self, stream):
+    def __init__(self, stream, codec: str | None = None):
+        self.source, self.codec, self.chunk = None, codec, self.CHUNK
+        if codec is not None:
+            self.source = _Source(stream)
+            stream = pa.CompressedInputStream(pa.PythonFile(self.source, mode="r"), codec)
+            self.chunk = self.COMPRESSED_CHUNK
         self.stream, self.buf, self.pos, self.offset = stream, b"", 0, 0  # offset: bytes handed out so far
 
     def take(self, n: int) -> bytes:
@@ -115,9 +149,12 @@ class _Blocks:
             parts, have = [self.buf[self.pos:]], len(self.buf) - self.pos
             while have < n:
                 try:
-                    data = self.stream.read(max(self.CHUNK, n - have))
+                    data = self.stream.read(max(self.chunk, n - have))
                 except Exception as e:
-                    raise StreamError() from e
+                    if self.source is not None and self.source.error is None:
+                        raise tarfile.ReadError(f"corrupt {self.codec} data after {self.offset + have} bytes of the "
+                                                f"tar: {e}") from None
+                    raise StreamError() from (self.source.error if self.source is not None else e)
                 if not data:
                     break
                 parts.append(data)
@@ -204,15 +241,17 @@ def tar_members(blocks: _Blocks) -> Iterator[tuple[str, bytes]]:
 
 
 def iter_tar(stream, shard: str, rows_per_block: int, image_exts: Sequence[str] = IMAGE_EXTENSIONS,
-             caption_ext: str = CAPTION_EXTENSION, meta_ext: str = METADATA_EXTENSION) -> Iterator[pa.Table]:
-    """Stream a WebDataset tar (members grouped by key, as the format requires) into blocks of raw samples.
+             caption_ext: str = CAPTION_EXTENSION, meta_ext: str = METADATA_EXTENSION,
+             codec: str | None = None) -> Iterator[pa.Table]:
+    """Stream a WebDataset tar (members grouped by key, as the format requires) into blocks of raw samples;
+    ``codec`` (gzip, bz2, zstd) when the tar is compressed (see mmray.data.sources.TAR_CODECS).
 
     A member's extension is everything after the first dot of its file name, lower-cased (``000123.image.png``:
     ``image.png``); the sample's image is its member with the first of ``image_exts`` present, its caption the
     ``caption_ext`` member, its metadata the ``meta_ext`` member. Other members are ignored."""
     rows = _Rows(shard, rows_per_block)
     try:
-        yield from _iter_tar_members(_Blocks(stream), shard, rows, image_exts, caption_ext, meta_ext)
+        yield from _iter_tar_members(_Blocks(stream, codec), shard, rows, image_exts, caption_ext, meta_ext)
     except StreamError as e:
         raise e.__cause__ from None
 
@@ -390,7 +429,7 @@ class ShardDatasource(FileBasedDatasource):
     ``image_exts`` / ``caption_ext`` / ``meta_ext`` name the WebDataset members (data.image_extensions, ...; see
     :func:`iter_tar`), ``image_column`` / ``caption_column`` the Parquet columns (see :func:`iter_parquet`)."""
 
-    _FILE_EXTENSIONS = ["tar", "parquet"]
+    _FILE_EXTENSIONS = ["tar", "gz", "tgz", "bz2", "zst", "parquet"]
 
     def __init__(self, paths, *, rows_per_block: int = 256, image_exts: Sequence[str] = IMAGE_EXTENSIONS,
                  caption_ext: str = CAPTION_EXTENSION, meta_ext: str = METADATA_EXTENSION, image_column: str = AUTO,
@@ -401,9 +440,16 @@ class ShardDatasource(FileBasedDatasource):
         self.caption_ext, self.meta_ext = caption_ext.lower(), meta_ext.lower()
         self.image_column, self.caption_column, self.key_column = image_column, caption_column, key_column
 
+    def resolve_compression(self, path: str, open_args: dict) -> None:
+        """Files are opened as stored: a compressed tar is decompressed by :func:`iter_tar`, which tells a storage
+        error (retried, or fatal) from corrupt compressed data (a bad shard, counted), where Ray Data's own
+        decompression (by file suffix) would make both the same OSError."""
+        return None
+
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         if path.endswith(".parquet"):
             yield from iter_parquet(f.read(), path, self.rows_per_block, self.image_column, self.caption_column,
                                     self.key_column)
         else:
-            yield from iter_tar(f, path, self.rows_per_block, self.image_exts, self.caption_ext, self.meta_ext)
+            yield from iter_tar(f, path, self.rows_per_block, self.image_exts, self.caption_ext, self.meta_ext,
+                                codec=tar_codec(path))

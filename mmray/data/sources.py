@@ -9,7 +9,7 @@ is, locally or on S3:
 - a prefix with shards directly under it (img2dataset's layout: ``00000.tar``, ``00000.parquet``,
   ``00000_stats.json``, ... with no splits). When a ``NNNNN.tar`` has a ``NNNNN.parquet`` beside it, the Parquet
   file is img2dataset's metadata table for that tar (no image column), not a shard, and is skipped;
-- one shard file (``.tar`` or ``.parquet``);
+- one shard file (``.tar``, a compressed tar: ``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.zst``; or ``.parquet``);
 - a brace pattern of shard files, as webdataset and img2dataset users write them: ``{00000..00099}.tar`` (a
   numeric range; zero-padded to the width of its ends when either end has a leading zero; an optional step
   ``{0..98..2}``) and ``{a,b}`` (a list), several and nested braces expanding left to right.
@@ -36,7 +36,11 @@ from mmray import storage
 
 log = logging.getLogger("mmray")
 
-SHARD_SUFFIXES = (".tar", ".parquet")
+# WebDataset tars, plain or compressed as the webdataset library reads them (``.tar.gz``, ``.tgz``), the codecs
+# decompressed as a stream by Arrow (see mmray.data.reader.iter_tar); the codec each suffix means.
+TAR_CODECS = {".tar": None, ".tar.gz": "gzip", ".tgz": "gzip", ".tar.bz2": "bz2", ".tar.zst": "zstd"}
+SHARD_SUFFIXES = (*TAR_CODECS, ".parquet")
+SHARD_NAMES = ".tar, .tar.gz, .tgz, .tar.bz2, .tar.zst or .parquet"  # for messages
 PART_SEPARATOR = "::"
 STATS_SUFFIX = "_stats.json"
 SPLITS = ("train", "val")
@@ -148,12 +152,25 @@ def is_dir(path: str) -> bool:
     return _file_type(path) == pafs.FileType.Directory
 
 
+def shard_stem(path: str) -> str:
+    """A shard's path without its suffix (``.../00000.tar.gz`` -> ``.../00000``); ValueError for other files."""
+    suffix = next((s for s in SHARD_SUFFIXES if path.endswith(s)), None)
+    if suffix is None:
+        raise ValueError(f"{path} is not a shard ({', '.join(SHARD_SUFFIXES)})")
+    return path[:-len(suffix)]
+
+
+def tar_codec(path: str) -> str | None:
+    """The compression of a tar shard, by its suffix (:data:`TAR_CODECS`); None for a plain tar."""
+    return next((codec for suffix, codec in TAR_CODECS.items() if path.endswith(suffix)), None)
+
+
 def list_shards(directory: str) -> list[str]:
-    """The ``.tar`` / ``.parquet`` shards directly under ``directory``, sorted; other files (stats, manifests) and
+    """The shards (:data:`SHARD_SUFFIXES`) directly under ``directory``, sorted; other files (stats, manifests) and
     img2dataset's metadata Parquet beside a tar of the same name (``00000.parquet`` next to ``00000.tar``) skipped."""
     files = [p for p in storage.list_files(directory) if p.endswith(SHARD_SUFFIXES)]
-    tars = {p[:-len(".tar")] for p in files if p.endswith(".tar")}
-    return [p for p in files if p.endswith(".tar") or p[:-len(".parquet")] not in tars]
+    tars = {shard_stem(p) for p in files if not p.endswith(".parquet")}
+    return [p for p in files if not p.endswith(".parquet") or shard_stem(p) not in tars]
 
 
 def image_files(directory: str, recursive: bool = False) -> list[str]:
@@ -177,16 +194,17 @@ def not_a_shard(path: str) -> storage.StorageError:
     if name.endswith((".csv", ".jsonl")):
         hint = (f"it is an index of images: write them as shards first, `mmray data prepare {path} DEST`, and "
                 "read DEST")
-    elif name.endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")):
-        hint = "it is a compressed tar: shards are read as plain .tar (as img2dataset writes them); decompress it"
+    elif name.endswith((".tar.xz", ".txz", ".tar.lz4", ".tar.lzma", ".tar.z")):
+        hint = ("it is a tar compressed with a codec that Arrow cannot stream; decompress it, or recompress it as "
+                ".tar.gz or .tar.zst")
     else:
-        hint = "give a .tar or .parquet shard, a directory of them, or a prepared data set"
-    return storage.StorageError(f"{path} is a file but not a .tar or .parquet shard; {hint}")
+        hint = "give a shard, a directory of them, or a prepared data set"
+    return storage.StorageError(f"{path} is a file but not a shard ({SHARD_NAMES}); {hint}")
 
 
 def no_shards(directory: str) -> storage.StorageError:
     """The error for a directory without shards; when it holds images, it says how to make shards of them."""
-    message = f"no .tar or .parquet shards under {directory}"
+    message = f"no shards ({SHARD_NAMES}) under {directory}"
     try:
         images = image_files(directory, recursive=True)
     except storage.StorageError:
@@ -250,7 +268,7 @@ class Part:
         if len(names) > 1 or names[0].endswith(SHARD_SUFFIXES):
             bad = [n for n in names if not n.endswith(SHARD_SUFFIXES)]
             if bad:
-                raise storage.StorageError(f"{bad[0]} (from {self.spec}) is not a .tar or .parquet shard")
+                raise storage.StorageError(f"{bad[0]} (from {self.spec}) is not a shard ({SHARD_NAMES})")
             return _check_exist(names, self.spec, allow_missing)
         if is_file(self.spec):
             raise not_a_shard(self.spec)
@@ -303,10 +321,7 @@ def display(spec: str) -> str:
 
 def stats_path(shard: str) -> str:
     """``.../00000.tar`` -> ``.../00000_stats.json`` (img2dataset's name for a shard's stats)."""
-    for suffix in SHARD_SUFFIXES:
-        if shard.endswith(suffix):
-            return shard[:-len(suffix)] + STATS_SUFFIX
-    raise ValueError(f"{shard} is not a .tar or .parquet shard")
+    return shard_stem(shard) + STATS_SUFFIX
 
 
 def read_stats(shard: str) -> int | None:

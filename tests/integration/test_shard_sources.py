@@ -166,3 +166,46 @@ def test_inspect_names_a_parquet_caption_column_that_holds_no_text(ray_session, 
                  "strings); set data.caption_column to the column with the captions.", "kind": "bad_input"}
     code, summary = mmray("data", "inspect", str(tmp_path), "data.caption_column=sentences", "--image-size", "16")
     assert code == 0 and (summary["samples"], summary["bad"]) == (SAMPLES, {})
+
+
+def test_compressed_tars_on_s3_read_by_inspect_and_training_exactly(ray_session, tokenizer, tmp_path, s3_bucket):
+    """img2dataset's layout on S3 with its tars compressed three ways (gzip as `gzip`/webdataset write it, .tgz,
+    zstd), each beside its metadata Parquet and _stats.json: inspect and training's datasource read exactly the
+    samples, counted by the stats; a .tar.gz cut short on its way to storage keeps the samples before the cut and is
+    counted as a truncated shard."""
+    import gzip
+
+    import pyarrow as pa
+
+    local = str(tmp_path / "laion")
+    written = write_img2dataset(local, shards=3, urls_per_shard=40, failed_every=5)  # 32 samples a shard
+    keys = sorted(k for ks in written.values() for k in ks)
+    zstd = pa.BufferOutputStream()
+    with pa.CompressedOutputStream(zstd, "zstd") as out:
+        out.write((tmp_path / "laion" / "00002.tar").read_bytes())
+    prefix = f"s3://{s3_bucket}/laion"
+    blobs = {"00000.tar.gz": gzip.compress((tmp_path / "laion" / "00000.tar").read_bytes()),
+             "00001.tgz": gzip.compress((tmp_path / "laion" / "00001.tar").read_bytes()),
+             "00002.tar.zst": zstd.getvalue().to_pybytes()}
+    for i in range(3):
+        for name in (f"0000{i}.parquet", f"0000{i}_stats.json"):
+            blobs[name] = (tmp_path / "laion" / name).read_bytes()
+    for name, data in blobs.items():
+        storage.write_bytes(f"{prefix}/{name}", data)
+
+    code, summary = mmray("data", "inspect", prefix + "/", "--image-size", "16")
+    assert code == 0, summary
+    assert (summary["samples"], summary["expected_samples"], summary["bad"], summary["shards"]) == (96, 96, {}, 3)
+    shards = [f"{prefix}/00000.tar.gz", f"{prefix}/00001.tgz", f"{prefix}/00002.tar.zst"]
+    cfg = config.load(None, ["data.image_size=16"])
+    position = ray_session.remote(DataPosition).remote()
+    rows = read_split(shards, cfg, tokenizer, shuffle_seed=0, position=position).take_all()
+    assert sorted(r["key"] for r in rows) == keys
+    assert all(r["caption"] == f"photo 0 {r['key']}" for r in rows)
+
+    storage.write_bytes(f"{prefix}/cut/00000.tar.gz", blobs["00000.tar.gz"][:len(blobs["00000.tar.gz"]) // 2])
+    code, summary = mmray("data", "inspect", f"{prefix}/cut/", "--image-size", "16")
+    assert code == 0 and summary["bad"] == {"truncated_shard": 1}, summary
+    assert 0 < summary["samples"] < 32
+    cut = f"{s3_bucket}/laion/cut/00000.tar.gz"  # as the reader names an S3 shard: its filesystem path
+    assert summary["bad_examples"]["truncated_shard"] == [f"{cut}:{cut}#truncated"]

@@ -107,6 +107,76 @@ def test_tar_with_a_corrupt_header_reports_the_shard_instead_of_ending_silently(
     assert rows[-1]["error"].startswith("truncated_shard: bad header checksum at byte")
 
 
+def _noise_jpeg(seed: int) -> bytes:
+    buf = io.BytesIO()
+    pixels = (np.random.RandomState(seed).rand(128, 128, 3) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()  # ~21 KB: noise does not compress
+
+
+def _compressed_tar(members: list[tuple[str, bytes]], codec: str) -> bytes:
+    """A tar compressed as other tools write it: Python's tarfile (``w:gz``, ``w:bz2``: what webdataset's
+    TarWriter does for ``.tar.gz``) and Arrow's zstd stream (the format of the ``zstd`` command)."""
+    if codec == "zstd":
+        sink = pa.BufferOutputStream()
+        with pa.CompressedOutputStream(sink, "zstd") as out:
+            out.write(_tar(members))
+        return sink.getvalue().to_pybytes()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode={"gzip": "w:gz", "bz2": "w:bz2"}[codec]) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _samples(n: int) -> list[tuple[str, bytes]]:
+    return [m for i in range(n) for m in ((f"{i:04d}.jpg", _noise_jpeg(i)), (f"{i:04d}.txt", f"cap {i}".encode()))]
+
+
+@pytest.mark.parametrize("codec", ["gzip", "bz2", "zstd"])
+def test_compressed_tars_read_the_same_samples_and_damage_is_a_truncated_shard(codec):
+    members = _samples(80)  # 1.7 MB of tar: more than one bz2 block (900 KB), many reads of the stream
+    plain = _rows(iter_tar(io.BytesIO(_tar(members)), "p.tar", 8))
+    data = _compressed_tar(members, codec)
+    assert _rows(iter_tar(io.BytesIO(data), "p.tar", 8, codec=codec)) == plain
+    assert [r["key"] for r in plain] == [f"{i:04d}" for i in range(80)] and not any(r["error"] for r in plain)
+
+    # Cut short: the samples before the damage are kept, whole (all but the last read's or compression block's
+    # worth: 900 KB for bz2), the break is a truncated shard that names the codec.
+    rows = _rows(iter_tar(io.BytesIO(data[:len(data) * 3 // 4]), "p.tar", 8, codec=codec))
+    assert rows[:-1] == plain[:len(rows) - 1] and len(rows) - 1 >= 30
+    assert rows[-1]["key"] == "p.tar#truncated"
+    assert rows[-1]["error"].startswith(f"truncated_shard: corrupt {codec} data after "), rows[-1]["error"]
+    # A plain tar under a compressed name is the same: nothing is taken for samples.
+    rows = _rows(iter_tar(io.BytesIO(_tar(members)), "n.tar.gz", 8, codec=codec))
+    assert [r["key"] for r in rows] == ["n.tar.gz#truncated"] and f"corrupt {codec} data" in rows[0]["error"]
+
+
+def test_corrupt_gzip_data_is_a_truncated_shard_but_a_failing_storage_read_is_raised():
+    """Inside the compressed stream damage is bad data (counted): zlib's own error, or the tar's header checksum
+    when what zlib inflates is garbage; the stream under it failing is storage's error, raised as itself (retried
+    by Arrow and Ray Data, or fatal), never counted as a bad shard."""
+    members = _samples(30)
+    plain = _rows(iter_tar(io.BytesIO(_tar(members)), "z.tar.gz", 8))
+    for fill in (0x00, 0xFF):
+        data = bytearray(_compressed_tar(members, "gzip"))
+        data[len(data) // 2:len(data) // 2 + 64] = bytes([fill]) * 64
+        rows = _rows(iter_tar(io.BytesIO(bytes(data)), "z.tar.gz", 8, codec="gzip"))
+        assert rows[-1]["key"] == "z.tar.gz#truncated" and rows[-1]["error"].startswith("truncated_shard: ")
+        assert rows[:-1] == plain[:len(rows) - 1] and len(rows) - 1 >= 5, rows[-1]["error"]
+
+    class Dropped(io.BytesIO):
+        def read(self, n=-1):
+            if self.tell() > 50_000:
+                raise OSError("AWS Error NETWORK_CONNECTION: connection reset")
+            return super().read(min(n, 20_000) if n and n > 0 else 20_000)
+
+    with pytest.raises(OSError, match="^AWS Error NETWORK_CONNECTION: connection reset$"):
+        list(iter_tar(Dropped(_compressed_tar(members, "gzip")), "s.tar.gz", 8, codec="gzip"))
+
+
 def test_members_apart_from_their_sample_are_counted_as_such():
     """WebDataset keeps a sample's members adjacent; a tar written in directory order (`tar cf x.tar dir/`) splits
     samples. Each later part is counted as members_not_adjacent (the reason names the fix), never joined silently."""

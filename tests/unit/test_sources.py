@@ -13,8 +13,8 @@ import pytest
 from mmray import config
 from mmray.data.mixing import Resample, copies, parse_weights
 from mmray.data.reader import iter_parquet, iter_tar
-from mmray.data.sources import (SourceError, count_samples, expand_braces, inspect_shards, list_shards, parts,
-                                total_samples)
+from mmray.data.sources import (SHARD_NAMES, SourceError, count_samples, expand_braces, inspect_shards, list_shards,
+                                parts, tar_codec, total_samples)
 from mmray.data.tokenizer import TextTokenizer, train_tokenizer
 from mmray.data.webdataset import build_tar
 from tests.img2dataset_layout import jpeg, write_img2dataset
@@ -77,6 +77,23 @@ def test_img2dataset_prefix_lists_tars_not_their_metadata_parquet(tmp_path):
     assert [p.prepared for p in parts(spec)] == [False, False]
 
 
+def test_compressed_tars_are_shards_with_their_stats_and_metadata_parquet(tmp_path):
+    """img2dataset's layout with the tars compressed (``gzip 0000*.tar``, or webdataset's ``.tgz``): the tars are the
+    shards, the metadata Parquet beside each is not, and each one's ``_stats.json`` gives its count."""
+    import gzip
+
+    tars = write_img2dataset(str(tmp_path), shards=3, urls_per_shard=6, failed_every=3)
+    for i, (tar, suffix) in enumerate(zip(tars, (".tar.gz", ".tgz", ".tar"))):
+        if suffix != ".tar":
+            (tmp_path / f"0000{i}{suffix}").write_bytes(gzip.compress((tmp_path / f"0000{i}.tar").read_bytes()))
+            (tmp_path / f"0000{i}.tar").unlink()
+    shards = [f"{tmp_path}/00000.tar.gz", f"{tmp_path}/00001.tgz", f"{tmp_path}/00002.tar"]
+    assert list_shards(str(tmp_path)) == shards
+    assert [tar_codec(p) for p in shards] == ["gzip", "gzip", None]
+    assert count_samples(shards) == {p: 4 for p in shards}
+    assert inspect_shards(f"{tmp_path}/{{00000.tar.gz,00001.tgz}}") == shards[:2]
+
+
 def test_missing_shards_fail_fast_naming_the_path_unless_allowed(tmp_path, caplog):
     write_img2dataset(str(tmp_path), shards=2, urls_per_shard=3, first_shard=0)
     write_img2dataset(str(tmp_path), shards=1, urls_per_shard=3, first_shard=3)
@@ -90,21 +107,22 @@ def test_missing_shards_fail_fast_naming_the_path_unless_allowed(tmp_path, caplo
         inspect_shards(f"{tmp_path}/{{00007,00008}}.tar", allow_missing=True)
     with pytest.raises(ValueError, match=f"shard does not exist: {tmp_path}/no/00000.tar"):
         inspect_shards(f"{tmp_path}/no/00000.tar")
-    with pytest.raises(ValueError, match=f"no .tar or .parquet shards under {tmp_path}/empty$"):
+    with pytest.raises(ValueError, match=f"no shards .{SHARD_NAMES}. under {tmp_path}/empty$"):
         (tmp_path / "empty").mkdir()
         inspect_shards(f"{tmp_path}/empty")
     (tmp_path / "photos" / "cats").mkdir(parents=True)
     (tmp_path / "photos" / "cats" / "1.jpg").write_bytes(b"\xff\xd8\xff")
-    with pytest.raises(ValueError, match=f"no .tar or .parquet shards under {tmp_path}/photos; it holds 1 image "
+    with pytest.raises(ValueError, match=f"no shards .{SHARD_NAMES}. under {tmp_path}/photos; it holds 1 image "
                                          rf"file\(s\) \(e.g. {tmp_path}/photos/cats/1.jpg\): write them as shards "
                                          rf"first, `mmray data prepare {tmp_path}/photos DEST`"):
         inspect_shards(f"{tmp_path}/photos")
     for name, hint in [("index.csv", f"an index of images: write them as shards first, `mmray data prepare "
                                      f"{tmp_path}/index.csv DEST`"),
-                       ("shards.tar.gz", "a compressed tar: shards are read as plain .tar"),
-                       ("notes.md", "give a .tar or .parquet shard, a directory of them, or a prepared data set")]:
+                       ("shards.tar.xz", "a tar compressed with a codec that Arrow cannot stream; decompress it, "
+                                         "or recompress it as .tar.gz or .tar.zst"),
+                       ("notes.md", "give a shard, a directory of them, or a prepared data set")]:
         (tmp_path / name).write_text("x")
-        with pytest.raises(ValueError, match=f"^{tmp_path}/{name} is a file but not a .tar or .parquet shard; "
+        with pytest.raises(ValueError, match=f"^{tmp_path}/{name} is a file but not a shard .{SHARD_NAMES}.; "
                                              f"it is {hint}" if "give" not in hint else hint):
             inspect_shards(f"{tmp_path}/{name}")
 
