@@ -13,6 +13,8 @@ import contextlib
 import functools
 import os
 import posixpath
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from urllib.parse import urlparse
@@ -43,6 +45,38 @@ def endpoint_from_env() -> str | None:
 
 def _region_from_env() -> str:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or _DEFAULT_REGION
+
+
+_PROBE_ATTEMPTS, _PROBE_TIMEOUT_S, _PROBE_PAUSE_S = 3, 3.0, 0.5
+
+
+_REACHABLE: set[str] = set()  # endpoints that accepted a connection in this process
+
+
+def _check_reachable(endpoint_url: str, source: str) -> None:
+    """StorageError naming a configured S3 endpoint where nothing accepts a connection (a typo in the URL, a server
+    that is down), after a few quick tries: pyarrow's client would retry it for ~90 s, as it retries any transient
+    error (``_S3_MAX_ATTEMPTS``), and then fail with a traceback. Only the TCP connection is tried, so this needs no
+    credentials and sends no request; a reachable endpoint's errors (403, a missing bucket, 503s) are S3's to
+    report, and are reported or retried as before."""
+    if endpoint_url in _REACHABLE:
+        return
+    parsed = urlparse(endpoint_url if "://" in endpoint_url else f"https://{endpoint_url}")
+    try:
+        address = (parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80))
+    except ValueError as e:  # a port that is not a number
+        raise StorageError(f"S3 endpoint {endpoint_url!r} is not a valid URL ({e})") from None
+    for attempt in range(_PROBE_ATTEMPTS):
+        try:
+            socket.create_connection(address, timeout=_PROBE_TIMEOUT_S).close()
+            _REACHABLE.add(endpoint_url)
+            return
+        except OSError as e:
+            error = e
+            if attempt + 1 < _PROBE_ATTEMPTS:
+                time.sleep(_PROBE_PAUSE_S * 2 ** attempt)
+    raise StorageError(f"cannot connect to the S3 endpoint {endpoint_url} (from {source}) after {_PROBE_ATTEMPTS} "
+                       f"tries: {error.strerror or error}; check the URL and that the server is up")
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,7 +111,11 @@ def resolve(path: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem
         key = path[len(S3_SCHEME):].strip("/")
         if not key:
             raise StorageError(f"S3 URI has no bucket: {path!r}")
-        return _s3_filesystem(endpoint_url or endpoint_from_env(), _region_from_env()), key
+        endpoint = endpoint_url or endpoint_from_env()
+        if endpoint:  # a configured endpoint: checked once a process (see _check_reachable)
+            _check_reachable(endpoint, "endpoint_url" if endpoint_url else
+                             "AWS_ENDPOINT_URL_S3" if os.environ.get("AWS_ENDPOINT_URL_S3") else "AWS_ENDPOINT_URL")
+        return _s3_filesystem(endpoint, _region_from_env()), key
     return _LOCAL_FS, os.path.abspath(os.path.expanduser(path))
 
 

@@ -1,7 +1,9 @@
 """Storage helpers on local disk, and the S3 parts that need no server (see integration/test_prepare_s3.py)."""
 from __future__ import annotations
 
+import json
 import os
+import socket
 
 import pyarrow.fs as pafs
 import pytest
@@ -25,17 +27,57 @@ def test_resolve_local_is_absolute_with_home_expanded(monkeypatch, tmp_path):
     assert storage.resolve("rel/y")[1] == str(tmp_path / "rel" / "y")
 
 
-def test_resolve_s3_reuses_one_filesystem_per_endpoint(monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+@pytest.fixture
+def listening():
+    """Two endpoints where something accepts connections (and says nothing: no request is sent)."""
+    socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(2)]
+    yield [f"http://127.0.0.1:{s.getsockname()[1]}" for s in socks]
+    for s in socks:
+        s.close()
+
+
+def test_resolve_s3_reuses_one_filesystem_per_endpoint(monkeypatch, listening):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", listening[0])
     fs_a, key = storage.resolve("s3://bucket-a/some/key")
     fs_b, _ = storage.resolve("s3://bucket-b/other")
     assert isinstance(fs_a, pafs.S3FileSystem) and key == "bucket-a/some/key"
     assert fs_a is fs_b
-    assert storage.resolve("s3://bucket-a/k", endpoint_url="http://127.0.0.1:2")[0] is not fs_a
+    assert storage.resolve("s3://bucket-a/k", endpoint_url=listening[1])[0] is not fs_a
     with pytest.raises(StorageError, match="no bucket"):
         storage.resolve("s3://")
     with pytest.raises(StorageError, match="no object key"):
         storage.write_bytes("s3://only-a-bucket", b"x")
+
+
+def test_an_s3_endpoint_where_nothing_listens_is_named_at_once(monkeypatch, listening, capsys):
+    """pyarrow would retry it for ~90 s and then raise an OSError traceback; the user sees the endpoint, where it
+    came from, and why, after three quick tries."""
+    monkeypatch.setattr(storage, "_PROBE_PAUSE_S", 0.0)
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed below: nothing listens there any more
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    with pytest.raises(StorageError, match=f"^cannot connect to the S3 endpoint {dead} .from AWS_ENDPOINT_URL. "
+                                           "after 3 tries: Connection refused; check the URL and that the server "
+                                           "is up$"):
+        storage.read_bytes("s3://bucket/data/x.json")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", dead)
+    with pytest.raises(StorageError, match="from AWS_ENDPOINT_URL_S3"):
+        storage.list_files("s3://bucket/data/")
+    with pytest.raises(StorageError, match=f"endpoint {dead} .from endpoint_url."):
+        storage.exists("s3://bucket/x", endpoint_url=dead)
+    with pytest.raises(StorageError, match="S3 endpoint 'http://127.0.0.1:nine' is not a valid URL"):
+        storage.exists("s3://bucket/x", endpoint_url="http://127.0.0.1:nine")
+    # What the user sees: `mmray data inspect` (and train, which resolves its data the same way) exits as for bad
+    # input, with the message as its JSON summary's error.
+    from mmray import cli
+
+    assert cli.main(["data", "inspect", "s3://bucket/laion/"]) == cli.EXIT_BAD_INPUT
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == {"error": f"cannot connect to the S3 endpoint {dead} (from AWS_ENDPOINT_URL_S3) after 3 tries: "
+                             "Connection refused; check the URL and that the server is up", "kind": "bad_input"}
+    # Something listening is enough: what S3 answers there is S3's to report, as before.
+    assert isinstance(storage.resolve("s3://bucket/x", endpoint_url=listening[0])[0], pafs.S3FileSystem)
 
 
 def test_write_read_round_trip_creates_parents_atomically(tmp_path):
