@@ -70,12 +70,21 @@ class _Rows:
     def __init__(self, shard: str, size: int):
         self.shard, self.size = shard, size
         self.cols: dict[str, list] = {name: [] for name in RAW_SCHEMA.names}
+        self.added = 0  # rows of this shard so far
 
     def add(self, key: str, image: bytes | None, caption: bytes | None, error: str = "",
             meta: bytes | None = None) -> pa.Table | None:
         for name, value in zip(RAW_SCHEMA.names, (key, self.shard, image, caption, meta, error)):
             self.cols[name].append(value)
+        self.added += 1
         return self.flush() if len(self.cols["key"]) >= self.size else None
+
+    def lost(self, key: str, error: str, count: int) -> Iterator[pa.Table]:
+        """``count`` samples that could not be read (a cut tar's rest, an unreadable row group): one bad row each,
+        all with ``key`` and ``error``, so that the bad-sample counts and data.max_bad_fraction weigh them."""
+        for _ in range(count):
+            if block := self.add(key, None, None, error):
+                yield block
 
     def flush(self) -> pa.Table | None:
         if not self.cols["key"]:
@@ -242,22 +251,27 @@ def tar_members(blocks: _Blocks) -> Iterator[tuple[str, bytes]]:
 
 def iter_tar(stream, shard: str, rows_per_block: int, image_exts: Sequence[str] = IMAGE_EXTENSIONS,
              caption_ext: str = CAPTION_EXTENSION, meta_ext: str = METADATA_EXTENSION,
-             codec: str | None = None) -> Iterator[pa.Table]:
+             codec: str | None = None, expected: int | None = None) -> Iterator[pa.Table]:
     """Stream a WebDataset tar (members grouped by key, as the format requires) into blocks of raw samples;
     ``codec`` (gzip, bz2, zstd) when the tar is compressed (see mmray.data.sources.TAR_CODECS).
+
+    A tar that is cut short or corrupt keeps the samples read whole before the damage; the rest are bad samples
+    ``truncated_shard`` (key ``SHARD#truncated``): as many as ``expected`` (the shard's sample count, from its
+    ``_stats.json``) says are missing, else one, since how many the rest held is unknown.
 
     A member's extension is everything after the first dot of its file name, lower-cased (``000123.image.png``:
     ``image.png``); the sample's image is its member with the first of ``image_exts`` present, its caption the
     ``caption_ext`` member, its metadata the ``meta_ext`` member. Other members are ignored."""
     rows = _Rows(shard, rows_per_block)
     try:
-        yield from _iter_tar_members(_Blocks(stream, codec), shard, rows, image_exts, caption_ext, meta_ext)
+        yield from _iter_tar_members(_Blocks(stream, codec), shard, rows, image_exts, caption_ext, meta_ext,
+                                     expected)
     except StreamError as e:
         raise e.__cause__ from None
 
 
 def _iter_tar_members(blocks: _Blocks, shard: str, rows: _Rows, image_exts: Sequence[str],
-                      caption_ext: str, meta_ext: str) -> Iterator[pa.Table]:
+                      caption_ext: str, meta_ext: str, expected: int | None) -> Iterator[pa.Table]:
     seen: set[str] = set()  # keys whose group has ended: WebDataset keeps a sample's members adjacent
 
     def sample(k: str, m: dict[str, bytes]):
@@ -286,11 +300,12 @@ def _iter_tar_members(blocks: _Blocks, shard: str, rows: _Rows, image_exts: Sequ
     except StreamError:
         raise
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        # A truncated or corrupt tar: the samples read whole are kept; the one cut off is dropped and the break is
-        # recorded as a bad sample of this shard, so it is counted rather than lost silently.
+        # A truncated or corrupt tar: the samples read whole are kept; the one cut off and the rest are counted as
+        # bad samples of this shard (see iter_tar), rather than lost silently.
         key, members = None, {}
-        if block := rows.add(f"{shard}#truncated", None, None, f"truncated_shard: {e}"):
-            yield block
+        missing = expected - rows.added if expected is not None else 0
+        detail = f"; {missing} of its {expected} samples (_stats.json) not read" if missing > 1 else ""
+        yield from rows.lost(f"{shard}#truncated", f"truncated_shard: {e}{detail}", max(missing, 1))
     if key is not None and (block := rows.add(*sample(key, members))):
         yield block
     if (block := rows.flush()) is not None:
@@ -371,8 +386,11 @@ def _meta_bytes(value) -> bytes | None:
 
 def iter_parquet(data: bytes, shard: str, rows_per_block: int, image_column: str = AUTO,
                  caption_column: str = AUTO, key_column: str | None = "key",
-                 meta_column: str | None = "json") -> Iterator[pa.Table]:
-    """Blocks of raw samples from a Parquet file, one row group at a time; an unreadable row group is reported.
+                 meta_column: str | None = "json", expected: int | None = None) -> Iterator[pa.Table]:
+    """Blocks of raw samples from a Parquet file, one row group at a time; the rows of an unreadable row group are
+    bad samples ``unreadable_row_group`` (key ``SHARD#rowgroupN``), one a row. In a file with a ``status`` column
+    (below) not every row is a sample: there the unreadable groups count as many as ``expected`` (the file's
+    sample count, from its ``_stats.json``) says are missing, else one each, under the first one's key.
 
     ``image_column`` / ``caption_column`` may be ``auto``: the first of IMAGE_COLUMNS / CAPTION_COLUMNS present.
     ``meta_column`` (JSON text or bytes per row, like WebDataset's ``.json`` member) is optional: when the file has
@@ -394,14 +412,17 @@ def iter_parquet(data: bytes, shard: str, rows_per_block: int, image_column: str
     caption_bytes = _caption_reader(shard, caption_column, schema.field(caption_column).type)
     columns = [image_column, caption_column] + [c for c in (key_column, meta_column, status_column) if c and c in names]
     rows = _Rows(shard, rows_per_block)
-    offset = 0
+    offset, unread = 0, []  # (key, error) of the unreadable groups whose sample counts are not known
     for group in range(pf.num_row_groups):
         n = pf.metadata.row_group(group).num_rows
         try:
             table = pf.read_row_group(group, columns=columns)
         except (OSError, pa.ArrowException) as e:
-            if block := rows.add(f"{shard}#rowgroup{group}", None, None, f"unreadable_row_group: {e}"):
-                yield block
+            key, error = f"{shard}#rowgroup{group}", f"unreadable_row_group: {e}"
+            if status_column is None:  # every row a sample
+                yield from rows.lost(key, error, n)
+            else:
+                unread.append((key, error))
             offset += n
             continue
         images = table.column(image_column).to_pylist()
@@ -419,6 +440,10 @@ def iter_parquet(data: bytes, shard: str, rows_per_block: int, image_column: str
             if block := rows.add(str(key), image, caption, error, meta):
                 yield block
         offset += n
+    if unread:  # counted once the readable groups are: the missing samples, under the first unreadable group
+        missing = expected - rows.added if expected is not None else 0
+        detail = f"; {missing} of its {expected} samples (_stats.json) not read" if missing > len(unread) else ""
+        yield from rows.lost(unread[0][0], unread[0][1] + detail, max(missing, len(unread)))
     if (block := rows.flush()) is not None:
         yield block
 
@@ -433,8 +458,10 @@ class ShardDatasource(FileBasedDatasource):
 
     def __init__(self, paths, *, rows_per_block: int = 256, image_exts: Sequence[str] = IMAGE_EXTENSIONS,
                  caption_ext: str = CAPTION_EXTENSION, meta_ext: str = METADATA_EXTENSION, image_column: str = AUTO,
-                 caption_column: str = AUTO, key_column: str | None = "key", **kwargs):
+                 caption_column: str = AUTO, key_column: str | None = "key", expected: dict[str, int] | None = None,
+                 **kwargs):
         super().__init__(paths, **kwargs)
+        self.expected = expected or {}  # file path (as the filesystem names it) -> its sample count, when known
         self.rows_per_block = rows_per_block
         self.image_exts = tuple(e.lower() for e in image_exts)  # member extensions are compared lower-cased
         self.caption_ext, self.meta_ext = caption_ext.lower(), meta_ext.lower()
@@ -449,7 +476,7 @@ class ShardDatasource(FileBasedDatasource):
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         if path.endswith(".parquet"):
             yield from iter_parquet(f.read(), path, self.rows_per_block, self.image_column, self.caption_column,
-                                    self.key_column)
+                                    self.key_column, expected=self.expected.get(path))
         else:
             yield from iter_tar(f, path, self.rows_per_block, self.image_exts, self.caption_ext, self.meta_ext,
-                                codec=tar_codec(path))
+                                codec=tar_codec(path), expected=self.expected.get(path))

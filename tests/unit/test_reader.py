@@ -187,6 +187,56 @@ def test_members_apart_from_their_sample_are_counted_as_such():
         ("a", "missing_caption"), ("b", ""), ("a", "members_not_adjacent"), ("c", "")]
 
 
+def test_a_cut_tar_counts_every_sample_its_stats_say_it_lost():
+    """With the shard's sample count (its _stats.json), the rest of a cut tar is that many bad samples, so that the
+    counts and data.max_bad_fraction see them; without it, one (how many the rest held is unknown)."""
+    data = _tar(_samples(30))
+    rows = _rows(iter_tar(io.BytesIO(data[:len(data) // 3]), "t.tar", 8, expected=30))
+    good = [r for r in rows if not r["error"]]
+    lost = rows[len(good):]
+    assert [r["key"] for r in good] == [f"{i:04d}" for i in range(len(good))] and 5 <= len(good) < 15
+    assert len(good) + len(lost) == 30 and {r["key"] for r in lost} == {"t.tar#truncated"}
+    assert {r["error"] for r in lost} == {f"truncated_shard: archive ends at byte {len(data) // 3} inside a member; "
+                                          f"{len(lost)} of its 30 samples (_stats.json) not read"}
+    rows = _rows(iter_tar(io.BytesIO(data[:len(data) // 3]), "t.tar", 8))
+    assert len(rows) == len(good) + 1 and rows[-1]["error"].endswith("inside a member")
+
+
+def _parquet_with_a_bad_row_group(table: pa.Table, rows_per_group: int, bad_group: int) -> bytes:
+    """``table`` as Parquet whose ``bad_group``-th row group has its image column's page header overwritten."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=rows_per_group)
+    data = bytearray(buf.getvalue())
+    column = pq.ParquetFile(io.BytesIO(bytes(data))).metadata.row_group(bad_group).column(
+        table.column_names.index("jpg"))
+    data[column.data_page_offset:column.data_page_offset + 16] = b"\xff" * 16
+    return bytes(data)
+
+
+def test_an_unreadable_parquet_row_group_is_each_of_its_rows_counted():
+    table = pa.table({"key": [f"k{i:02d}" for i in range(12)], "jpg": [_noise_jpeg(i) for i in range(12)],
+                      "txt": [f"cap {i}" for i in range(12)]})
+    rows = _rows(iter_parquet(_parquet_with_a_bad_row_group(table, 4, 1), "p.parquet", 5))
+    assert [(r["key"], r["error"].split(":")[0]) for r in rows] == (
+        [(f"k{i:02d}", "") for i in range(4)] + [("p.parquet#rowgroup1", "unreadable_row_group")] * 4
+        + [(f"k{i:02d}", "") for i in range(8, 12)])
+    assert "Deserializing page header failed" in rows[4]["error"]
+    assert [r["image"] for r in rows[8:]] == table.column("jpg").to_pylist()[8:]
+
+    # img2dataset's Parquet lists the URLs it failed to fetch too (status, no image): the rows of a group are not
+    # all samples, so what the group held comes from the file's _stats.json, or counts one without it.
+    status = ["success" if i % 3 else "failed_to_download" for i in range(12)]
+    fetched = table.set_column(1, "jpg", pa.array([None if st != "success" else j for st, j in
+                                                   zip(status, table.column("jpg").to_pylist())], pa.binary()))
+    data = _parquet_with_a_bad_row_group(fetched.append_column("status", pa.array(status)), 4, 1)
+    rows = _rows(iter_parquet(data, "i.parquet", 5, expected=8))  # 8 successes of 12 URLs
+    assert [r["key"] for r in rows if not r["error"]] == ["k01", "k02", "k08", "k10", "k11"]
+    lost = [r for r in rows if r["error"]]  # k04, k05 and k07 were in the unreadable group
+    assert len(lost) == 3 and {r["key"] for r in lost} == {"i.parquet#rowgroup1"}
+    assert lost[0]["error"].endswith("; 3 of its 8 samples (_stats.json) not read")
+    assert len([r for r in _rows(iter_parquet(data, "i.parquet", 5)) if r["error"]]) == 1
+
+
 def test_parquet_rows_and_hf_style_image_structs(tmp_path):
     table = pa.table({"key": ["k0", "k1"], "jpg": [_jpeg(), None], "txt": ["red", "blue"]})
     buf = io.BytesIO()
