@@ -156,7 +156,7 @@ def shard_stem(path: str) -> str:
     """A shard's path without its suffix (``.../00000.tar.gz`` -> ``.../00000``); ValueError for other files."""
     suffix = next((s for s in SHARD_SUFFIXES if path.endswith(s)), None)
     if suffix is None:
-        raise ValueError(f"{path} is not a shard ({', '.join(SHARD_SUFFIXES)})")
+        raise ValueError(f"{path} is not a shard ({SHARD_NAMES})")
     return path[:-len(suffix)]
 
 
