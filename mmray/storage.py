@@ -51,6 +51,8 @@ _PROBE_ATTEMPTS, _PROBE_TIMEOUT_S, _PROBE_PAUSE_S = 3, 3.0, 0.5
 
 
 _REACHABLE: set[str] = set()  # endpoints that accepted a connection in this process
+# Behind a proxy the endpoint may be reachable only through it: a direct connection says nothing, so none is tried.
+_PROXY_VARS = {"HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"}
 
 
 def _check_reachable(endpoint_url: str, source: str) -> None:
@@ -112,7 +114,7 @@ def resolve(path: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem
         if not key:
             raise StorageError(f"S3 URI has no bucket: {path!r}")
         endpoint = endpoint_url or endpoint_from_env()
-        if endpoint:  # a configured endpoint: checked once a process (see _check_reachable)
+        if endpoint and not _PROXY_VARS & set(os.environ):  # checked once a process (see _check_reachable)
             _check_reachable(endpoint, "endpoint_url" if endpoint_url else
                              "AWS_ENDPOINT_URL_S3" if os.environ.get("AWS_ENDPOINT_URL_S3") else "AWS_ENDPOINT_URL")
         return _s3_filesystem(endpoint, _region_from_env()), key

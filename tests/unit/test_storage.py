@@ -53,6 +53,8 @@ def test_an_s3_endpoint_where_nothing_listens_is_named_at_once(monkeypatch, list
     """pyarrow would retry it for ~90 s and then raise an OSError traceback; the user sees the endpoint, where it
     came from, and why, after three quick tries."""
     monkeypatch.setattr(storage, "_PROBE_PAUSE_S", 0.0)
+    for name in storage._PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
     with socket.create_server(("127.0.0.1", 0)) as s:
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed below: nothing listens there any more
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
@@ -76,6 +78,10 @@ def test_an_s3_endpoint_where_nothing_listens_is_named_at_once(monkeypatch, list
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == {"error": f"cannot connect to the S3 endpoint {dead} (from AWS_ENDPOINT_URL_S3) after 3 tries: "
                              "Connection refused; check the URL and that the server is up", "kind": "bad_input"}
+    # Behind a proxy the endpoint may be reachable only through it: no direct connection is tried.
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    assert isinstance(storage.resolve("s3://bucket/x", endpoint_url=dead)[0], pafs.S3FileSystem)
+    monkeypatch.delenv("HTTPS_PROXY")
     # Something listening is enough: what S3 answers there is S3's to report, as before.
     assert isinstance(storage.resolve("s3://bucket/x", endpoint_url=listening[0])[0], pafs.S3FileSystem)
 
