@@ -78,3 +78,21 @@ def test_training_stops_with_a_clear_error_over_the_limit(ray_session, damaged, 
     root, _ = damaged
     with pytest.raises(BadDataError, match=r"over data.max_bad_fraction=0.001.*corrupt_image"):
         train(_cfg(root, tmp_path, "data.max_bad_fraction=0.001"))
+
+
+def test_inspect_counts_each_row_of_an_unreadable_parquet_row_group(ray_session, damaged, tmp_path):
+    """Through Ray Data as through the reader alone: a Parquet shard whose third row group cannot be read (its image
+    column's page header overwritten) gives the other groups' samples, and each row of that group counted bad."""
+    import pyarrow as pa
+
+    from tests.unit.test_reader import _parquet_with_a_bad_row_group
+
+    root, _ = damaged
+    samples = list(iter_tar_samples((root / "train" / "00000.tar").read_bytes()))
+    table = pa.table({"key": [s["__key__"] for s in samples], "jpg": [s["jpg"] for s in samples],
+                      "txt": [s["txt"].decode() for s in samples]})
+    shard = tmp_path / "00000.parquet"
+    shard.write_bytes(_parquet_with_a_bad_row_group(table, 25, 2))
+    summary = inspect(str(shard))
+    assert (summary["samples"], summary["bad"]) == (PER_SHARD - 25, {"unreadable_row_group": 25})
+    assert summary["bad_examples"] == {"unreadable_row_group": [f"{shard}:{shard}#rowgroup2"]}
