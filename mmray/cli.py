@@ -59,13 +59,13 @@ def _leaf_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> a
 
 
 def _bad_input_types() -> tuple[type[BaseException], ...]:
-    from mmray.storage import StorageError
+    from mmray.storage import EndpointUnreachable, StorageError
     from mmray.data.pipeline import BadDataError
 
     # A path of the wrong kind (a file where a directory belongs, or the other way round, an output that exists as
-    # a file) is the user's input too.
-    return (config_lib.ConfigError, StorageError, BadDataError, FileNotFoundError, NotADirectoryError,
-            IsADirectoryError, FileExistsError)
+    # a file) is the user's input too, and so is an S3 endpoint nothing answers at.
+    return (config_lib.ConfigError, StorageError, EndpointUnreachable, BadDataError, FileNotFoundError,
+            NotADirectoryError, IsADirectoryError, FileExistsError)
 
 
 def _load_config(args: argparse.Namespace) -> config_lib.Config:
@@ -196,9 +196,9 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 EVAL_HELP = """\
 Evaluate MODEL (an export directory from `mmray export`, a checkpoint directory, or a run directory, meaning its
 newest complete checkpoint; local or s3://) on the data at --data, in data.source's forms: a prepared data set
-(whose --split is used), a directory / s3:// prefix with shards (.tar, .tar.gz, .tgz, .tar.bz2, .tar.zst or
-.parquet) directly under it (img2dataset's layout), one shard file, a brace pattern ('s3://b/laion/{00000..00099}.tar'),
-or several of these joined by '::'.
+(whose --split is used), a directory / s3:// prefix with shards (.tar, .tar.gz, .tgz, .tar.bz2, .tar.zst,
+.tar.lz4 or .parquet) directly under it (img2dataset's layout), one shard file, a brace pattern
+('s3://b/laion/{00000..00099}.tar'), or several of these joined by '::'.
 A shard that a pattern or file names but storage lacks fails naming its path (data.allow_missing_shards=true skips
 it). Shards are read with the model config's data-reading keys (data.image_extensions, data.caption_extension,
 data.metadata_extension, data.image_column, data.caption_column), which may be overridden like eval.* keys.
@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     insp = data.add_parser("inspect", help="decode every sample of a data set and count the usable and bad ones",
                            description="Stream SRC through the real read and decode path. SRC is a prepared data "
                                        "set (both splits), a directory / s3:// prefix of shards (.tar, .tar.gz, "
-                                       ".tgz, .tar.bz2, .tar.zst or .parquet; img2dataset's layout), a shard "
+                                       ".tgz, .tar.bz2, .tar.zst, .tar.lz4 or .parquet; img2dataset's layout), "
+                                       "a shard "
                                        "file, a brace pattern "
                                        "('s3://b/laion/{00000..00099}.tar'), or several joined by '::'. The JSON "
                                        "summary holds samples (usable), expected_samples (from the shards' "

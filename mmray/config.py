@@ -41,7 +41,7 @@ class DataConfig:
                      "Data set: 'synthetic:shapes' (generated into data.cache_dir when missing); the local path / "
                      "s3:// prefix of a prepared data set (train/ and val/ shards, tokenizer.json); or training "
                      "shards: a prefix with .tar / .parquet shards directly under it (img2dataset's layout; tars may "
-                     "be compressed: .tar.gz, .tgz, .tar.bz2, .tar.zst), a shard "
+                     "be compressed: .tar.gz, .tgz, .tar.bz2, .tar.zst, .tar.lz4), a shard "
                      "file, or a brace pattern ('s3://b/laion/{00000..00099}.tar', '{a,b}'). Several of these "
                      "joined by '::' are read together (see data.source_weights). Shards that are not a prepared "
                      "data set need data.val_source and data.tokenizer.")

@@ -33,6 +33,14 @@ class StorageError(ValueError):
     """
 
 
+class EndpointUnreachable(Exception):
+    """A configured S3 endpoint where nothing accepts a connection; the message names it and where it came from.
+
+    Deliberately not a StorageError (nor an OSError): callers that take a StorageError to mean "that file is
+    missing" (optional files, shards a pattern may lack) must not mistake an endpoint they cannot reach for a
+    missing file. The CLI reports it as bad input."""
+
+
 def is_s3(path: str) -> bool:
     """True for ``s3://`` URIs."""
     return path.startswith(S3_SCHEME)
@@ -56,10 +64,10 @@ _PROXY_VARS = {"HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PR
 
 
 def _check_reachable(endpoint_url: str, source: str) -> None:
-    """StorageError naming a configured S3 endpoint where nothing accepts a connection (a typo in the URL, a server
-    that is down), after a few quick tries: pyarrow's client would retry it for ~90 s, as it retries any transient
-    error (``_S3_MAX_ATTEMPTS``), and then fail with a traceback. Only the TCP connection is tried, so this needs no
-    credentials and sends no request; a reachable endpoint's errors (403, a missing bucket, 503s) are S3's to
+    """EndpointUnreachable naming a configured S3 endpoint where nothing accepts a connection (a typo in the URL, a
+    server that is down), after a few quick tries: pyarrow's client would retry it for ~90 s, as it retries any
+    transient error (``_S3_MAX_ATTEMPTS``), and then fail with a traceback. Only the TCP connection is tried, so this
+    needs no credentials and sends no request; a reachable endpoint's errors (403, a missing bucket, 503s) are S3's to
     report, and are reported or retried as before."""
     if endpoint_url in _REACHABLE:
         return
@@ -67,7 +75,7 @@ def _check_reachable(endpoint_url: str, source: str) -> None:
     try:
         address = (parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80))
     except ValueError as e:  # a port that is not a number
-        raise StorageError(f"S3 endpoint {endpoint_url!r} is not a valid URL ({e})") from None
+        raise EndpointUnreachable(f"S3 endpoint {endpoint_url!r} is not a valid URL ({e})") from None
     for attempt in range(_PROBE_ATTEMPTS):
         try:
             socket.create_connection(address, timeout=_PROBE_TIMEOUT_S).close()
@@ -77,8 +85,9 @@ def _check_reachable(endpoint_url: str, source: str) -> None:
             error = e
             if attempt + 1 < _PROBE_ATTEMPTS:
                 time.sleep(_PROBE_PAUSE_S * 2 ** attempt)
-    raise StorageError(f"cannot connect to the S3 endpoint {endpoint_url} (from {source}) after {_PROBE_ATTEMPTS} "
-                       f"tries: {error.strerror or error}; check the URL and that the server is up")
+    raise EndpointUnreachable(f"cannot connect to the S3 endpoint {endpoint_url} (from {source}) after "
+                              f"{_PROBE_ATTEMPTS} tries: {error.strerror or error}; check the URL and that the "
+                              "server is up")
 
 
 @functools.lru_cache(maxsize=None)

@@ -31,13 +31,12 @@ def inspect(src: str, image_size: int = 64, progress=None, allow_missing: bool =
     import ray
 
     paths = find_shards(src, allow_missing)
-    counts = count_samples(paths, progress)
-    expected = total_samples(counts)
+    expected = total_samples(count_samples(paths, progress))
     with ray_running():
         quality = ray.remote(DataQuality).options(num_cpus=0).remote()
         t0 = time.perf_counter()
         options = {**(reader or {}), "rows_per_block": block_rows(image_size)}  # for the size decoded here
-        ds = preprocessed(read_raw(paths, expected=counts, **options), Preprocess(None, image_size, 0, quality))
+        ds = preprocessed(read_raw(paths, **options), Preprocess(None, image_size, 0, quality))
         seen = 0
         for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
             seen += len(batch["key"])

@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import warnings
 import zlib
 from collections import Counter
@@ -269,6 +270,10 @@ def decode_meta(data: bytes | None) -> dict:
     return meta
 
 
+# The keys of the samples one break lost after the first (KEY/1, ...), and their mixing copies (KEY~1, KEY/1~1)
+LOST_KEY = re.compile(r"(#truncated|#rowgroup\d+)(/\d+)?(~\d+)?$")
+
+
 class DataQuality:
     """A Ray actor that totals good and bad samples (by reason, with example keys) across all preprocessing tasks."""
 
@@ -282,7 +287,8 @@ class DataQuality:
         for reason, keys in bad.items():
             self.bad[reason] += len(keys)
             kept = self.examples.setdefault(reason, [])
-            for key in keys:  # distinct examples: the samples a cut shard lost share its one key
+            for key in keys:  # distinct examples; the samples one break lost (KEY, KEY/1, ...) are one example
+                key = LOST_KEY.sub(r"\1", key)
                 if len(kept) >= EXAMPLES_PER_REASON:
                     break
                 if key not in kept:
@@ -462,8 +468,7 @@ class Preprocess:
 
 
 def read_raw(paths: list[str], shuffle_seed: int | None = None, weights: dict[str, float] | None = None,
-             mix_seed: int = 0, position=None, shuffle_window: int = 0, expected: dict[str, int | None] | None = None,
-             **reader_options):
+             mix_seed: int = 0, position=None, shuffle_window: int = 0, **reader_options):
     """A lazily-evaluated, streaming Ray Dataset of raw samples (mmray.data.reader.RAW_SCHEMA) from the shards.
 
     ``weights`` (shard path -> weight, see mmray.data.mixing) repeats or drops each sample by its shard's weight,
@@ -472,8 +477,7 @@ def read_raw(paths: list[str], shuffle_seed: int | None = None, weights: dict[st
     ``(shuffle_seed, epoch)`` and the samples already trained on in that epoch are left out (exact resume); the
     mixing then happens in the datasource, before that filter, since each copy of a sample has its own key; and
     ``shuffle_window`` rows of each shard at a time are shuffled by a seeded hash of their keys
-    (:func:`mmray.data.position.window_order`). ``expected`` (shard path -> its sample count from ``_stats.json``,
-    :func:`mmray.data.sources.count_samples`) lets the reader count every sample a cut shard lost, not just one."""
+    (:func:`mmray.data.position.window_order`)."""
     import ray.data
     from ray.data import FileShuffleConfig
 
@@ -483,8 +487,6 @@ def read_raw(paths: list[str], shuffle_seed: int | None = None, weights: dict[st
 
     fs, _ = storage.resolve(paths[0])
     resolved = [storage.resolve(p)[1] for p in paths]
-    if expected:  # as the reader names a file
-        reader_options["expected"] = {storage.resolve(p)[1]: n for p, n in expected.items() if n is not None}
     resample = None
     if weights and any(w != 1 for w in weights.values()):
         by_shard = {storage.resolve(p)[1]: w for p, w in weights.items()}  # as the reader's ``shard`` column names it
@@ -580,10 +582,9 @@ def reader_options(cfg: Config) -> dict:
 
 
 def read_split(paths: list[str], cfg: Config, tokenizer: TextTokenizer, shuffle_seed: int | None = None,
-               quality=None, weights: dict[str, float] | None = None, position=None,
-               expected: dict[str, int | None] | None = None):
+               quality=None, weights: dict[str, float] | None = None, position=None):
     """Raw samples (mixed by ``weights``, seeded by train.seed) preprocessed into the batch schema, streaming
-    (``position``, ``expected``: see :func:`read_raw`)."""
+    (``position``: see :func:`read_raw`)."""
     raw = read_raw(paths, shuffle_seed, weights, cfg.train.seed, position=position,
-                   shuffle_window=cfg.data.shuffle_buffer, expected=expected, **reader_options(cfg))
+                   shuffle_window=cfg.data.shuffle_buffer, **reader_options(cfg))
     return preprocessed(raw, Preprocess(tokenizer.to_str(), cfg.data.image_size, cfg.data.max_text_len, quality))

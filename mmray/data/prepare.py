@@ -113,7 +113,8 @@ def _shard_reporter(say: Callable[[str], None], split: str, samples: int,
     return report
 
 
-_SHARD_FILE = re.compile(r"^(\d+)(\.tar|\.parquet|_stats\.json)$")
+# A numbered shard in any form the reader takes (compressed tars too), or its stats
+_SHARD_FILE = re.compile(r"^(\d+)(\.tar(?:\.gz|\.bz2|\.zst|\.lz4)?|\.tgz|\.parquet|_stats\.json)$")
 
 
 def remove_stale_shards(dest_dir: str, shards: int, suffix: str = ".tar") -> None:

@@ -10,17 +10,20 @@ to the reason, so that it is counted and reported downstream instead of being lo
 """
 from __future__ import annotations
 
+import functools
 import json
 import posixpath
 import tarfile
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource
 
-from mmray.data.sources import tar_codec
+from mmray.data.sources import parse_stats, stats_path, tar_codec
+
+Count = Callable[[], "int | None"]  # a shard's sample count, looked up only when it is needed
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # data.image_extensions' default, in order of preference
 CAPTION_EXTENSION, METADATA_EXTENSION = "txt", "json"  # data.caption_extension, data.metadata_extension
@@ -80,10 +83,12 @@ class _Rows:
         return self.flush() if len(self.cols["key"]) >= self.size else None
 
     def lost(self, key: str, error: str, count: int) -> Iterator[pa.Table]:
-        """``count`` samples that could not be read (a cut tar's rest, an unreadable row group): one bad row each,
-        all with ``key`` and ``error``, so that the bad-sample counts and data.max_bad_fraction weigh them."""
-        for _ in range(count):
-            if block := self.add(key, None, None, error):
+        """``count`` samples that could not be read (a cut tar's rest, an unreadable row group): one bad row each
+        with ``error``, so that the bad-sample counts and data.max_bad_fraction weigh them. Their keys are ``key``,
+        ``key/1``, ``key/2``, ...: distinct, as samples' keys are, so that mixing weights (which pick copies by
+        key) weigh them one by one."""
+        for i in range(count):
+            if block := self.add(f"{key}/{i}" if i else key, None, None, error):
                 yield block
 
     def flush(self) -> pa.Table | None:
@@ -138,18 +143,18 @@ class _Blocks:
     With ``codec`` (an Arrow codec: gzip, bz2, zstd), the stream is compressed and is decompressed as it is read by
     Arrow's ``CompressedInputStream``; compressed data that is corrupt or cut short is a tarfile.ReadError (a bad
     shard), a failing read of the stream under it a StreamError. Arrow fails the whole read that meets the damage,
-    so a compressed stream is read in smaller chunks: what a damaged shard loses past its last whole sample is at
-    most one chunk."""
+    so a compressed stream is read exactly as far as the tar needs (Arrow buffers what it decompresses; the cost
+    a sample was the same as in 16 KiB reads): a damaged shard loses nothing past the member being read, and bytes
+    after the tar's end (the zero padding some writers add after the compressed data) are never read."""
 
     CHUNK = 1 << 20
-    COMPRESSED_CHUNK = 1 << 14
 
     def __init__(self, stream, codec: str | None = None):
         self.source, self.codec, self.chunk = None, codec, self.CHUNK
         if codec is not None:
             self.source = _Source(stream)
             stream = pa.CompressedInputStream(pa.PythonFile(self.source, mode="r"), codec)
-            self.chunk = self.COMPRESSED_CHUNK
+            self.chunk = 0
         self.stream, self.buf, self.pos, self.offset = stream, b"", 0, 0  # offset: bytes handed out so far
 
     def take(self, n: int) -> bytes:
@@ -251,13 +256,14 @@ def tar_members(blocks: _Blocks) -> Iterator[tuple[str, bytes]]:
 
 def iter_tar(stream, shard: str, rows_per_block: int, image_exts: Sequence[str] = IMAGE_EXTENSIONS,
              caption_ext: str = CAPTION_EXTENSION, meta_ext: str = METADATA_EXTENSION,
-             codec: str | None = None, expected: int | None = None) -> Iterator[pa.Table]:
+             codec: str | None = None, expected: Count | None = None) -> Iterator[pa.Table]:
     """Stream a WebDataset tar (members grouped by key, as the format requires) into blocks of raw samples;
     ``codec`` (gzip, bz2, zstd) when the tar is compressed (see mmray.data.sources.TAR_CODECS).
 
     A tar that is cut short or corrupt keeps the samples read whole before the damage; the rest are bad samples
-    ``truncated_shard`` (key ``SHARD#truncated``): as many as ``expected`` (the shard's sample count, from its
-    ``_stats.json``) says are missing, else one, since how many the rest held is unknown.
+    ``truncated_shard`` (keys ``SHARD#truncated``, ``SHARD#truncated/1``, ...): as many as ``expected()`` (the
+    shard's sample count, from its ``_stats.json``; asked only then) says are missing, else one, since how many the
+    rest held is unknown.
 
     A member's extension is everything after the first dot of its file name, lower-cased (``000123.image.png``:
     ``image.png``); the sample's image is its member with the first of ``image_exts`` present, its caption the
@@ -271,7 +277,7 @@ def iter_tar(stream, shard: str, rows_per_block: int, image_exts: Sequence[str] 
 
 
 def _iter_tar_members(blocks: _Blocks, shard: str, rows: _Rows, image_exts: Sequence[str],
-                      caption_ext: str, meta_ext: str, expected: int | None) -> Iterator[pa.Table]:
+                      caption_ext: str, meta_ext: str, expected: Count | None) -> Iterator[pa.Table]:
     seen: set[str] = set()  # keys whose group has ended: WebDataset keeps a sample's members adjacent
 
     def sample(k: str, m: dict[str, bytes]):
@@ -303,8 +309,9 @@ def _iter_tar_members(blocks: _Blocks, shard: str, rows: _Rows, image_exts: Sequ
         # A truncated or corrupt tar: the samples read whole are kept; the one cut off and the rest are counted as
         # bad samples of this shard (see iter_tar), rather than lost silently.
         key, members = None, {}
-        missing = expected - rows.added if expected is not None else 0
-        detail = f"; {missing} of its {expected} samples (_stats.json) not read" if missing > 1 else ""
+        count = expected() if expected is not None else None
+        missing = count - rows.added if count is not None else 0
+        detail = f"; {missing} of its {count} samples (_stats.json) not read" if missing > 1 else ""
         yield from rows.lost(f"{shard}#truncated", f"truncated_shard: {e}{detail}", max(missing, 1))
     if key is not None and (block := rows.add(*sample(key, members))):
         yield block
@@ -386,10 +393,10 @@ def _meta_bytes(value) -> bytes | None:
 
 def iter_parquet(data: bytes, shard: str, rows_per_block: int, image_column: str = AUTO,
                  caption_column: str = AUTO, key_column: str | None = "key",
-                 meta_column: str | None = "json", expected: int | None = None) -> Iterator[pa.Table]:
+                 meta_column: str | None = "json", expected: Count | None = None) -> Iterator[pa.Table]:
     """Blocks of raw samples from a Parquet file, one row group at a time; the rows of an unreadable row group are
     bad samples ``unreadable_row_group`` (key ``SHARD#rowgroupN``), one a row. In a file with a ``status`` column
-    (below) not every row is a sample: there the unreadable groups count as many as ``expected`` (the file's
+    (below) not every row is a sample: there the unreadable groups count as many as ``expected()`` (the file's
     sample count, from its ``_stats.json``) says are missing, else one each, under the first one's key.
 
     ``image_column`` / ``caption_column`` may be ``auto``: the first of IMAGE_COLUMNS / CAPTION_COLUMNS present.
@@ -441,8 +448,9 @@ def iter_parquet(data: bytes, shard: str, rows_per_block: int, image_column: str
                 yield block
         offset += n
     if unread:  # counted once the readable groups are: the missing samples, under the first unreadable group
-        missing = expected - rows.added if expected is not None else 0
-        detail = f"; {missing} of its {expected} samples (_stats.json) not read" if missing > len(unread) else ""
+        count = expected() if expected is not None else None
+        missing = count - rows.added if count is not None else 0
+        detail = f"; {missing} of its {count} samples (_stats.json) not read" if missing > len(unread) else ""
         yield from rows.lost(unread[0][0], unread[0][1] + detail, max(missing, len(unread)))
     if (block := rows.flush()) is not None:
         yield block
@@ -458,10 +466,8 @@ class ShardDatasource(FileBasedDatasource):
 
     def __init__(self, paths, *, rows_per_block: int = 256, image_exts: Sequence[str] = IMAGE_EXTENSIONS,
                  caption_ext: str = CAPTION_EXTENSION, meta_ext: str = METADATA_EXTENSION, image_column: str = AUTO,
-                 caption_column: str = AUTO, key_column: str | None = "key", expected: dict[str, int] | None = None,
-                 **kwargs):
+                 caption_column: str = AUTO, key_column: str | None = "key", **kwargs):
         super().__init__(paths, **kwargs)
-        self.expected = expected or {}  # file path (as the filesystem names it) -> its sample count, when known
         self.rows_per_block = rows_per_block
         self.image_exts = tuple(e.lower() for e in image_exts)  # member extensions are compared lower-cased
         self.caption_ext, self.meta_ext = caption_ext.lower(), meta_ext.lower()
@@ -473,10 +479,22 @@ class ShardDatasource(FileBasedDatasource):
         decompression (by file suffix) would make both the same OSError."""
         return None
 
+    def _stats_count(self, path: str) -> int | None:
+        """The shard's sample count from the ``_stats.json`` beside it, or None: read only when a damaged shard
+        needs it (a read task carries no table of counts, which every task of a 40,000-shard data set would)."""
+        stats = stats_path(path)
+        try:
+            with self._filesystem.open_input_stream(stats, compression=None) as f:
+                data = f.read()
+        except OSError:  # none (FileNotFoundError), or unreadable: the count is unknown
+            return None
+        return parse_stats(data, stats)
+
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        count = functools.partial(self._stats_count, path)
         if path.endswith(".parquet"):
             yield from iter_parquet(f.read(), path, self.rows_per_block, self.image_column, self.caption_column,
-                                    self.key_column, expected=self.expected.get(path))
+                                    self.key_column, expected=count)
         else:
             yield from iter_tar(f, path, self.rows_per_block, self.image_exts, self.caption_ext, self.meta_ext,
-                                codec=tar_codec(path), expected=self.expected.get(path))
+                                codec=tar_codec(path), expected=count)

@@ -9,7 +9,8 @@ is, locally or on S3:
 - a prefix with shards directly under it (img2dataset's layout: ``00000.tar``, ``00000.parquet``,
   ``00000_stats.json``, ... with no splits). When a ``NNNNN.tar`` has a ``NNNNN.parquet`` beside it, the Parquet
   file is img2dataset's metadata table for that tar (no image column), not a shard, and is skipped;
-- one shard file (``.tar``, a compressed tar: ``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.zst``; or ``.parquet``);
+- one shard file (``.tar``, a compressed tar: ``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.zst``, ``.tar.lz4``; or
+  ``.parquet``);
 - a brace pattern of shard files, as webdataset and img2dataset users write them: ``{00000..00099}.tar`` (a
   numeric range; zero-padded to the width of its ends when either end has a leading zero; an optional step
   ``{0..98..2}``) and ``{a,b}`` (a list), several and nested braces expanding left to right.
@@ -38,9 +39,11 @@ log = logging.getLogger("mmray")
 
 # WebDataset tars, plain or compressed as the webdataset library reads them (``.tar.gz``, ``.tgz``), the codecs
 # decompressed as a stream by Arrow (see mmray.data.reader.iter_tar); the codec each suffix means.
-TAR_CODECS = {".tar": None, ".tar.gz": "gzip", ".tgz": "gzip", ".tar.bz2": "bz2", ".tar.zst": "zstd"}
+TAR_CODECS = {".tar": None, ".tar.gz": "gzip", ".tgz": "gzip", ".tar.bz2": "bz2", ".tar.zst": "zstd",
+              ".tar.lz4": "lz4"}
 SHARD_SUFFIXES = (*TAR_CODECS, ".parquet")
-SHARD_NAMES = ".tar, .tar.gz, .tgz, .tar.bz2, .tar.zst or .parquet"  # for messages
+SHARD_NAMES = ".tar, .tar.gz, .tgz, .tar.bz2, .tar.zst, .tar.lz4 or .parquet"  # for messages
+UNSTREAMABLE_TARS = (".tar.xz", ".txz", ".tar.lzma", ".tar.z")  # compressed tars Arrow has no stream codec for
 PART_SEPARATOR = "::"
 STATS_SUFFIX = "_stats.json"
 SPLITS = ("train", "val")
@@ -168,8 +171,17 @@ def tar_codec(path: str) -> str | None:
 def list_shards(directory: str) -> list[str]:
     """The shards (:data:`SHARD_SUFFIXES`) directly under ``directory``, sorted; other files (stats, manifests) and
     img2dataset's metadata Parquet beside a tar of the same name (``00000.parquet`` next to ``00000.tar``) skipped."""
-    files = [p for p in storage.list_files(directory) if p.endswith(SHARD_SUFFIXES)]
-    tars = {shard_stem(p) for p in files if not p.endswith(".parquet")}
+    names = storage.list_files(directory)
+    unreadable = [p for p in names if p.lower().endswith(UNSTREAMABLE_TARS)]
+    if unreadable:  # reading the others alone would leave these out without a word
+        raise not_a_shard(unreadable[0], f" (one of {len(unreadable)} under {directory})")
+    files = [p for p in names if p.endswith(SHARD_SUFFIXES)]
+    tars: dict[str, str] = {}
+    for p in files:
+        if not p.endswith(".parquet"):
+            if (other := tars.setdefault(shard_stem(p), p)) != p:
+                raise storage.StorageError(f"{other} and {p} are one shard in two forms (plain and compressed, or "
+                                           "two codecs): its samples would be read twice; keep one of them")
     return [p for p in files if not p.endswith(".parquet") or shard_stem(p) not in tars]
 
 
@@ -188,18 +200,20 @@ def is_file(path: str) -> bool:
     return _file_type(path) == pafs.FileType.File
 
 
-def not_a_shard(path: str) -> storage.StorageError:
-    """The error for a file given where shards (or a directory of them) belong, with what to do about it."""
+def not_a_shard(path: str, where: str = "") -> storage.StorageError:
+    """The error for a file given where shards (or a directory of them) belong, with what to do about it; ``where``
+    says how it was named when it was not given on its own."""
     name = path.lower()
     if name.endswith((".csv", ".jsonl")):
         hint = (f"it is an index of images: write them as shards first, `mmray data prepare {path} DEST`, and "
                 "read DEST")
-    elif name.endswith((".tar.xz", ".txz", ".tar.lz4", ".tar.lzma", ".tar.z")):
+    elif name.endswith(UNSTREAMABLE_TARS):
         hint = ("it is a tar compressed with a codec that Arrow cannot stream; decompress it, or recompress it as "
                 ".tar.gz or .tar.zst")
     else:
         hint = "give a shard, a directory of them, or a prepared data set"
-    return storage.StorageError(f"{path} is a file but not a shard ({SHARD_NAMES}); {hint}")
+    what = f"{path}{where} is not a shard" if where else f"{path} is a file but not a shard"
+    return storage.StorageError(f"{what} ({SHARD_NAMES}); {hint}")
 
 
 def no_shards(directory: str) -> storage.StorageError:
@@ -268,7 +282,7 @@ class Part:
         if len(names) > 1 or names[0].endswith(SHARD_SUFFIXES):
             bad = [n for n in names if not n.endswith(SHARD_SUFFIXES)]
             if bad:
-                raise storage.StorageError(f"{bad[0]} (from {self.spec}) is not a shard ({SHARD_NAMES})")
+                raise not_a_shard(bad[0], f" (from {self.spec})")
             return _check_exist(names, self.spec, allow_missing)
         if is_file(self.spec):
             raise not_a_shard(self.spec)
@@ -327,15 +341,23 @@ def stats_path(shard: str) -> str:
 def read_stats(shard: str) -> int | None:
     """The sample count (``successes``) in a shard's ``_stats.json``, or None when it has none or it is unreadable."""
     try:
-        stats = json.loads(storage.read_bytes(stats_path(shard)))
+        data = storage.read_bytes(stats_path(shard))
     except storage.StorageError:
         return None
+    return parse_stats(data, stats_path(shard))
+
+
+def parse_stats(data: bytes, where: str) -> int | None:
+    """The ``successes`` of a ``_stats.json``'s bytes (read from ``where``), or None, with a warning, when they are
+    not JSON or hold no count."""
+    try:
+        stats = json.loads(data)
     except (ValueError, UnicodeDecodeError):
-        log.warning("ignoring %s: not JSON", stats_path(shard))
+        log.warning("ignoring %s: not JSON", where)
         return None
     successes = stats.get("successes") if isinstance(stats, dict) else None
     if not isinstance(successes, int) or isinstance(successes, bool) or successes < 0:
-        log.warning("ignoring %s: no integer 'successes'", stats_path(shard))
+        log.warning("ignoring %s: no integer 'successes'", where)
         return None
     return successes
 

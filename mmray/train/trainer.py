@@ -37,7 +37,6 @@ class DataSet:
     val: list[str]
     weights: dict[str, float] | None = None  # train shard -> its part's weight (data.source_weights); None: all 1
     train_samples: int | None = None  # samples per epoch (weights applied) from the shards' _stats.json, if known
-    train_counts: dict[str, int | None] | None = None  # train shard -> its samples (_stats.json), None if unknown
 
 
 def ensure_dataset(cfg: Config) -> str:
@@ -111,7 +110,7 @@ def resolve_data(cfg: Config) -> DataSet:
     if epoch is not None:
         log.info("data: %d training samples per epoch", epoch)
     mixed = by_shard if any(w != 1 for w in weights) else None
-    return DataSet(root, tokenizer, list(by_shard), val, mixed, epoch, counts)
+    return DataSet(root, tokenizer, list(by_shard), val, mixed, epoch)
 
 
 # What a checkpoint's weights and optimizer state are shaped by: a resume must keep these (model.init_* only say where
@@ -265,7 +264,7 @@ def build_trainer(cfg: Config, data: DataSet, quality=None, cost_meter=None, cal
     if cfg.eval.max_samples:
         val = val.limit(cfg.eval.max_samples)
     datasets = {"train": read_split(data.train, cfg, tokenizer, shuffle_seed=cfg.train.seed, quality=quality,
-                                    weights=data.weights, position=data_position, expected=data.train_counts),
+                                    weights=data.weights, position=data_position),
                 "val": val}
     use_gpu = _use_gpu(cfg)
     from mmray.train.engine import ds_config

@@ -103,6 +103,7 @@ def test_other_seed_gives_other_images(prepared, tmp_path):
 def test_rewrite_with_fewer_shards_removes_stale_ones(tmp_path):
     prepare_synthetic(str(tmp_path), samples=40, val_samples=8, samples_per_shard=8)
     assert len(os.listdir(tmp_path / "train")) == 8
+    (tmp_path / "train" / "00001.tar.gz").write_bytes(b"a compressed copy, which would be read as a shard too")
     summary = prepare_synthetic(str(tmp_path), samples=20, val_samples=0, samples_per_shard=8)
     assert summary["train_shards"] == 3 and summary["val_shards"] == 0
     assert sorted(os.listdir(tmp_path / "train")) == [

@@ -116,10 +116,11 @@ def _noise_jpeg(seed: int) -> bytes:
 
 def _compressed_tar(members: list[tuple[str, bytes]], codec: str) -> bytes:
     """A tar compressed as other tools write it: Python's tarfile (``w:gz``, ``w:bz2``: what webdataset's
-    TarWriter does for ``.tar.gz``) and Arrow's zstd stream (the format of the ``zstd`` command)."""
-    if codec == "zstd":
+    TarWriter does for ``.tar.gz``) and Arrow's zstd and LZ4 frame streams (the formats of the ``zstd`` and
+    ``lz4`` commands)."""
+    if codec in ("zstd", "lz4"):
         sink = pa.BufferOutputStream()
-        with pa.CompressedOutputStream(sink, "zstd") as out:
+        with pa.CompressedOutputStream(sink, codec) as out:
             out.write(_tar(members))
         return sink.getvalue().to_pybytes()
     buf = io.BytesIO()
@@ -135,7 +136,7 @@ def _samples(n: int) -> list[tuple[str, bytes]]:
     return [m for i in range(n) for m in ((f"{i:04d}.jpg", _noise_jpeg(i)), (f"{i:04d}.txt", f"cap {i}".encode()))]
 
 
-@pytest.mark.parametrize("codec", ["gzip", "bz2", "zstd"])
+@pytest.mark.parametrize("codec", ["gzip", "bz2", "zstd", "lz4"])
 def test_compressed_tars_read_the_same_samples_and_damage_is_a_truncated_shard(codec):
     members = _samples(80)  # 1.7 MB of tar: more than one bz2 block (900 KB), many reads of the stream
     plain = _rows(iter_tar(io.BytesIO(_tar(members)), "p.tar", 8))
@@ -143,12 +144,14 @@ def test_compressed_tars_read_the_same_samples_and_damage_is_a_truncated_shard(c
     assert _rows(iter_tar(io.BytesIO(data), "p.tar", 8, codec=codec)) == plain
     assert [r["key"] for r in plain] == [f"{i:04d}" for i in range(80)] and not any(r["error"] for r in plain)
 
-    # Cut short: the samples before the damage are kept, whole (all but the last read's or compression block's
-    # worth: 900 KB for bz2), the break is a truncated shard that names the codec.
+    # Cut short: the samples before the damage are kept, whole (all but the member being read, or for bz2 its
+    # 900 KB compression block), the break is a truncated shard that names the codec.
     rows = _rows(iter_tar(io.BytesIO(data[:len(data) * 3 // 4]), "p.tar", 8, codec=codec))
     assert rows[:-1] == plain[:len(rows) - 1] and len(rows) - 1 >= 30
     assert rows[-1]["key"] == "p.tar#truncated"
     assert rows[-1]["error"].startswith(f"truncated_shard: corrupt {codec} data after "), rows[-1]["error"]
+    # Zero padding after the compressed data (some writers add it) is never read: the tar ended before it.
+    assert _rows(iter_tar(io.BytesIO(data + bytes(1024)), "p.tar", 8, codec=codec)) == plain
     # A plain tar under a compressed name is the same: nothing is taken for samples.
     rows = _rows(iter_tar(io.BytesIO(_tar(members)), "n.tar.gz", 8, codec=codec))
     assert [r["key"] for r in rows] == ["n.tar.gz#truncated"] and f"corrupt {codec} data" in rows[0]["error"]
@@ -191,15 +194,38 @@ def test_a_cut_tar_counts_every_sample_its_stats_say_it_lost():
     """With the shard's sample count (its _stats.json), the rest of a cut tar is that many bad samples, so that the
     counts and data.max_bad_fraction see them; without it, one (how many the rest held is unknown)."""
     data = _tar(_samples(30))
-    rows = _rows(iter_tar(io.BytesIO(data[:len(data) // 3]), "t.tar", 8, expected=30))
+    asked = []
+    rows = _rows(iter_tar(io.BytesIO(data[:len(data) // 3]), "t.tar", 8, expected=lambda: asked.append(1) or 30))
     good = [r for r in rows if not r["error"]]
     lost = rows[len(good):]
     assert [r["key"] for r in good] == [f"{i:04d}" for i in range(len(good))] and 5 <= len(good) < 15
-    assert len(good) + len(lost) == 30 and {r["key"] for r in lost} == {"t.tar#truncated"}
+    assert len(good) + len(lost) == 30 and asked == [1]
+    # distinct keys, as samples have: mixing weights (chosen by key) weigh them one by one
+    assert [r["key"] for r in lost] == ["t.tar#truncated"] + [f"t.tar#truncated/{i}" for i in range(1, len(lost))]
     assert {r["error"] for r in lost} == {f"truncated_shard: archive ends at byte {len(data) // 3} inside a member; "
                                           f"{len(lost)} of its 30 samples (_stats.json) not read"}
     rows = _rows(iter_tar(io.BytesIO(data[:len(data) // 3]), "t.tar", 8))
     assert len(rows) == len(good) + 1 and rows[-1]["error"].endswith("inside a member")
+    # the count is looked up only for a damaged shard
+    assert len(_rows(iter_tar(io.BytesIO(data), "t.tar", 8, expected=lambda: asked.append(1) or 30))) == 30
+    assert asked == [1]
+
+
+def test_the_samples_a_break_lost_are_weighed_one_by_one_and_shown_as_one_example():
+    from mmray.data.mixing import Resample
+    from mmray.data.pipeline import DataQuality
+
+    data = _tar(_samples(30))
+    rows = pa.concat_tables(iter_tar(io.BytesIO(data[:len(data) // 10]), "/d/t.tar", 64, expected=lambda: 1000))
+    lost = rows.filter(pa.compute.not_equal(rows["error"], ""))
+    assert lost.num_rows > 990
+    halved = Resample({"/d/t.tar": 0.5}, seed=3)({c: lost[c].to_numpy(zero_copy_only=False) for c in ("key", "shard")})
+    assert abs(len(halved["key"]) - lost.num_rows / 2) < 4 * 16  # binomial(~995, 0.5): sd ~16
+    quality = DataQuality()
+    quality.add(0, {"truncated_shard": [f"/d/t.tar:{k}" for k in halved["key"]] + ["/d/u.tar:/d/u.tar#truncated~1"]})
+    assert quality.snapshot()["bad"] == {"truncated_shard": len(halved["key"]) + 1}
+    assert quality.snapshot()["bad_examples"] == {"truncated_shard": ["/d/t.tar:/d/t.tar#truncated",
+                                                                      "/d/u.tar:/d/u.tar#truncated"]}
 
 
 def _parquet_with_a_bad_row_group(table: pa.Table, rows_per_group: int, bad_group: int) -> bytes:
@@ -218,7 +244,9 @@ def test_an_unreadable_parquet_row_group_is_each_of_its_rows_counted():
                       "txt": [f"cap {i}" for i in range(12)]})
     rows = _rows(iter_parquet(_parquet_with_a_bad_row_group(table, 4, 1), "p.parquet", 5))
     assert [(r["key"], r["error"].split(":")[0]) for r in rows] == (
-        [(f"k{i:02d}", "") for i in range(4)] + [("p.parquet#rowgroup1", "unreadable_row_group")] * 4
+        [(f"k{i:02d}", "") for i in range(4)]
+        + [("p.parquet#rowgroup1", "unreadable_row_group")]
+        + [(f"p.parquet#rowgroup1/{i}", "unreadable_row_group") for i in (1, 2, 3)]
         + [(f"k{i:02d}", "") for i in range(8, 12)])
     assert "Deserializing page header failed" in rows[4]["error"]
     assert [r["image"] for r in rows[8:]] == table.column("jpg").to_pylist()[8:]
@@ -229,10 +257,10 @@ def test_an_unreadable_parquet_row_group_is_each_of_its_rows_counted():
     fetched = table.set_column(1, "jpg", pa.array([None if st != "success" else j for st, j in
                                                    zip(status, table.column("jpg").to_pylist())], pa.binary()))
     data = _parquet_with_a_bad_row_group(fetched.append_column("status", pa.array(status)), 4, 1)
-    rows = _rows(iter_parquet(data, "i.parquet", 5, expected=8))  # 8 successes of 12 URLs
+    rows = _rows(iter_parquet(data, "i.parquet", 5, expected=lambda: 8))  # 8 successes of 12 URLs
     assert [r["key"] for r in rows if not r["error"]] == ["k01", "k02", "k08", "k10", "k11"]
     lost = [r for r in rows if r["error"]]  # k04, k05 and k07 were in the unreadable group
-    assert len(lost) == 3 and {r["key"] for r in lost} == {"i.parquet#rowgroup1"}
+    assert [r["key"] for r in lost] == ["i.parquet#rowgroup1", "i.parquet#rowgroup1/1", "i.parquet#rowgroup1/2"]
     assert lost[0]["error"].endswith("; 3 of its 8 samples (_stats.json) not read")
     assert len([r for r in _rows(iter_parquet(data, "i.parquet", 5)) if r["error"]]) == 1
 

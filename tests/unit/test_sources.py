@@ -92,6 +92,18 @@ def test_compressed_tars_are_shards_with_their_stats_and_metadata_parquet(tmp_pa
     assert [tar_codec(p) for p in shards] == ["gzip", "gzip", None]
     assert count_samples(shards) == {p: 4 for p in shards}
     assert inspect_shards(f"{tmp_path}/{{00000.tar.gz,00001.tgz}}") == shards[:2]
+    # One shard in two forms would be read twice; a tar Arrow cannot decompress would be left out: both refused.
+    (tmp_path / "00002.tar.zst").write_bytes(b"x")
+    with pytest.raises(ValueError, match=f"^{tmp_path}/00002.tar and {tmp_path}/00002.tar.zst are one shard in two "
+                                         "forms .* read twice; keep one of them$"):
+        list_shards(str(tmp_path))
+    (tmp_path / "00002.tar.zst").unlink()
+    (tmp_path / "00003.tar.xz").write_bytes(b"x")
+    with pytest.raises(ValueError, match=f"^{tmp_path}/00003.tar.xz .one of 1 under {tmp_path}. is not a shard "
+                                         ".* cannot stream; decompress it, or recompress it as .tar.gz or .tar.zst$"):
+        list_shards(str(tmp_path))
+    with pytest.raises(ValueError, match=r"00003.tar.xz \(from .*\) is not a shard .* cannot stream"):
+        inspect_shards(f"{tmp_path}/{{00002.tar,00003.tar.xz}}")
 
 
 def test_missing_shards_fail_fast_naming_the_path_unless_allowed(tmp_path, caplog):

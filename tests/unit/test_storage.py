@@ -9,7 +9,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from mmray import storage
-from mmray.storage import StorageError
+from mmray.storage import EndpointUnreachable, StorageError
 
 
 def test_join_and_is_s3():
@@ -59,17 +59,25 @@ def test_an_s3_endpoint_where_nothing_listens_is_named_at_once(monkeypatch, list
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed below: nothing listens there any more
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
-    with pytest.raises(StorageError, match=f"^cannot connect to the S3 endpoint {dead} .from AWS_ENDPOINT_URL. "
+    with pytest.raises(EndpointUnreachable, match=f"^cannot connect to the S3 endpoint {dead} .from AWS_ENDPOINT_URL. "
                                            "after 3 tries: Connection refused; check the URL and that the server "
                                            "is up$"):
         storage.read_bytes("s3://bucket/data/x.json")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", dead)
-    with pytest.raises(StorageError, match="from AWS_ENDPOINT_URL_S3"):
+    with pytest.raises(EndpointUnreachable, match="from AWS_ENDPOINT_URL_S3"):
         storage.list_files("s3://bucket/data/")
-    with pytest.raises(StorageError, match=f"endpoint {dead} .from endpoint_url."):
+    with pytest.raises(EndpointUnreachable, match=f"endpoint {dead} .from endpoint_url."):
         storage.exists("s3://bucket/x", endpoint_url=dead)
-    with pytest.raises(StorageError, match="S3 endpoint 'http://127.0.0.1:nine' is not a valid URL"):
+    with pytest.raises(EndpointUnreachable, match="S3 endpoint 'http://127.0.0.1:nine' is not a valid URL"):
         storage.exists("s3://bucket/x", endpoint_url="http://127.0.0.1:nine")
+    # Not taken for a missing file by the callers that skip missing ones: a shard pattern, a sweep file.
+    from mmray.data.sources import Part
+    from mmray.sweep import spec as sweep_spec
+
+    with pytest.raises(EndpointUnreachable):
+        Part("s3://bucket/laion/{00000..00001}.tar", prepared=False).shards(allow_missing=True)
+    with pytest.raises(EndpointUnreachable):
+        sweep_spec.load("s3://bucket/sweep.yaml")
     # What the user sees: `mmray data inspect` (and train, which resolves its data the same way) exits as for bad
     # input, with the message as its JSON summary's error.
     from mmray import cli
