@@ -48,6 +48,7 @@ again in the data-quality totals.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from pathlib import Path
@@ -175,6 +176,14 @@ def _excluded(ref) -> dict[str, pa.Array]:
     return _EXCLUDED[key]
 
 
+@functools.lru_cache(maxsize=4)
+def _fetched(ref):
+    """An object the driver put once (the mixing weights), fetched once a process."""
+    import ray
+
+    return ray.get(ref)
+
+
 def resample_block(block: pa.Table, resample) -> pa.Table:
     """A raw block with each row repeated or dropped by :class:`mmray.data.mixing.Resample` (copies keyed
     ``KEY~1``, ...), taken in Arrow."""
@@ -190,11 +199,13 @@ class PositionedShardDatasource(ShardDatasource):
     epoch and its consumed ids, orders the shards by ``(seed, epoch)`` and leaves the consumed samples out.
 
     ``resample`` (a :class:`mmray.data.mixing.Resample`) mixes sources here, before the filter: each copy of a
-    sample has its own key, and so its own place in the consumed set."""
+    sample has its own key, and so its own place in the consumed set. It holds a weight for every shard, so it goes
+    to the object store once, at the first planning, rather than into each read task (Ray Data stores every task on
+    its own: N tasks would carry N weights each)."""
 
     def __init__(self, paths, *, seed: int, position, resample=None, window: int = 0, **kwargs):
         super().__init__(paths, **kwargs)
-        self._seed, self._position, self._resample = seed, position, resample
+        self._seed, self._position, self._resample, self._resample_ref = seed, position, resample, None
         self._window = window  # rows shuffled together (data.shuffle_buffer); 0 keeps each shard's order
         self._epoch_seed = epoch_seed(seed, 0)
         self._excluded_ref = None  # {shard: consumed keys} of the epoch being planned, in the object store
@@ -203,6 +214,8 @@ class PositionedShardDatasource(ShardDatasource):
         import ray
 
         epoch, consumed = ray.get(self._position.get.remote(), timeout=60)
+        if self._resample is not None:
+            self._resample_ref, self._resample = ray.put(self._resample), None
         self._epoch_seed = epoch_seed(self._seed, epoch)
         self._shuffle = FileShuffleConfig(seed=self._epoch_seed, reseed_after_execution=False)
         self._excluded_ref = ray.put(by_shard(consumed)) if consumed.num_rows else None
@@ -210,11 +223,12 @@ class PositionedShardDatasource(ShardDatasource):
 
     def _read_stream(self, f: pa.NativeFile, path: str):
         keys = _excluded(self._excluded_ref).get(path) if self._excluded_ref is not None else None
+        resample = _fetched(self._resample_ref) if self._resample_ref is not None else self._resample
         window: list[pa.Table] = []
         rows = 0
         for block in super()._read_stream(f, path):
-            if self._resample is not None:
-                block = resample_block(block, self._resample)
+            if resample is not None:
+                block = resample_block(block, resample)
             window.append(block)
             rows += block.num_rows
             if rows >= self._window:
