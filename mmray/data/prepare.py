@@ -114,7 +114,7 @@ def _shard_reporter(say: Callable[[str], None], split: str, samples: int,
 
 
 # A numbered shard in any form the reader takes (compressed tars too), or its stats
-_SHARD_FILE = re.compile(r"^(\d+)(\.tar(?:\.gz|\.bz2|\.zst|\.lz4)?|\.tgz|\.parquet|_stats\.json)$")
+_SHARD_FILE = re.compile(r"^(\d+)(\.tar(?:\.gz|\.bz2|\.zst|\.lz4|\.xz)?|\.tgz|\.txz|\.parquet|_stats\.json)$")
 
 
 def remove_stale_shards(dest_dir: str, shards: int, suffix: str = ".tar") -> None:

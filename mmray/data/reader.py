@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import posixpath
 import tarfile
 from typing import Callable, Iterator, Sequence
@@ -23,6 +24,7 @@ from ray.data.datasource import FileBasedDatasource
 
 from mmray.data.sources import parse_stats, stats_path, tar_codec
 
+log = logging.getLogger("mmray")
 Count = Callable[[], "int | None"]  # a shard's sample count, looked up only when it is needed
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # data.image_extensions' default, in order of preference
@@ -462,7 +464,7 @@ class ShardDatasource(FileBasedDatasource):
     ``image_exts`` / ``caption_ext`` / ``meta_ext`` name the WebDataset members (data.image_extensions, ...; see
     :func:`iter_tar`), ``image_column`` / ``caption_column`` the Parquet columns (see :func:`iter_parquet`)."""
 
-    _FILE_EXTENSIONS = ["tar", "gz", "tgz", "bz2", "zst", "parquet"]
+    _FILE_EXTENSIONS = ["tar", "gz", "tgz", "bz2", "zst", "lz4", "parquet"]
 
     def __init__(self, paths, *, rows_per_block: int = 256, image_exts: Sequence[str] = IMAGE_EXTENSIONS,
                  caption_ext: str = CAPTION_EXTENSION, meta_ext: str = METADATA_EXTENSION, image_column: str = AUTO,
@@ -486,7 +488,11 @@ class ShardDatasource(FileBasedDatasource):
         try:
             with self._filesystem.open_input_stream(stats, compression=None) as f:
                 data = f.read()
-        except OSError:  # none (FileNotFoundError), or unreadable: the count is unknown
+        except FileNotFoundError:  # none: the count is unknown
+            return None
+        except OSError as e:  # unreadable after the filesystem's retries: unknown too, but say so
+            log.warning("the sample count of %s is unknown (%s cannot be read: %s); its damage counts as one bad "
+                        "sample", path, stats, e)
             return None
         return parse_stats(data, stats)
 

@@ -44,6 +44,7 @@ TAR_CODECS = {".tar": None, ".tar.gz": "gzip", ".tgz": "gzip", ".tar.bz2": "bz2"
 SHARD_SUFFIXES = (*TAR_CODECS, ".parquet")
 SHARD_NAMES = ".tar, .tar.gz, .tgz, .tar.bz2, .tar.zst, .tar.lz4 or .parquet"  # for messages
 UNSTREAMABLE_TARS = (".tar.xz", ".txz", ".tar.lzma", ".tar.z")  # compressed tars Arrow has no stream codec for
+_SHARD_LIKE = re.compile(r"\d{3,}$")  # a name ending in a shard number (00012, shard-000012)
 PART_SEPARATOR = "::"
 STATS_SUFFIX = "_stats.json"
 SPLITS = ("train", "val")
@@ -172,16 +173,20 @@ def list_shards(directory: str) -> list[str]:
     """The shards (:data:`SHARD_SUFFIXES`) directly under ``directory``, sorted; other files (stats, manifests) and
     img2dataset's metadata Parquet beside a tar of the same name (``00000.parquet`` next to ``00000.tar``) skipped."""
     names = storage.list_files(directory)
-    unreadable = [p for p in names if p.lower().endswith(UNSTREAMABLE_TARS)]
-    if unreadable:  # reading the others alone would leave these out without a word
-        raise not_a_shard(unreadable[0], f" (one of {len(unreadable)} under {directory})")
+    for p in names:
+        suffix = next((s for s in UNSTREAMABLE_TARS if p.lower().endswith(s)), None)
+        if suffix is not None:
+            if _SHARD_LIKE.search(p[:-len(suffix)]):
+                # named like a shard: reading the others alone would leave it out without a word
+                raise not_a_shard(p, f" (under {directory})")
+            log.warning("ignoring %s: a tar compressed with a codec Arrow cannot stream", p)
     files = [p for p in names if p.endswith(SHARD_SUFFIXES)]
     tars: dict[str, str] = {}
     for p in files:
         if not p.endswith(".parquet"):
             if (other := tars.setdefault(shard_stem(p), p)) != p:
-                raise storage.StorageError(f"{other} and {p} are one shard in two forms (plain and compressed, or "
-                                           "two codecs): its samples would be read twice; keep one of them")
+                raise storage.StorageError(f"{other} and {p} are one shard under two names: its samples would be "
+                                           "read twice; keep one of them")
     return [p for p in files if not p.endswith(".parquet") or shard_stem(p) not in tars]
 
 
@@ -216,7 +221,11 @@ def not_a_shard(path: str, where: str = "") -> storage.StorageError:
     return storage.StorageError(f"{what} ({SHARD_NAMES}); {hint}")
 
 
-def no_shards(directory: str) -> storage.StorageError:
+class NoShards(storage.StorageError):
+    """A directory without shards (which may be a folder of images to ingest: see mmray.infer.inputs)."""
+
+
+def no_shards(directory: str) -> NoShards:
     """The error for a directory without shards; when it holds images, it says how to make shards of them."""
     message = f"no shards ({SHARD_NAMES}) under {directory}"
     try:
@@ -226,7 +235,7 @@ def no_shards(directory: str) -> storage.StorageError:
     if images:
         message += (f"; it holds {len(images)} image file(s) (e.g. {images[0]}): write them as shards first, "
                     f"`mmray data prepare {directory} DEST`, and read DEST")
-    return storage.StorageError(message)
+    return NoShards(message)
 
 
 def _parent(path: str) -> str:

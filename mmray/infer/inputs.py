@@ -31,7 +31,7 @@ from mmray import storage
 from mmray.data.inspect import find_shards
 from mmray.data.pipeline import Preprocess, decode_meta
 from mmray.data.reader import RAW_SCHEMA, ShardDatasource
-from mmray.data.sources import SHARD_SUFFIXES, image_files, is_dir
+from mmray.data.sources import SHARD_SUFFIXES, NoShards, image_files, is_dir
 
 END_OF_SHARD = "end_of_shard"
 
@@ -53,7 +53,7 @@ def _needs_staging(src: str) -> bool:
         return src.lower().endswith((".csv", ".jsonl"))
     try:
         find_shards(src)
-    except storage.StorageError:  # a directory without shards: a folder of images (ingest says if it is not)
+    except NoShards:  # a directory without shards: a folder of images (ingest says if it is not)
         return True
     images = image_files(src)
     if images:  # reading the shards alone would leave the images out without a word

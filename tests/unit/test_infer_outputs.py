@@ -154,6 +154,10 @@ def test_a_directory_holding_shards_and_images_is_refused(tmp_path):
     (tmp_path / "mixed" / "photo.JPG").unlink()
     (tmp_path / "mixed" / "._photo.jpg").write_bytes(b"macOS resource fork")  # hidden: not an image to read
     check_sources([str(tmp_path / "mixed")], str(tmp_path / "out"))
+    # A listing refused for what it holds is not taken for a folder of images (which would end in "no images").
+    (tmp_path / "mixed" / "00000.tar.gz").write_bytes(b"the same shard again")
+    with pytest.raises(ValueError, match="00000.tar and .*00000.tar.gz are one shard under two names"):
+        check_sources([str(tmp_path / "mixed")], str(tmp_path / "out"))
 
 
 def test_contact_sheet_shows_images_as_the_model_sees_them(tmp_path):

@@ -94,12 +94,14 @@ def test_compressed_tars_are_shards_with_their_stats_and_metadata_parquet(tmp_pa
     assert inspect_shards(f"{tmp_path}/{{00000.tar.gz,00001.tgz}}") == shards[:2]
     # One shard in two forms would be read twice; a tar Arrow cannot decompress would be left out: both refused.
     (tmp_path / "00002.tar.zst").write_bytes(b"x")
-    with pytest.raises(ValueError, match=f"^{tmp_path}/00002.tar and {tmp_path}/00002.tar.zst are one shard in two "
-                                         "forms .* read twice; keep one of them$"):
+    with pytest.raises(ValueError, match=f"^{tmp_path}/00002.tar and {tmp_path}/00002.tar.zst are one shard under "
+                                         "two names: its samples would be read twice; keep one of them$"):
         list_shards(str(tmp_path))
     (tmp_path / "00002.tar.zst").unlink()
+    (tmp_path / "raw-download.tar.xz").write_bytes(b"x")  # not named like a shard: left out, with a warning
+    assert list_shards(str(tmp_path)) == shards
     (tmp_path / "00003.tar.xz").write_bytes(b"x")
-    with pytest.raises(ValueError, match=f"^{tmp_path}/00003.tar.xz .one of 1 under {tmp_path}. is not a shard "
+    with pytest.raises(ValueError, match=f"^{tmp_path}/00003.tar.xz .under {tmp_path}. is not a shard "
                                          ".* cannot stream; decompress it, or recompress it as .tar.gz or .tar.zst$"):
         list_shards(str(tmp_path))
     with pytest.raises(ValueError, match=r"00003.tar.xz \(from .*\) is not a shard .* cannot stream"):
