@@ -289,9 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Stream SRC through the real read and decode path. SRC is a prepared data "
                                        "set (both splits), a directory / s3:// prefix of shards (.tar, .tar.gz, "
                                        ".tgz, .tar.bz2, .tar.zst, .tar.lz4 or .parquet; img2dataset's layout), "
-                                       "a shard "
-                                       "file, a brace pattern "
-                                       "('s3://b/laion/{00000..00099}.tar'), or several joined by '::'. The JSON "
+                                       "a shard file, a brace pattern ('s3://b/laion/{00000..00099}.tar'), or "
+                                       "several joined by '::'. The JSON "
                                        "summary holds samples (usable), expected_samples (from the shards' "
                                        "_stats.json; null when a shard has none), bad (count per reason), "
                                        "bad_examples, shards, bytes and samples_per_s.")

@@ -48,7 +48,22 @@ def is_s3(path: str) -> bool:
 
 def endpoint_from_env() -> str | None:
     """The S3 endpoint boto3 would use: ``AWS_ENDPOINT_URL_S3`` wins over ``AWS_ENDPOINT_URL``; None means AWS."""
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    return _endpoint(None)[0]
+
+
+def _endpoint(endpoint_url: str | None) -> tuple[str | None, str]:
+    """(the S3 endpoint to use, where it came from): the caller's ``endpoint_url``, else the environment's (see
+    :func:`endpoint_from_env`); (None, "") means AWS."""
+    for source, value in (("endpoint_url", endpoint_url), *((name, os.environ.get(name)) for name in
+                                                             ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"))):
+        if value:
+            return value, source
+    return None, ""
+
+
+def _parse_endpoint(endpoint_url: str):
+    """An endpoint URL parsed, ``https`` when it names no scheme (as boto3 reads ``host:port``)."""
+    return urlparse(endpoint_url if "://" in endpoint_url else f"https://{endpoint_url}")
 
 
 def _region_from_env() -> str:
@@ -68,10 +83,10 @@ def _check_reachable(endpoint_url: str, source: str) -> None:
     server that is down), after a few quick tries: pyarrow's client would retry it for ~90 s, as it retries any
     transient error (``_S3_MAX_ATTEMPTS``), and then fail with a traceback. Only the TCP connection is tried, so this
     needs no credentials and sends no request; a reachable endpoint's errors (403, a missing bucket, 503s) are S3's to
-    report, and are reported or retried as before."""
-    if endpoint_url in _REACHABLE:
+    report, and are reported or retried as before. Not tried behind a proxy (``_PROXY_VARS``)."""
+    if endpoint_url in _REACHABLE or _PROXY_VARS & os.environ.keys():
         return
-    parsed = urlparse(endpoint_url if "://" in endpoint_url else f"https://{endpoint_url}")
+    parsed = _parse_endpoint(endpoint_url)
     try:
         address = (parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80))
     except ValueError as e:  # a port that is not a number
@@ -103,7 +118,7 @@ def _s3_filesystem(endpoint_url: str | None, region: str) -> pafs.S3FileSystem:
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=_S3_MAX_ATTEMPTS),
     }
     if endpoint_url:
-        parsed = urlparse(endpoint_url if "://" in endpoint_url else f"https://{endpoint_url}")
+        parsed = _parse_endpoint(endpoint_url)
         kwargs["scheme"] = parsed.scheme
         kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
     return pafs.S3FileSystem(**kwargs)
@@ -122,10 +137,9 @@ def resolve(path: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem
         key = path[len(S3_SCHEME):].strip("/")
         if not key:
             raise StorageError(f"S3 URI has no bucket: {path!r}")
-        endpoint = endpoint_url or endpoint_from_env()
-        if endpoint and not _PROXY_VARS & set(os.environ):  # checked once a process (see _check_reachable)
-            _check_reachable(endpoint, "endpoint_url" if endpoint_url else
-                             "AWS_ENDPOINT_URL_S3" if os.environ.get("AWS_ENDPOINT_URL_S3") else "AWS_ENDPOINT_URL")
+        endpoint, source = _endpoint(endpoint_url)
+        if endpoint:  # checked once a process (see _check_reachable)
+            _check_reachable(endpoint, source)
         return _s3_filesystem(endpoint, _region_from_env()), key
     return _LOCAL_FS, os.path.abspath(os.path.expanduser(path))
 

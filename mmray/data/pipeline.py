@@ -46,6 +46,7 @@ from PIL import ExifTags, Image, ImageOps
 
 from mmray import storage
 from mmray.config import Config, webdataset_members
+from mmray.data.mixing import COPY_SEPARATOR
 from mmray.data.tokenizer import TextTokenizer, qa_entries, qa_text
 
 # Images above this many pixels are refused before decoding (a decompression bomb costs memory, not just time).
@@ -271,7 +272,7 @@ def decode_meta(data: bytes | None) -> dict:
 
 
 # The keys of the samples one break lost after the first (KEY/1, ...), and their mixing copies (KEY~1, KEY/1~1)
-LOST_KEY = re.compile(r"(#truncated|#rowgroup\d+)(/\d+)?(~\d+)?$")
+LOST_KEY = re.compile(rf"(#truncated|#rowgroup\d+)(/\d+)?({re.escape(COPY_SEPARATOR)}\d+)?$")
 
 
 class DataQuality:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from mmray import storage
 from mmray.data import shapes
+from mmray.data.sources import SHARD_SUFFIXES, STATS_SUFFIX, UNSTREAMABLE_TARS
 from mmray.data.tokenizer import MIN_VOCAB_SIZE, TextTokenizer, sample_texts, train_tokenizer
 from mmray.data.webdataset import ShardInfo, ShardWriter, shard_name
 
@@ -113,8 +114,9 @@ def _shard_reporter(say: Callable[[str], None], split: str, samples: int,
     return report
 
 
-# A numbered shard in any form the reader takes (compressed tars too), or its stats
-_SHARD_FILE = re.compile(r"^(\d+)(\.tar(?:\.gz|\.bz2|\.zst|\.lz4|\.xz)?|\.tgz|\.txz|\.parquet|_stats\.json)$")
+# A numbered shard in any form the reader knows (compressed tars too, and those it refuses), or its stats
+_SHARD_FILE = re.compile(r"^(\d+)(" + "|".join(map(re.escape, (*SHARD_SUFFIXES, *UNSTREAMABLE_TARS, STATS_SUFFIX)))
+                         + ")$")
 
 
 def remove_stale_shards(dest_dir: str, shards: int, suffix: str = ".tar") -> None:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource
 
-from mmray.data.sources import parse_stats, stats_path, tar_codec
+from mmray.data.sources import SHARD_SUFFIXES, parse_stats, stats_path, tar_codec
 
 log = logging.getLogger("mmray")
 Count = Callable[[], "int | None"]  # a shard's sample count, looked up only when it is needed
@@ -84,12 +84,17 @@ class _Rows:
         self.added += 1
         return self.flush() if len(self.cols["key"]) >= self.size else None
 
-    def lost(self, key: str, error: str, count: int) -> Iterator[pa.Table]:
-        """``count`` samples that could not be read (a cut tar's rest, an unreadable row group): one bad row each
-        with ``error``, so that the bad-sample counts and data.max_bad_fraction weigh them. Their keys are ``key``,
-        ``key/1``, ``key/2``, ...: distinct, as samples' keys are, so that mixing weights (which pick copies by
-        key) weigh them one by one."""
-        for i in range(count):
+    def lost(self, key: str, error: str, least: int, expected: Count | None = None) -> Iterator[pa.Table]:
+        """The samples that could not be read (a cut tar's rest, an unreadable row group): at least ``least``, or as
+        many as ``expected()`` (the shard's sample count, from its ``_stats.json``; asked only here) says the rows
+        so far leave missing. One bad row each with ``error``, so that the bad-sample counts and
+        data.max_bad_fraction weigh them. Their keys are ``key``, ``key/1``, ``key/2``, ...: distinct, as samples'
+        keys are, so that mixing weights (which pick copies by key) weigh them one by one."""
+        count = expected() if expected is not None else None
+        missing = count - self.added if count is not None else 0
+        if missing > least:
+            error += f"; {missing} of its {count} samples (_stats.json) not read"
+        for i in range(max(missing, least)):
             if block := self.add(f"{key}/{i}" if i else key, None, None, error):
                 yield block
 
@@ -311,10 +316,7 @@ def _iter_tar_members(blocks: _Blocks, shard: str, rows: _Rows, image_exts: Sequ
         # A truncated or corrupt tar: the samples read whole are kept; the one cut off and the rest are counted as
         # bad samples of this shard (see iter_tar), rather than lost silently.
         key, members = None, {}
-        count = expected() if expected is not None else None
-        missing = count - rows.added if count is not None else 0
-        detail = f"; {missing} of its {count} samples (_stats.json) not read" if missing > 1 else ""
-        yield from rows.lost(f"{shard}#truncated", f"truncated_shard: {e}{detail}", max(missing, 1))
+        yield from rows.lost(f"{shard}#truncated", f"truncated_shard: {e}", 1, expected)
     if key is not None and (block := rows.add(*sample(key, members))):
         yield block
     if (block := rows.flush()) is not None:
@@ -450,10 +452,7 @@ def iter_parquet(data: bytes, shard: str, rows_per_block: int, image_column: str
                 yield block
         offset += n
     if unread:  # counted once the readable groups are: the missing samples, under the first unreadable group
-        count = expected() if expected is not None else None
-        missing = count - rows.added if count is not None else 0
-        detail = f"; {missing} of its {count} samples (_stats.json) not read" if missing > len(unread) else ""
-        yield from rows.lost(unread[0][0], unread[0][1] + detail, max(missing, len(unread)))
+        yield from rows.lost(*unread[0], len(unread), expected)
     if (block := rows.flush()) is not None:
         yield block
 
@@ -464,7 +463,7 @@ class ShardDatasource(FileBasedDatasource):
     ``image_exts`` / ``caption_ext`` / ``meta_ext`` name the WebDataset members (data.image_extensions, ...; see
     :func:`iter_tar`), ``image_column`` / ``caption_column`` the Parquet columns (see :func:`iter_parquet`)."""
 
-    _FILE_EXTENSIONS = ["tar", "gz", "tgz", "bz2", "zst", "lz4", "parquet"]
+    _FILE_EXTENSIONS = sorted({suffix.rsplit(".", 1)[1] for suffix in SHARD_SUFFIXES})
 
     def __init__(self, paths, *, rows_per_block: int = 256, image_exts: Sequence[str] = IMAGE_EXTENSIONS,
                  caption_ext: str = CAPTION_EXTENSION, meta_ext: str = METADATA_EXTENSION, image_column: str = AUTO,
