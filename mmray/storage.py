@@ -250,6 +250,28 @@ def delete(path: str, *, endpoint_url: str | None = None) -> None:
             pass
 
 
+def _walk_local(root: str, suffix: str | None) -> list[str]:
+    """Every file below a local directory, sorted by path. Symlinked directories are followed, but each directory
+    once: a link back up the tree (a loop) or a second name for a directory already listed (``favourites ->
+    cats``) lists nothing again, so no file is listed twice under two names (and no image lands in both splits).
+    Symlinks to files are listed, dangling ones too (reading them then fails, and is counted, not skipped). A
+    directory that cannot be listed is a StorageError, not a silent gap."""
+    def unreadable(err: OSError) -> None:  # os.walk would skip a directory it cannot list, and its files with it
+        raise StorageError(f"cannot list directory {err.filename}: {err.strerror}") from err
+
+    seen: set[tuple[int, int]] = set()
+    out = []
+    for directory, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
+        st = os.stat(directory)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames.sort()  # the first name of a directory in path order is the one listed
+        out += [os.path.join(directory, name) for name in filenames if suffix is None or name.endswith(suffix)]
+    return sorted(out)
+
+
 def list_files(prefix: str, suffix: str | None = None, *, recursive: bool = False,
                endpoint_url: str | None = None) -> list[str]:
     """Files under the directory ``prefix``, as full paths/URIs, sorted.
@@ -259,6 +281,10 @@ def list_files(prefix: str, suffix: str | None = None, *, recursive: bool = Fals
     StorageError naming it.
     """
     fs, inner = resolve(prefix, endpoint_url)
+    if recursive and not is_s3(prefix):
+        with _named_errors(prefix, fs, inner, "directory"):
+            fs.get_file_info(pafs.FileSelector(inner))  # a missing directory: the same error as below
+        return _walk_local(inner, suffix)
     with _named_errors(prefix, fs, inner, "directory"):
         infos = fs.get_file_info(pafs.FileSelector(inner, recursive=recursive))
     files = [info for info in infos

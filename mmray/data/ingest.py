@@ -2,22 +2,27 @@
 
 Sources (local or ``s3://``):
 
-- a folder, searched recursively, of images (``.jpg``, ``.jpeg``, ``.png``, ``.webp``, any case) each with a
-  same-named ``.txt`` caption (``cats/001.jpg`` + ``cats/001.txt``) and optionally a same-named ``.json`` object of
-  metadata. Hidden files and folders (``.name``) are skipped. Samples are taken in order of their path.
+- a folder, searched recursively, of images (``.jpg``, ``.jpeg``, ``.png``, ``.webp``, any case; JPEGs named
+  ``.jfif``, ``.jpe`` or ``.jif`` too, stored as ``.jpg``) each with a same-named ``.txt`` caption (``cats/001.jpg`` +
+  ``cats/001.txt``) and optionally a same-named ``.json`` object of metadata. Hidden files and folders (``.name``)
+  are skipped. Symlinked folders are followed, each folder once (a second name for one, or a link back up the
+  tree, adds nothing). Samples are taken in order of their path.
 - a ``.csv`` (with a header row) or ``.jsonl`` index with one sample per row: the image path in column ``image``
   (else ``path``, ``filepath``, ``file_name``; or ``image_column``) and the caption in ``caption`` (else ``text``; or
-  ``caption_column``). Relative paths resolve against the index file's directory; absolute local paths and
-  ``s3://`` URIs are used as they are; a path without an extension (as downloaders often save files) is read as
-  the JPEG, PNG or WebP its bytes say it is. The row's other fields are kept in the sample's metadata. Samples are taken
-  in row order. A malformed row is an error that names the file and line.
+  ``caption_column``), chosen once for the file (a JSON line without the chosen field has no image or no caption,
+  and is counted so). Relative paths resolve against the index file's directory; absolute local paths, ``~/...``,
+  ``file://`` and ``s3://`` URIs are used as they are; a path without an extension (as downloaders often save
+  files) is read as the JPEG, PNG or WebP its bytes say it is. The row's other fields are kept in the sample's
+  metadata (those the shard writer sets itself, RESERVED_META, under ``source_meta``). Samples are taken in row
+  order. A malformed row, or a CSV header naming a column twice, is an error that names the file and line.
 
 A sample that cannot be used is skipped and counted by reason, with a few examples: ``missing_caption``,
 ``missing_image``, ``corrupt_image`` (it does not decode with Pillow), ``image_too_large``, ``empty_caption``,
-``non_utf8_caption``, ``bad_metadata`` (its ``.json`` is not a JSON object), ``unsupported_image_type`` (an index
-row naming another kind of file, or an image in a folder in a format the shard readers do not take: ``.gif``,
-``.bmp``, ``.tif``, ...; convert those to PNG or JPEG first), ``unsupported_url`` (http(s) images are not
-downloaded).
+``non_utf8_caption``, ``bad_metadata`` (its ``.json`` is not a JSON object), ``unreadable_image`` (a local file
+that cannot be read, e.g. without permission; an index row naming a directory is ``missing_image``),
+``unsupported_image_type`` (an index row naming another kind of file, or an image in a folder in a format the shard
+readers do not take: ``.gif``, ``.bmp``, ``.tif``, ...; convert those to PNG or JPEG first), ``unsupported_url``
+(http(s) images are not downloaded).
 
 Output: the layout of :mod:`mmray.data.prepare` (train/ and val/ shards, tokenizer.json, dataset.json written last),
 as WebDataset tars or Parquet files. Images are stored as their original bytes, never re-encoded. Validation takes
@@ -36,6 +41,7 @@ import os
 import posixpath
 import random
 import time
+import urllib.parse
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +58,8 @@ from mmray.data.tokenizer import MIN_VOCAB_SIZE, TextTokenizer, sample_texts, tr
 from mmray.data.webdataset import FORMATS, ShardInfo, ShardWriter
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Other names of JPEG files (Windows saves web images as .jfif): ingested, stored in the shards as .jpg
+JPEG_ALIASES = ("jfif", "jpe", "jif")
 # Image files in a folder that are not ingested (the shard readers take IMAGE_EXTENSIONS): each counts as a bad
 # sample, unsupported_image_type, so that a folder of GIFs or TIFFs is not taken for one without images.
 OTHER_IMAGE_EXTENSIONS = ("gif", "bmp", "tif", "tiff", "heic", "heif", "avif", "jxl", "jp2", "ico", "ppm", "pgm",
@@ -62,9 +70,10 @@ CAPTION_COLUMNS = ("caption", "text")
 EXAMPLES_PER_REASON = 5
 READ_THREADS = 16  # images are read (S3 round trips) and decode-checked in threads, in order
 READ_AHEAD = 64
-# Metadata fields the shard writer sets itself; a source's own fields of these names are dropped.
+# Metadata fields the shard writer sets itself; a source's own fields of these names are kept under SOURCE_META.
 RESERVED_META = ("key", "caption", "status", "error_message", "width", "height", "original_width",
                  "original_height", "sha256", "source")
+SOURCE_META = "source_meta"
 
 
 @dataclass(frozen=True)
@@ -118,6 +127,11 @@ def _ext(path: str) -> str:
     return name.rpartition(".")[2].lower() if "." in name else ""
 
 
+def _stored_ext(ext: str) -> str:
+    """The extension an image is stored under in a shard: a JPEG alias (.jfif, ...) as .jpg."""
+    return "jpg" if ext in JPEG_ALIASES else ext
+
+
 def _same_case(paths: list[str], ext: str, upper: bool = False) -> str | None:
     """The one of a stem's caption (or metadata) files to use for an image: when a case-sensitive file system holds
     both ``a.txt`` and ``a.TXT``, the one whose extension has the image's case (``a.JPG`` takes ``a.TXT``)."""
@@ -142,12 +156,13 @@ def discover_folder(src: str) -> list[Candidate]:
     candidates = []
     for stem in sorted(groups):
         files = groups[stem]
-        for ext in sorted(e for e in files if e in IMAGE_EXTENSIONS):
+        for ext in sorted(e for e in files if e in IMAGE_EXTENSIONS or e in JPEG_ALIASES):
             for image in files[ext]:
                 upper = image.rpartition(".")[2].isupper()
                 caption = _same_case(files.get("txt", []), "txt", upper)
                 meta = _same_case(files.get("json", []), "json", upper)
-                candidates.append(Candidate(ref=image, image=image, ext=ext, caption_path=caption, meta_path=meta,
+                candidates.append(Candidate(ref=image, image=image, ext=_stored_ext(ext), caption_path=caption,
+                                            meta_path=meta,
                                             bad="" if caption else "missing_caption"))
         for ext in sorted(e for e in files if e in OTHER_IMAGE_EXTENSIONS):
             candidates += [Candidate(ref=p, image=p, ext=ext, bad="unsupported_image_type") for p in files[ext]]
@@ -173,6 +188,8 @@ def _pick_column(where: str, names: Iterable[str], explicit: str | None, fallbac
 def _csv_rows(src: str, text: str, image_column: str | None,
               caption_column: str | None) -> Iterator[tuple[int, str, str | None, dict]]:
     """(line, image, caption, other fields) per data row of a CSV file with a header row."""
+    # Python's csv refuses fields over 128 KiB by default; a long caption is a valid field (the file is in memory)
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
         header = next(reader)
@@ -180,6 +197,9 @@ def _csv_rows(src: str, text: str, image_column: str | None,
         raise ValueError(f"{src} is empty: expected a header row naming the image and caption columns") from None
     except csv.Error as e:
         raise ValueError(f"{src}:{reader.line_num}: malformed CSV header: {e}") from None
+    if twice := sorted(name for name, n in Counter(header).items() if n > 1):
+        raise ValueError(f"{src}:{reader.line_num}: the header names {', '.join(map(repr, twice))} more than once: "
+                         "which column is meant is ambiguous; rename the duplicates")
     image_col = _pick_column(src, header, image_column, IMAGE_COLUMNS, "image", "--image-column")
     caption_col = _pick_column(src, header, caption_column, CAPTION_COLUMNS, "caption", "--caption-column")
     line = reader.line_num + 1  # where the next record starts (a quoted field may span lines)
@@ -202,7 +222,12 @@ def _csv_rows(src: str, text: str, image_column: str | None,
 
 def _jsonl_rows(src: str, text: str, image_column: str | None,
                 caption_column: str | None) -> Iterator[tuple[int, str, str | None, dict]]:
-    """(line, image, caption, other fields) per non-blank line of a JSON Lines file."""
+    """(line, image, caption, other fields) per non-blank line of a JSON Lines file.
+
+    The image and caption fields are chosen once for the file (the first of the fallbacks that any line has), as a
+    CSV's header chooses them: a line without the chosen field (writers such as Spark and jq leave out null
+    fields) has no image or no caption, and is counted so, never captioned from another field."""
+    records = []
     for number, raw in enumerate(text.split("\n"), 1):
         if not raw.strip():
             continue
@@ -212,10 +237,13 @@ def _jsonl_rows(src: str, text: str, image_column: str | None,
             raise ValueError(f"{src}:{number}: malformed JSON line: {e.msg} (column {e.colno})") from None
         if not isinstance(record, dict):
             raise ValueError(f"{src}:{number}: malformed JSON line: expected an object, got {type(record).__name__}")
+        records.append((number, record))
+    fields = list(dict.fromkeys(k for _, record in records for k in record))
+    image_col = _pick_column(src, fields, image_column, IMAGE_COLUMNS, "image", "--image-column")
+    caption_col = _pick_column(src, fields, caption_column, CAPTION_COLUMNS, "caption", "--caption-column")
+    for number, record in records:
         where = f"{src}:{number}"
-        image_col = _pick_column(where, record, image_column, IMAGE_COLUMNS, "image", "--image-column")
-        caption_col = _pick_column(where, record, caption_column, CAPTION_COLUMNS, "caption", "--caption-column")
-        image, caption = record[image_col], record[caption_col]
+        image, caption = record.get(image_col), record.get(caption_col)
         if not isinstance(image, str) and image is not None:
             raise ValueError(f"{where}: {image_col!r} must be a path (a string), got {json.dumps(image)[:80]}")
         if not isinstance(caption, str) and caption is not None:
@@ -225,7 +253,12 @@ def _jsonl_rows(src: str, text: str, image_column: str | None,
 
 
 def resolve_path(index: str, path: str) -> str:
-    """An index row's image path: ``s3://`` and absolute local paths as they are, others relative to the index."""
+    """An index row's image path: ``s3://`` and absolute local paths as they are (``~/...`` and ``file://`` URIs
+    as the local paths they name), others relative to the index."""
+    if path.startswith("file://"):
+        path = urllib.parse.unquote(urllib.parse.urlparse(path).path)
+    elif path.startswith("~"):
+        path = os.path.expanduser(path)
     if storage.is_s3(path) or os.path.isabs(path):
         return path
     if storage.is_s3(index):
@@ -247,7 +280,7 @@ def discover_index(src: str, kind: str, image_column: str | None = None,
         image = image.strip()
         ref = f"{src}:{line}: {image}"
         path = resolve_path(src, image) if image else ""
-        ext = _ext(path)
+        ext = _stored_ext(_ext(path))
         bad = ("missing_image" if not image else
                "unsupported_url" if image.lower().startswith(("http://", "https://")) else
                "unsupported_image_type" if ext and ext not in IMAGE_EXTENSIONS else
@@ -287,7 +320,8 @@ def check_image(data: bytes) -> tuple[int, int]:
     return width, height
 
 
-FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # Pillow's format names -> IMAGE_EXTENSIONS
+# Pillow's format names -> IMAGE_EXTENSIONS; MPO is a JPEG with more JPEGs after it (phone and camera photos)
+FORMAT_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
 def sniff_extension(data: bytes) -> str:
@@ -309,6 +343,11 @@ def load(candidate: Candidate) -> Loaded | str:
         data = storage.read_bytes(candidate.image)
     except storage.StorageError:
         return "missing_image"
+    except OSError:
+        if storage.is_s3(candidate.image):
+            raise  # a storage failure (retried below S3's client), never a verdict on the sample
+        # a local path that is a directory (an index row naming a folder), or a file this user may not read
+        return "missing_image" if os.path.isdir(candidate.image) else "unreadable_image"
     if not candidate.ext:
         if not (ext := sniff_extension(data)):
             return "unsupported_image_type" if data else "empty_image"
@@ -339,7 +378,10 @@ def load(candidate: Candidate) -> Loaded | str:
         width, height = check_image(data)
     except ValueError as e:
         return str(e)
-    meta = {k: v for k, v in meta.items() if k not in RESERVED_META}
+    own = {k: v for k, v in meta.items() if k in RESERVED_META or k == SOURCE_META}
+    meta = {k: v for k, v in meta.items() if k not in own}
+    if own:  # kept, under a name of their own: the writer sets these fields itself
+        meta[SOURCE_META] = own
     meta["source"] = candidate.image
     return Loaded(image=data, ext=candidate.ext, caption=caption, width=width, height=height, meta=meta)
 
@@ -405,6 +447,18 @@ class _Bad:
         return ", ".join(f"{reason}: {n}" for reason, n in sorted(self.counts.items())) or "none"
 
 
+def _hint(src: str, kind: str, reasons) -> str:
+    """What to check when a source gave no (or too few) usable samples, from the reasons it gave."""
+    if kind != "folder" and reasons.get("missing_image"):
+        where = posixpath.dirname(src) if storage.is_s3(src) else os.path.dirname(storage.resolve(src)[1])
+        return f". An index's relative image paths are relative to its own folder, {where}"
+    if kind == "folder" and reasons.get("missing_caption"):
+        index = [name for name in ("metadata.csv", "metadata.jsonl") if storage.exists(storage.join(src, name))]
+        if index:  # Hugging Face ImageFolder keeps the captions in an index beside the images
+            return f". The captions may be in {storage.join(src, index[0])}: pass that index as SRC"
+    return ""
+
+
 def _writer(dest: str, split: str, fmt: str, samples_per_shard: int, say: Callable[[str], None]) -> ShardWriter:
     done = [0]
 
@@ -456,7 +510,8 @@ def prepare_ingest(src: str, dest: str, format: str = "webdataset", samples_per_
     say(f"{src}: {len(candidates)} samples listed ({kind}), {len(candidates) - eligible} without a usable listing")
     if not eligible:
         reasons = Counter(c.bad for c in candidates)
-        raise ValueError(f"no usable samples in {src}: {dict(reasons)}; e.g. {candidates[0].ref}")
+        raise ValueError(f"no usable samples in {src}: {dict(reasons)}; e.g. {candidates[0].ref}"
+                         f"{_hint(src, kind, reasons)}")
     n_val = default_val_samples(eligible) if val_samples is None else val_samples
     if n_val >= eligible:
         raise ValueError(f"val_samples={n_val} leaves no training sample: {src} has {eligible} samples with captions")
@@ -489,7 +544,10 @@ def prepare_ingest(src: str, dest: str, format: str = "webdataset", samples_per_
                 continue
             _write(val, result)
     if val.samples < n_val:
-        raise ValueError(f"only {val.samples} usable samples in {src} (bad: {bad}); val_samples={n_val} needs more")
+        given = "" if val_samples is not None else \
+            f" (the default for {eligible} listed samples; set --val-samples to choose)"
+        raise ValueError(f"only {val.samples} usable samples in {src} (bad: {bad}; examples: {bad.examples}); "
+                         f"val_samples={n_val}{given} needs more{_hint(src, kind, bad.counts)}")
 
     # Training: every other sample, in listing order.
     texts: list[str] = []
@@ -505,7 +563,8 @@ def prepare_ingest(src: str, dest: str, format: str = "webdataset", samples_per_
     if not train.samples:
         took = (f"; validation took {val.samples} samples (whole images, with every row that lists them): lower "
                 f"--val-samples" if val.samples else "")
-        raise ValueError(f"no usable training samples in {src} (bad: {bad}); examples: {bad.examples}{took}")
+        raise ValueError(f"no usable training samples in {src} (bad: {bad}); examples: {bad.examples}{took}"
+                         f"{_hint(src, kind, bad.counts)}")
     for split, writer in (("train", train), ("val", val)):
         remove_stale_shards(storage.join(dest, split), len(writer.shards), suffix)
 

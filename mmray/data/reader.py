@@ -395,6 +395,9 @@ def _meta_bytes(value) -> bytes | None:
     return json.dumps(value, default=str).encode("utf-8")
 
 
+IMG2DATASET_FAILURES = ("failed_to_download", "failed_to_resize")  # its status for a URL it has no image of
+
+
 def iter_parquet(data: bytes, shard: str, rows_per_block: int, image_column: str = AUTO,
                  caption_column: str = AUTO, key_column: str | None = "key",
                  meta_column: str | None = "json", expected: Count | None = None) -> Iterator[pa.Table]:
@@ -406,14 +409,16 @@ def iter_parquet(data: bytes, shard: str, rows_per_block: int, image_column: str
     ``image_column`` / ``caption_column`` may be ``auto``: the first of IMAGE_COLUMNS / CAPTION_COLUMNS present.
     ``meta_column`` (JSON text or bytes per row, like WebDataset's ``.json`` member) is optional: when the file has
     no such column, ``meta`` is null. A file with img2dataset's ``status`` column also lists the URLs it failed to
-    download or resize (``status`` other than ``success``, no image): those rows are not samples (img2dataset
-    counts them in its ``_stats.json`` as failures, not successes) and are skipped."""
+    download or resize (``status`` ``failed_to_download`` or ``failed_to_resize``, no image): those rows are not
+    samples (img2dataset counts them in its ``_stats.json`` as failures, not successes) and are skipped. Any other
+    row is read, whatever its ``status`` says (a column of that name in another tool's file means something else)."""
     pf = pq.ParquetFile(pa.BufferReader(data))
     names = set(pf.schema_arrow.names)
     image_column = _pick(shard, names, image_column, IMAGE_COLUMNS, "image", "data.image_column")
     caption_column = _pick(shard, names, caption_column, CAPTION_COLUMNS, "caption", "data.caption_column")
-    status_column = "status" if "status" in names else None
     schema = pf.schema_arrow
+    status_type = schema.field("status").type if "status" in names else None
+    status_column = "status" if status_type and _is_text(status_type) and not _is_binary(status_type) else None
     image_type = schema.field(image_column).type
     struct = pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0
     if not (_is_binary(image_type) or struct):  # a string column holds paths or URLs (or base64), never an image
@@ -440,11 +445,11 @@ def iter_parquet(data: bytes, shard: str, rows_per_block: int, image_column: str
         captions = table.column(caption_column).to_pylist()
         keys = table.column(key_column).to_pylist() if key_column in names else range(offset, offset + n)
         metas = table.column(meta_column).to_pylist() if meta_column in names else [None] * n
-        statuses = table.column(status_column).to_pylist() if status_column else ["success"] * n
+        statuses = table.column(status_column).to_pylist() if status_column else [None] * n
         for key, image, caption, meta, status in zip(keys, images, captions, metas, statuses):
-            if status != "success":
-                continue
             image = image["bytes"] if isinstance(image, dict) else image  # HF-style {"bytes", "path"} structs
+            if image is None and status in IMG2DATASET_FAILURES:
+                continue
             caption = caption_bytes(caption)
             error = "missing_image" if image is None else "missing_caption" if caption is None else ""
             meta = _meta_bytes(meta)

@@ -153,7 +153,8 @@ def test_images_are_the_source_bytes_and_captions_round_trip(prepared, folder, f
                                          "000010000", "000010001", "000010002"]
     assert [s["meta"]["source"] for s in train] == sorted(s["meta"]["source"] for s in train)  # source order
     cat = by_source[str(folder[0] / "cats" / "000.jpg")]["meta"]
-    assert cat["label"] == "cat" and cat["key"] != "not mine"  # the .json is kept; the writer's fields win
+    assert cat["label"] == "cat" and cat["key"] != "not mine"  # the .json is kept; the writer's fields win ...
+    assert cat["source_meta"] == {"key": "not mine"}  # ... and the source's own of those names are kept apart
 
 
 def test_same_seed_same_bytes_other_seed_other_validation(prepared, folder, tmp_path):
@@ -240,7 +241,8 @@ def test_jsonl_index(tmp_path):
     ("index.jsonl", '{"image": "a.png", "caption": "x"}\n{"image": "b.png", caption}\n',
      r"index\.jsonl:2: malformed JSON line"),
     ("index.jsonl", '{"image": "a.png", "caption": "x"}\n\n[1, 2]\n', r"index\.jsonl:3: .*expected an object"),
-    ("index.jsonl", '{"img": "a.png", "caption": "x"}\n', r"index\.jsonl:1: no image column"),
+    ("index.jsonl", '{"img": "a.png", "caption": "x"}\n', r"index\.jsonl: no image column"),
+    ("index.csv", "image,caption,image\na.png,x,b.png\n", r"index\.csv:1: the header names 'image' more than once"),
 ])
 def test_bad_index_is_an_error_naming_file_line_or_columns(tmp_path, name, text, message):
     (tmp_path / name).write_text(text)
@@ -394,3 +396,93 @@ def test_validation_that_takes_every_image_says_so(tmp_path):
     with pytest.raises(ValueError, match=r"no usable training samples .*validation took 10 samples \(whole images, "
                                          r"with every row that lists them\): lower --val-samples"):
         prepare_ingest(str(tmp_path / "captions.csv"), str(tmp_path / "out"), val_samples=6)
+
+
+def test_index_rows_as_other_writers_leave_them(tmp_path):
+    """Rows as Spark / jq write JSON Lines (a null field left out), JPEGs under their other names (.jfif, a phone's
+    MPO saved without an extension), a row naming a folder, `~/` and file:// paths, and fields that the writer sets
+    itself: each row is a sample or a counted bad one, never captioned from another field and never a crash."""
+    src = tmp_path / "src"
+    data = write_index_images(src)
+    jpeg = image_bytes(7, "JPEG")
+    (src / "img" / "photo.jfif").write_bytes(jpeg)
+    mpo = io.BytesIO()
+    Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(mpo, "MPO", save_all=True,
+                                                               append_images=[Image.new("RGB", (SIZE, SIZE))])
+    assert Image.open(io.BytesIO(mpo.getvalue())).format == "MPO"
+    (src / "img" / "camera").write_bytes(mpo.getvalue())
+    (src / "img" / "folder").mkdir()
+    home = tmp_path / "home"
+    (home / "pics").mkdir(parents=True)
+    (home / "pics" / "h.png").write_bytes(data[3])
+    lines = [{"image": "img/0.png", "caption": "zero", "width": 999, "source": "laion"},
+             {"image": "img/1.png", "text": "a watermark, not the caption"},  # no caption: counted
+             {"caption": "no image field"},                                   # no image: counted
+             {"image": "img/photo.jfif", "caption": "a jfif"},
+             {"image": "img/camera", "caption": "an mpo"},
+             {"image": "img/folder", "caption": "a folder"},                  # a directory: counted
+             {"image": f"file://{src / 'img' / '2.png'}", "caption": "a file uri"},
+             {"image": "~/pics/h.png", "caption": "in home"}]
+    (src / "index.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    import unittest.mock
+
+    with unittest.mock.patch.dict(os.environ, {"HOME": str(home)}):
+        summary = prepare_ingest(str(src / "index.jsonl"), str(tmp_path / "out"), val_samples=0)
+    assert summary["bad"] == {"missing_caption": 1, "missing_image": 2}, summary
+    assert summary["train_samples"] == 5
+    samples = {s["caption"]: s for s in read_samples(tmp_path / "out", "train")}
+    assert set(samples) == {"zero", "a jfif", "an mpo", "a file uri", "in home"}
+    assert samples["a jfif"]["ext"] == "jpg" and samples["a jfif"]["image"] == jpeg
+    assert samples["an mpo"]["ext"] == "jpg" and samples["an mpo"]["image"] == mpo.getvalue()
+    assert samples["in home"]["image"] == data[3] and samples["a file uri"]["image"] == data[2]
+    meta = samples["zero"]["meta"]
+    assert meta["width"] == SIZE and meta["source_meta"] == {"width": 999, "source": "laion"}
+
+
+def test_csv_with_a_caption_past_pythons_field_limit(tmp_path):
+    src = tmp_path / "src"
+    write_index_images(src)
+    long = "word " * 40_000  # 200 KB: Python's csv refuses fields over 128 KiB unless told otherwise
+    (src / "index.csv").write_text(f'image,caption\nimg/0.png,"{long}"\nimg/1.png,short\n')
+    summary = prepare_ingest(str(src / "index.csv"), str(tmp_path / "out"), val_samples=0)
+    assert summary["train_samples"] == 2 and summary["bad"] == {}
+
+
+def test_folder_symlinks_list_each_image_once(tmp_path):
+    """A symlinked folder is followed once: a second name for a folder (an alias) and a link back up the tree (a
+    loop) add no sample, so no image lands in both splits; a dangling image link is a counted missing_image."""
+    root = tmp_path / "photos"
+    (root / "cats").mkdir(parents=True)
+    for i in range(4):
+        (root / "cats" / f"{i}.png").write_bytes(image_bytes(i, "PNG"))
+        (root / "cats" / f"{i}.txt").write_text(f"cat {i}")
+    (root / "favourites").symlink_to(root / "cats")
+    (root / "cats" / "loop").symlink_to(root)
+    (root / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (root / "gone.txt").write_text("a dangling link")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "o.png").write_bytes(image_bytes(9, "PNG"))
+    (outside / "o.txt").write_text("linked in")
+    (root / "more").symlink_to(outside)
+    summary = prepare_ingest(str(root), str(tmp_path / "out"), val_samples=1, seed=2)
+    assert summary["bad"] == {"missing_image": 1}
+    assert summary["bad_examples"]["missing_image"] == [str(root / "gone.png")]
+    samples = read_samples(tmp_path / "out", "train") + read_samples(tmp_path / "out", "val")
+    assert sorted(s["caption"] for s in samples) == ["cat 0", "cat 1", "cat 2", "cat 3", "linked in"]
+
+
+def test_too_few_usable_samples_say_why(tmp_path):
+    """Every image missing (paths written relative to where pandas ran, not to the index): the error says that
+    relative paths are relative to the index, with examples; a Hugging Face ImageFolder given as a folder points at
+    its metadata.csv."""
+    src = tmp_path / "src"
+    write_index_images(src)
+    (tmp_path / "index.csv").write_text("image,caption\n" + "".join(f"img/{i}.png,n {i}\n" for i in range(4)))
+    with pytest.raises(ValueError, match=r"examples: .*index\.csv:2: img/0\.png.*default for 4 listed samples.*"
+                                         rf"relative to its own folder, {tmp_path}$"):
+        prepare_ingest(str(tmp_path / "index.csv"), str(tmp_path / "out"))
+    (src / "img" / "metadata.csv").write_text("file_name,text\n" + "".join(f"{i}.png,n {i}\n" for i in range(4)))
+    with pytest.raises(ValueError, match=r"no usable samples .*missing_caption.*pass that index as SRC"):
+        prepare_ingest(str(src / "img"), str(tmp_path / "out"))
+    assert prepare_ingest(str(src / "img" / "metadata.csv"), str(tmp_path / "out"), val_samples=1)["bad"] == {}

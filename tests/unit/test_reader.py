@@ -282,6 +282,21 @@ def test_parquet_rows_and_hf_style_image_structs(tmp_path):
     assert rows[0]["image"][:2] == b"\xff\xd8" and rows[0]["caption"] == b"x"
 
 
+def test_only_img2dataset_failed_rows_are_skipped_whatever_a_status_column_holds():
+    """img2dataset's Parquet lists the URLs it failed to fetch (status failed_to_download / failed_to_resize, no
+    image): not samples. Another tool's `status` column (HTTP codes, review states) drops nothing: every row is read,
+    and a row without its image is counted as missing_image."""
+    rows = _rows(iter_parquet(_parquet(pa.table({
+        "jpg": [_jpeg(), None, None, _jpeg()], "txt": ["a", "b", "c", "d"],
+        "status": ["success", "failed_to_download", "failed_to_resize", "success"]})), "i2d.parquet", 10))
+    assert [(r["key"], r["error"]) for r in rows] == [("0", ""), ("3", "")]
+    for status in ([200, 404, 200], ["approved", "rejected", "failed_to_download"], [b"x", b"y", b"z"]):
+        rows = _rows(iter_parquet(_parquet(pa.table({"jpg": [_jpeg(), _jpeg(), None], "txt": ["a", "b", "c"],
+                                                      "status": status})), "other.parquet", 10))
+        expected = [("0", ""), ("1", "")] + ([] if status[2] == "failed_to_download" else [("2", "missing_image")])
+        assert [(r["key"], r["error"]) for r in rows] == expected, status
+
+
 def test_tar_of_a_folder_skips_what_is_not_a_sample_member(tmp_path):
     """GNU tar of a folder (sorted, as WebDataset needs) holds `./`, a README, macOS's .DS_Store and `._x.jpg`
     files: none is a KEY.EXT member, so none is a sample (webdataset's own reader skips them too); the samples are
