@@ -411,8 +411,14 @@ def run(fn: Callable[[argparse.Namespace], dict], args: argparse.Namespace) -> i
     except KeyboardInterrupt:
         summary, code = {"error": "interrupted", "kind": "interrupted"}, EXIT_ERROR
     except Exception as e:  # the summary line must always come, even for bugs
-        logging.getLogger("mmray").error("%s", traceback.format_exc())
-        summary, code = {"error": f"{type(e).__name__}: {e}", "kind": "error"}, EXIT_ERROR
+        from mmray.storage import access_refused
+
+        if (refused := access_refused(e)) is not None:  # credentials or a bucket policy: the user's to fix
+            logging.getLogger("mmray").error("%s", refused)
+            summary, code = {"error": refused, "kind": "bad_input"}, EXIT_BAD_INPUT
+        else:
+            logging.getLogger("mmray").error("%s", traceback.format_exc())
+            summary, code = {"error": f"{type(e).__name__}: {e}", "kind": "error"}, EXIT_ERROR
     finally:
         sys.stdout = stdout
     _emit(summary)

@@ -47,17 +47,22 @@ def is_s3(path: str) -> bool:
 
 
 def endpoint_from_env() -> str | None:
-    """The S3 endpoint boto3 would use: ``AWS_ENDPOINT_URL_S3`` wins over ``AWS_ENDPOINT_URL``; None means AWS."""
+    """The S3 endpoint boto3 would use: ``AWS_ENDPOINT_URL_S3`` wins over ``AWS_ENDPOINT_URL``, and neither counts
+    with ``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS=true``; None means AWS."""
     return _endpoint(None)[0]
 
 
 def _endpoint(endpoint_url: str | None) -> tuple[str | None, str]:
     """(the S3 endpoint to use, where it came from): the caller's ``endpoint_url``, else the environment's (see
-    :func:`endpoint_from_env`); (None, "") means AWS."""
-    for source, value in (("endpoint_url", endpoint_url), *((name, os.environ.get(name)) for name in
-                                                             ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"))):
-        if value:
-            return value, source
+    :func:`endpoint_from_env`; none when ``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS=true``, as boto3 has it); (None,
+    "") means AWS."""
+    if endpoint_url:
+        return endpoint_url, "endpoint_url"
+    if os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true":  # as boto3 reads it
+        return None, ""
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if value := os.environ.get(name):
+            return value, name
     return None, ""
 
 
@@ -179,6 +184,24 @@ def _named_errors(path: str, fs: pafs.FileSystem, inner: str, what: str) -> Iter
             bucket = inner.split("/", 1)[0]
             raise StorageError(f"S3 bucket {bucket!r} does not exist (while accessing {what} {path})") from err
         raise StorageError(f"{what} does not exist: {path}") from err
+
+
+# The S3 errors (as Arrow's S3 filesystem names them) that mean the request was refused for its credentials
+_REFUSED = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "AccessDenied",
+            "InvalidAccessKeyId", "SignatureDoesNotMatch")
+
+
+def access_refused(err: BaseException) -> str | None:
+    """For an error (or one it was raised from) that is S3 refusing a request for its credentials, what to tell the
+    user; None for anything else."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and any(code in str(err) for code in _REFUSED):
+            return (f"S3 refused the request: {err}. Check the credentials mmray runs with (AWS_PROFILE, "
+                    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the node's IAM role) and the bucket's policy")
+        err = err.__cause__ or err.__context__ or getattr(err, "cause", None)
+    return None
 
 
 def exists(path: str, *, endpoint_url: str | None = None) -> bool:

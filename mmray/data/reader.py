@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource
 
-from mmray.data.sources import SHARD_SUFFIXES, parse_stats, stats_path, tar_codec
+from mmray.data.sources import SHARD_SUFFIXES, is_parquet, parse_stats, stats_path, tar_codec
 
 log = logging.getLogger("mmray")
 Count = Callable[[], "int | None"]  # a shard's sample count, looked up only when it is needed
@@ -41,10 +41,23 @@ RAW_SCHEMA = pa.schema([
 
 
 def _split_name(name: str) -> tuple[str, str]:
-    """``dir/000010042.jpg`` -> (``dir/000010042``, ``jpg``): the key ends at the first dot of the basename."""
+    """``dir/000010042.jpg`` -> (``dir/000010042``, ``jpg``): the key ends at the first dot of the basename. A name
+    whose bytes are not UTF-8 (GNU tar in a Latin-1 locale) keeps them as ``\\xNN`` escapes in its key."""
+    if not name.isascii():
+        name = _text(name)
     dirname, base = posixpath.split(name)
     stem, _, ext = base.partition(".")
     return posixpath.join(dirname, stem) if dirname else stem, ext.lower()
+
+
+def _text(name: str) -> str:
+    """A member name decoded with ``surrogateescape`` as text that Arrow can store: bytes that were not UTF-8
+    become ``\\xNN`` escapes (the same name always gives the same key)."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def binary_array(values: list) -> pa.Array | list:
@@ -85,16 +98,18 @@ class _Rows:
         return self.flush() if len(self.cols["key"]) >= self.size else None
 
     def lost(self, key: str, error: str, least: int, expected: Count | None = None) -> Iterator[pa.Table]:
-        """The samples that could not be read (a cut tar's rest, an unreadable row group): at least ``least``, or as
-        many as ``expected()`` (the shard's sample count, from its ``_stats.json``; asked only here) says the rows
-        so far leave missing. One bad row each with ``error``, so that the bad-sample counts and
+        """The samples that could not be read (a cut tar's rest, an unreadable row group): as many as ``expected()``
+        (the shard's sample count, from its ``_stats.json``; asked only here) says the rows so far leave missing
+        (none: the damage is logged), else ``least``. One bad row each with ``error``, so that the bad-sample counts and
         data.max_bad_fraction weigh them. Their keys are ``key``, ``key/1``, ``key/2``, ...: distinct, as samples'
         keys are, so that mixing weights (which pick copies by key) weigh them one by one."""
         count = expected() if expected is not None else None
-        missing = count - self.added if count is not None else 0
-        if missing > least:
+        missing = max(count - self.added, 0) if count is not None else least
+        if count is not None and missing != least:
             error += f"; {missing} of its {count} samples (_stats.json) not read"
-        for i in range(max(missing, least)):
+        if not missing:  # e.g. a tar whose end blocks are missing, all its samples read: damage, but no sample lost
+            log.warning("%s: %s", self.shard, error)
+        for i in range(missing):
             if block := self.add(f"{key}/{i}" if i else key, None, None, error):
                 yield block
 
@@ -190,6 +205,19 @@ class _Blocks:
 _BLOCK = tarfile.BLOCKSIZE
 _ZERO_BLOCK = bytes(_BLOCK)
 _FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
+_LINK_TYPES = (tarfile.LNKTYPE, tarfile.SYMTYPE)
+
+
+class CutMember(tarfile.ReadError):
+    """The archive ends inside the data of member ``name``: every member before it was read whole."""
+
+    def __init__(self, message: str, name: str):
+        super().__init__(message)
+        self.name = name
+
+
+class NoEnd(tarfile.ReadError):
+    """The archive ends after a whole member, without its end-of-archive blocks."""
 
 
 def _octal(field: bytes, what: str) -> int:
@@ -213,8 +241,10 @@ def _pax(data: bytes) -> dict[str, str]:
     return records
 
 
-def tar_members(blocks: _Blocks) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of each regular file of a tar stream, in order; tarfile.ReadError on a corrupt or cut archive.
+def tar_members(blocks: _Blocks) -> Iterator[tuple[str, bytes | None]]:
+    """(name, data) of each regular file of a tar stream, in order, and (name, None) of each hard or symbolic link
+    (a link holds no data: which member it names is not followed); tarfile.ReadError on a corrupt or cut archive
+    (CutMember when it ends inside a member's data, NoEnd when after a whole member).
 
     A minimal reader of the formats Python's tarfile and GNU tar write (ustar, GNU long names, pax headers) that
     costs a few microseconds a member where ``tarfile``'s stream mode costs tens: a WebDataset sample is 2-3 members
@@ -226,19 +256,22 @@ def tar_members(blocks: _Blocks) -> Iterator[tuple[str, bytes]]:
         header = blocks.take(_BLOCK)
         if header == _ZERO_BLOCK:
             if len(blocks.take(_BLOCK)) < _BLOCK:  # the second end-of-archive block
-                raise tarfile.ReadError(f"archive ends at byte {blocks.offset} without its end-of-archive blocks")
+                raise NoEnd(f"archive ends at byte {blocks.offset} without its end-of-archive blocks")
             return
+        if not header:
+            raise NoEnd(f"archive ends at byte {blocks.offset} without its end-of-archive blocks")
         if len(header) < _BLOCK:
-            raise tarfile.ReadError(f"archive ends at byte {blocks.offset} "
-                                    + ("inside a header" if header else "without its end-of-archive blocks"))
+            raise tarfile.ReadError(f"archive ends at byte {blocks.offset} inside a header")
         chksum, unsigned = _octal(header[148:156], "checksum"), sum(header[:148]) + 256 + sum(header[156:])
         if chksum != unsigned and chksum != unsigned - 256 * sum(b > 127 for b in header):  # some tars sum signed
             raise tarfile.ReadError(f"bad header checksum at byte {blocks.offset - _BLOCK}")
         size = int(pax["size"]) if "size" in pax else _octal(header[124:136], "size")
         kind = header[156:157]
+        name = _member_name(header, pax, long_name) if kind in _FILE_TYPES + _LINK_TYPES else ""
         data = blocks.take(size)
         if len(data) < size:
-            raise tarfile.ReadError(f"archive ends at byte {blocks.offset} inside a member")
+            raise CutMember(f"archive ends at byte {blocks.offset} inside member {_text(name) or '(a header)'}",
+                            name)
         blocks.take(-size % _BLOCK)  # padding to the next block
         if kind == tarfile.XHDTYPE:
             pax = _pax(data)
@@ -248,17 +281,23 @@ def tar_members(blocks: _Blocks) -> Iterator[tuple[str, bytes]]:
             continue
         if kind in (tarfile.XGLTYPE, tarfile.GNUTYPE_LONGLINK):  # global pax header, a link's long target
             continue
-        if kind not in _FILE_TYPES:  # directories, links, ...: not samples
-            long_name, pax = None, {}
-            continue
-        name = pax.get("path") or long_name
-        if name is None:
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            prefix = header[345:500].split(b"\0", 1)[0] if header[257:263] == b"ustar\0" else b""
-            if prefix:
-                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
         long_name, pax = None, {}
-        yield name, data
+        if kind in _FILE_TYPES:
+            yield name, data
+        elif kind in _LINK_TYPES:
+            yield name, None
+        # directories, devices, ...: not samples
+
+
+def _member_name(header: bytes, pax: dict[str, str], long_name: str | None) -> str:
+    """A member's name: its pax ``path`` record, its GNU long name, or the ustar header's prefix and name."""
+    name = pax.get("path") or long_name
+    if name is None:
+        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        prefix = header[345:500].split(b"\0", 1)[0] if header[257:263] == b"ustar\0" else b""
+        if prefix:
+            name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+    return name
 
 
 def iter_tar(stream, shard: str, rows_per_block: int, image_exts: Sequence[str] = IMAGE_EXTENSIONS,
@@ -287,7 +326,11 @@ def _iter_tar_members(blocks: _Blocks, shard: str, rows: _Rows, image_exts: Sequ
                       caption_ext: str, meta_ext: str, expected: Count | None) -> Iterator[pa.Table]:
     seen: set[str] = set()  # keys whose group has ended: WebDataset keeps a sample's members adjacent
 
-    def sample(k: str, m: dict[str, bytes]):
+    def sample(k: str, m: dict[str, bytes | None]):
+        if k in twice:
+            return k, None, None, "duplicate_member", None
+        if any(v is None for v in m.values()):
+            return k, None, None, "linked_member", None
         if k in seen:
             # Its other members came earlier, apart from these (a tar written as `tar cf x.tar dir/`, in directory
             # order, not sorted by name): the first part was emitted without its pair, this part is counted under
@@ -295,7 +338,7 @@ def _iter_tar_members(blocks: _Blocks, shard: str, rows: _Rows, image_exts: Sequ
             return k, None, None, "members_not_adjacent", None
         return _sample_row(k, m, image_exts, caption_ext, meta_ext)
 
-    key, members = None, {}
+    key, members, twice = None, {}, set()  # twice: keys with two members of one extension
     try:
         for name, data in tar_members(blocks):
             k, ext = _split_name(name)
@@ -309,12 +352,19 @@ def _iter_tar_members(blocks: _Blocks, shard: str, rows: _Rows, image_exts: Sequ
                         yield block
                     seen.add(key)
                 key, members = k, {}
+            if ext in members:  # which of the two is the sample's is not known (webdataset refuses the tar)
+                twice.add(k)
             members[ext] = data
     except StreamError:
         raise
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         # A truncated or corrupt tar: the samples read whole are kept; the one cut off and the rest are counted as
-        # bad samples of this shard (see iter_tar), rather than lost silently.
+        # bad samples of this shard (see iter_tar), rather than lost silently. The sample being grouped was read
+        # whole when the archive ends after a whole member (its end blocks missing) or inside a member of another
+        # sample; a cut inside a header, or inside one of its own members, may have cut it short.
+        whole = isinstance(e, NoEnd) or (isinstance(e, CutMember) and _split_name(e.name)[0] != key)
+        if key is not None and whole and (block := rows.add(*sample(key, members))):
+            yield block
         key, members = None, {}
         yield from rows.lost(f"{shard}#truncated", f"truncated_shard: {e}", 1, expected)
     if key is not None and (block := rows.add(*sample(key, members))):
@@ -502,7 +552,7 @@ class ShardDatasource(FileBasedDatasource):
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         count = functools.partial(self._stats_count, path)
-        if path.endswith(".parquet"):
+        if is_parquet(path):
             yield from iter_parquet(f.read(), path, self.rows_per_block, self.image_column, self.caption_column,
                                     self.key_column, expected=count)
         else:

@@ -156,9 +156,24 @@ def is_dir(path: str) -> bool:
     return _file_type(path) == pafs.FileType.Directory
 
 
+def shard_suffix(path: str) -> str | None:
+    """The :data:`SHARD_SUFFIXES` entry a path ends with, in any case (``00001.TAR`` is a shard: file systems that
+    ignore case, and the tools that wrote to them, leave such names); None for other files."""
+    name = path.lower()
+    return next((s for s in SHARD_SUFFIXES if name.endswith(s)), None)
+
+
+def is_shard(path: str) -> bool:
+    return shard_suffix(path) is not None
+
+
+def is_parquet(path: str) -> bool:
+    return shard_suffix(path) == ".parquet"
+
+
 def shard_stem(path: str) -> str:
     """A shard's path without its suffix (``.../00000.tar.gz`` -> ``.../00000``); ValueError for other files."""
-    suffix = next((s for s in SHARD_SUFFIXES if path.endswith(s)), None)
+    suffix = shard_suffix(path)
     if suffix is None:
         raise ValueError(f"{path} is not a shard ({SHARD_NAMES})")
     return path[:-len(suffix)]
@@ -166,7 +181,7 @@ def shard_stem(path: str) -> str:
 
 def tar_codec(path: str) -> str | None:
     """The compression of a tar shard, by its suffix (:data:`TAR_CODECS`); None for a plain tar."""
-    return next((codec for suffix, codec in TAR_CODECS.items() if path.endswith(suffix)), None)
+    return TAR_CODECS.get(shard_suffix(path) or "")
 
 
 def list_shards(directory: str) -> list[str]:
@@ -180,14 +195,14 @@ def list_shards(directory: str) -> list[str]:
                 # named like a shard: reading the others alone would leave it out without a word
                 raise not_a_shard(p, f" (under {directory})")
             log.warning("ignoring %s: a tar compressed with a codec Arrow cannot stream", p)
-    files = [p for p in names if p.endswith(SHARD_SUFFIXES)]
+    files = [p for p in names if is_shard(p)]
     tars: dict[str, str] = {}
     for p in files:
-        if not p.endswith(".parquet"):
+        if not is_parquet(p):
             if (other := tars.setdefault(shard_stem(p), p)) != p:
                 raise storage.StorageError(f"{other} and {p} are one shard under two names: its samples would be "
                                            "read twice; keep one of them")
-    return [p for p in files if not p.endswith(".parquet") or shard_stem(p) not in tars]
+    return [p for p in files if not is_parquet(p) or shard_stem(p) not in tars]
 
 
 def image_files(directory: str, recursive: bool = False) -> list[str]:
@@ -288,8 +303,8 @@ class Part:
                 raise no_shards(directory)
             return paths
         names = expand_braces(self.spec)
-        if len(names) > 1 or names[0].endswith(SHARD_SUFFIXES):
-            bad = [n for n in names if not n.endswith(SHARD_SUFFIXES)]
+        if len(names) > 1 or is_shard(names[0]):
+            bad = [n for n in names if not is_shard(n)]
             if bad:
                 raise not_a_shard(bad[0], f" (from {self.spec})")
             return _check_exist(names, self.spec, allow_missing)
@@ -305,7 +320,7 @@ def parts(spec: str) -> list[Part]:
     """The parts of a source, each classified: a directory with a ``train/`` split is a prepared data set."""
     out = []
     for part in split_parts(spec):
-        shards_named = "{" in part or part.endswith(SHARD_SUFFIXES)
+        shards_named = "{" in part or is_shard(part)
         out.append(Part(part, prepared=not shards_named and is_dir(storage.join(part, "train"))))
     return out
 
@@ -314,7 +329,11 @@ def split_shards(spec: str, split: str, allow_missing: bool = False) -> list[str
     """Every shard a spec names for one split, in part order: the ``split`` shards of its prepared data sets and the
     shards of its other parts (held-out data: data.val_source, `mmray eval --data`). StorageError names what is
     missing; SourceError a shard that two parts name (it would be read twice)."""
-    found = [s for part in parts(spec) for s in part.shards(split, allow_missing)]
+    return _once([s for part in parts(spec) for s in part.shards(split, allow_missing)], spec)
+
+
+def _once(found: list[str], spec: str) -> list[str]:
+    """``found``, after checking that no shard is in it twice (two parts naming it: it would be read twice)."""
     seen: set[str] = set()
     for shard in found:
         if shard in seen:
@@ -324,14 +343,15 @@ def split_shards(spec: str, split: str, allow_missing: bool = False) -> list[str
 
 
 def inspect_shards(spec: str, allow_missing: bool = False) -> list[str]:
-    """Every shard a spec names, for `mmray data inspect`: a prepared data set gives both splits."""
+    """Every shard a spec names, for `mmray data inspect`: a prepared data set gives both splits. SourceError names
+    a shard that two parts name (it would be read twice)."""
     found = []
     for part in parts(spec):
         if part.prepared:
             found += [p for split in SPLITS if is_dir(storage.join(part.spec, split)) for p in part.shards(split)]
         else:
             found += part.shards(allow_missing=allow_missing)
-    return found
+    return _once(found, spec)
 
 
 def display(spec: str) -> str:

@@ -31,7 +31,7 @@ from mmray import storage
 from mmray.data.inspect import find_shards
 from mmray.data.pipeline import Preprocess, decode_meta
 from mmray.data.reader import RAW_SCHEMA, ShardDatasource
-from mmray.data.sources import SHARD_SUFFIXES, NoShards, image_files, is_dir
+from mmray.data.sources import NoShards, image_files, is_dir, is_shard
 
 END_OF_SHARD = "end_of_shard"
 
@@ -47,7 +47,7 @@ STAGED = "_staged"  # under OUT: folders and CSV/JSONL indexes written as shards
 
 def _needs_staging(src: str) -> bool:
     """A folder of images with captions, or a .csv / .jsonl index, rather than shards or a prepared data set."""
-    if src.endswith(SHARD_SUFFIXES):
+    if is_shard(src):
         return False
     if not is_dir(src):
         return src.lower().endswith((".csv", ".jsonl"))
@@ -194,7 +194,7 @@ a rerun from another directory finds the same shards.
     """
     found: list[tuple[str, str]] = []
     for src in srcs:
-        if src.endswith(SHARD_SUFFIXES) and not is_dir(src):
+        if is_shard(src) and not is_dir(src):
             if not storage.exists(src):
                 raise storage.StorageError(f"shard does not exist: {src}")
             path = src if storage.is_s3(src) else storage.resolve(src)[1]  # local: absolute, as find_shards gives

@@ -150,7 +150,7 @@ def hit_images(hits: list[dict], reader: dict | None = None) -> list[bytes | Non
     from mmray.config import Config
     from mmray.data.pipeline import reader_options
     from mmray.data.reader import iter_parquet, iter_tar
-    from mmray.data.sources import tar_codec
+    from mmray.data.sources import is_parquet, tar_codec
 
     opts = reader or reader_options(Config())
     wanted: dict[str, set[str]] = {}
@@ -164,7 +164,7 @@ def hit_images(hits: list[dict], reader: dict | None = None) -> list[bytes | Non
             continue
         fs_path = storage.resolve(shard)[1]
         blocks = (iter_parquet(data, fs_path, 4096, opts["image_column"], opts["caption_column"], "key")
-                  if shard.endswith(".parquet")
+                  if is_parquet(shard)
                   else iter_tar(io.BytesIO(data), fs_path, 4096, opts["image_exts"], opts["caption_ext"],
                                 opts["meta_ext"], codec=tar_codec(shard)))
         for block in blocks:

@@ -1,5 +1,6 @@
 """mmray's shard reader and per-sample preprocessing: exact counts, and every bad sample counted by reason."""
 import io
+import logging
 import tarfile
 
 import numpy as np
@@ -190,6 +191,61 @@ def test_members_apart_from_their_sample_are_counted_as_such():
         ("a", "missing_caption"), ("b", ""), ("a", "members_not_adjacent"), ("c", "")]
 
 
+def test_a_cut_keeps_every_sample_read_whole_before_it(caplog):
+    """Cut inside the next sample's member, or after a whole member with the end-of-archive blocks missing: the
+    sample before the damage was read whole and is kept (as tar and webdataset read it); cut inside a sample's own
+    member, that sample is lost."""
+    members = [("000.jpg", _jpeg()), ("000.txt", b"zero"), ("001.jpg", _jpeg((0, 0, 200))), ("001.txt", b"one")]
+    data = _tar(members)
+    cuts = {"in 001.jpg": data.index(members[2][1]) + 100,
+            "no end blocks": data.index(b"one") + tarfile.BLOCKSIZE,  # the last member's data block ends there
+            "in 000.txt header": data.index(b"000.txt") + 10,
+            "in 001.txt": data.index(b"one") + 1}
+    got = {what: [(r["key"], r["error"].split(":")[0]) for r in _rows(iter_tar(io.BytesIO(data[:at]), "t.tar", 8))]
+           for what, at in cuts.items()}
+    assert got == {"in 001.jpg": [("000", ""), ("t.tar#truncated", "truncated_shard")],
+                   "no end blocks": [("000", ""), ("001", ""), ("t.tar#truncated", "truncated_shard")],
+                   "in 000.txt header": [("t.tar#truncated", "truncated_shard")],
+                   "in 001.txt": [("000", ""), ("t.tar#truncated", "truncated_shard")]}
+    # With the shard's count, exactly the samples lost: one, or none (end blocks missing: the damage is logged).
+    rows = _rows(iter_tar(io.BytesIO(data[:cuts["in 001.jpg"]]), "t.tar", 8, expected=lambda: 2))
+    assert [(r["key"], r["error"].split(":")[0]) for r in rows] == [("000", ""), ("t.tar#truncated", "truncated_shard")]
+    with caplog.at_level(logging.WARNING, logger="mmray"):
+        rows = _rows(iter_tar(io.BytesIO(data[:cuts["no end blocks"]]), "t.tar", 8, expected=lambda: 2))
+    assert [r["key"] for r in rows] == ["000", "001"] and "without its end-of-archive blocks" in caplog.text
+
+
+def test_latin1_names_links_and_duplicate_members_are_samples_or_counted():
+    """Member names that are not UTF-8 (GNU tar in a Latin-1 locale) give escaped keys instead of failing the read;
+    a hard or symbolic link (no data; not followed) and two members of one extension make the sample bad, by name,
+    never a wrong or silently lost sample."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        def add(name, data=None, link=None):
+            info = tarfile.TarInfo(name)
+            if link is not None:
+                info.type, info.linkname = link
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        add("caf\u00e9.jpg", _jpeg())
+        add("caf\u00e9.txt", b"coffee")
+        add("l.jpg", link=(tarfile.LNKTYPE, "caf\u00e9.jpg"))
+        add("l.txt", b"a link")
+        add("s.jpg", link=(tarfile.SYMTYPE, "caf\u00e9.jpg"))
+        add("s.txt", link=(tarfile.SYMTYPE, "caf\u00e9.txt"))
+        add("d.jpg", _jpeg((0, 0, 255)))
+        add("d.jpg", _jpeg((0, 255, 0)))
+        add("d.txt", b"two images")
+        add("ok.jpg", _jpeg())
+        add("ok.txt", b"fine")
+    rows = _rows(iter_tar(io.BytesIO(buf.getvalue()), "x.tar", 100))
+    assert [(r["key"], r["error"]) for r in rows] == [
+        ("caf\\xe9", ""), ("l", "linked_member"), ("s", "linked_member"), ("d", "duplicate_member"), ("ok", "")]
+    assert rows[0]["caption"] == b"coffee"
+
+
 def test_a_cut_tar_counts_every_sample_its_stats_say_it_lost():
     """With the shard's sample count (its _stats.json), the rest of a cut tar is that many bad samples, so that the
     counts and data.max_bad_fraction see them; without it, one (how many the rest held is unknown)."""
@@ -202,10 +258,11 @@ def test_a_cut_tar_counts_every_sample_its_stats_say_it_lost():
     assert len(good) + len(lost) == 30 and asked == [1]
     # distinct keys, as samples have: mixing weights (chosen by key) weigh them one by one
     assert [r["key"] for r in lost] == ["t.tar#truncated"] + [f"t.tar#truncated/{i}" for i in range(1, len(lost))]
-    assert {r["error"] for r in lost} == {f"truncated_shard: archive ends at byte {len(data) // 3} inside a member; "
-                                          f"{len(lost)} of its 30 samples (_stats.json) not read"}
+    (error,) = {r["error"] for r in lost}
+    assert error.startswith(f"truncated_shard: archive ends at byte {len(data) // 3} inside member ")
+    assert error.endswith(f"; {len(lost)} of its 30 samples (_stats.json) not read")
     rows = _rows(iter_tar(io.BytesIO(data[:len(data) // 3]), "t.tar", 8))
-    assert len(rows) == len(good) + 1 and rows[-1]["error"].endswith("inside a member")
+    assert len(rows) == len(good) + 1 and rows[-1]["error"].startswith("truncated_shard: archive ends at byte")
     # the count is looked up only for a damaged shard
     assert len(_rows(iter_tar(io.BytesIO(data), "t.tar", 8, expected=lambda: asked.append(1) or 30))) == 30
     assert asked == [1]

@@ -108,6 +108,26 @@ def test_compressed_tars_are_shards_with_their_stats_and_metadata_parquet(tmp_pa
         inspect_shards(f"{tmp_path}/{{00002.tar,00003.tar.xz}}")
 
 
+def test_shard_suffixes_in_any_case_and_a_shard_named_twice(tmp_path):
+    """`00001.TAR` (a case-insensitive file system, or the tool that wrote it) is a shard like `00000.tar`, never
+    left out without a word; and `mmray data inspect` refuses a shard that two parts name, as training does, instead
+    of reading it twice."""
+    import gzip
+
+    write_img2dataset(str(tmp_path), shards=3, urls_per_shard=3)
+    (tmp_path / "00001.tar").rename(tmp_path / "00001.TAR")
+    (tmp_path / "00002.Tar.GZ").write_bytes(gzip.compress((tmp_path / "00002.tar").read_bytes()))
+    (tmp_path / "00002.tar").unlink()
+    shards = [f"{tmp_path}/00000.tar", f"{tmp_path}/00001.TAR", f"{tmp_path}/00002.Tar.GZ"]
+    assert list_shards(str(tmp_path)) == shards
+    assert [tar_codec(p) for p in shards] == [None, None, "gzip"]
+    assert count_samples(shards) == {p: 3 for p in shards}  # each one's _stats.json
+    assert inspect_shards(f"{tmp_path}/{{00000.tar,00001.TAR}}") == shards[:2]
+    for spec in (f"{tmp_path}/::{tmp_path}/00000.tar", f"{tmp_path}/{{00000.tar,00001.TAR}}::{tmp_path}/00000.tar"):
+        with pytest.raises(SourceError, match=f"shard {tmp_path}/00000.tar is named by more than one part"):
+            inspect_shards(spec)
+
+
 def test_missing_shards_fail_fast_naming_the_path_unless_allowed(tmp_path, caplog):
     write_img2dataset(str(tmp_path), shards=2, urls_per_shard=3, first_shard=0)
     write_img2dataset(str(tmp_path), shards=1, urls_per_shard=3, first_shard=3)

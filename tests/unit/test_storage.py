@@ -125,3 +125,36 @@ def test_missing_paths_raise_storage_error_naming_them(tmp_path):
     with pytest.raises(StorageError, match="nothing"):
         storage.list_files(str(tmp_path / "nothing"))
     assert issubclass(StorageError, ValueError)
+
+
+def test_s3_refusing_the_credentials_is_bad_input_naming_what_to_check(capsys):
+    """A wrong secret or a bucket policy (Arrow's S3 filesystem raises an OSError with the AWS error code) is the
+    user's to fix: exit 2 with the refused request and what to check, not a traceback (exit 1)."""
+    import argparse
+
+    from mmray import cli
+
+    denied = OSError("When getting information for key 'p/train' in bucket 'sec': AWS Error ACCESS_DENIED during "
+                     "HeadObject operation: No response body.")
+
+    def command(args):
+        try:
+            raise denied
+        except OSError as e:
+            raise RuntimeError("in a Ray task") from e
+
+    assert storage.access_refused(RuntimeError("x")) is None and storage.access_refused(OSError("NO_SUCH_KEY")) is None
+    assert cli.run(command, argparse.Namespace()) == cli.EXIT_BAD_INPUT
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["kind"] == "bad_input"
+    assert summary["error"].startswith("S3 refused the request: When getting information for key 'p/train' in bucket "
+                                       "'sec': AWS Error ACCESS_DENIED")
+    assert "AWS_PROFILE" in summary["error"]
+
+
+def test_configured_endpoints_are_ignored_when_boto3_would(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    assert storage.endpoint_from_env() == "http://127.0.0.1:9000"
+    monkeypatch.setenv("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "true")
+    assert storage.endpoint_from_env() is None
+    assert storage._endpoint("http://127.0.0.1:9001")[0] == "http://127.0.0.1:9001"  # given explicitly: used
