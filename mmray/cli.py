@@ -102,6 +102,10 @@ def cmd_data_prepare(args: argparse.Namespace) -> dict:
     log = logging.getLogger("mmray")
     try:
         parse_source(args.src)
+        from mmray.data.sources import is_file
+
+        if is_file(args.dest):  # it would hold train/, val/ and the manifest
+            raise ValueError(f"DEST {args.dest} is a file; give a directory (or a new path) for the data set")
         if is_generator(args.src):
             _only_for(args, "folder and .csv/.jsonl sources", **{
                 "--format": "format", "--tokenizer": "tokenizer", "--image-column": "image_column",
@@ -133,11 +137,13 @@ def cmd_data_inspect(args: argparse.Namespace) -> dict:
 
 
 def _reader_config(args: argparse.Namespace) -> config_lib.Config:
-    """The config of a data command that takes only the data-reading keys as overrides (others: exit 2)."""
+    """The config of a data command that takes only the data-reading keys (and data.allow_missing_shards, which the
+    missing-shard error suggests) as overrides (others: exit 2)."""
     from mmray.data.pipeline import READER_OVERRIDES
 
-    return config_lib.with_overrides(config_lib.load(args.config), args.overrides, READER_OVERRIDES,
-                                     allowed=f"the data-reading keys ({', '.join(READER_OVERRIDES)})")
+    keys = (*READER_OVERRIDES, "data.allow_missing_shards")
+    return config_lib.with_overrides(config_lib.load(args.config), args.overrides, keys,
+                                     allowed=f"the data-reading keys ({', '.join(keys)})")
 
 
 def cmd_data_tokenizer(args: argparse.Namespace) -> dict:

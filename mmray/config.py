@@ -366,6 +366,8 @@ def _coerce(key: str, value: Any, fld: dataclasses.Field) -> Any:
         if typ is bool:
             if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
                 value = value.lower() in ("true", "1", "yes")
+            elif type(value) is int and value in (0, 1):  # YAML reads `1` as a number
+                value = bool(value)
             elif not isinstance(value, bool):
                 raise TypeError
         elif typ is int:
@@ -386,6 +388,9 @@ def _coerce(key: str, value: Any, fld: dataclasses.Field) -> Any:
         raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}. {meta['help']}") from None
     if typ is float and not math.isfinite(value):  # nan passes every min/max comparison; inf is no setting either
         raise ConfigError(f"{key}: expected a finite number, got {value!r}. {meta['help']}")
+    if meta.get("choices") is not None and isinstance(value, str) and value not in meta["choices"] \
+            and value.lower() in meta["choices"]:
+        value = value.lower()  # `True` for a choice spelled `true`, as YAML reads booleans in any case
     if meta.get("choices") is not None and value not in meta["choices"]:
         allowed = ", ".join(repr(c) for c in meta["choices"])
         raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: {allowed}.")
@@ -504,6 +509,7 @@ def _check_consistency(cfg: Config) -> None:
                           f"data.synthetic_samples ({d.synthetic_samples}).")
     _check_deepspeed(cfg.train)
     _check_keep_best(cfg)
+    _check_templates(cfg.eval.zero_shot_templates)
     from mmray.models.pretrained import parse_freeze
 
     parse_freeze(m.freeze)  # names only; whether anything is left to train is checked where the model is built
@@ -593,6 +599,18 @@ def check_run_name(name: str) -> None:
                           "letters, digits, '-', '_' (and '/' between parts to group runs).")
 
 
+def _check_templates(text: str) -> None:
+    """eval.zero_shot_templates must give at least one template, each with the ``{}`` a label goes into: the
+    evaluation after training would fail on none, and a template without ``{}`` gives every class the same prompt."""
+    templates = [t.strip() for t in text.split(",") if t.strip()]
+    if not templates:
+        raise ConfigError(f"eval.zero_shot_templates: {text!r} holds no template; give comma-separated prompts with "
+                          "'{}' where the label goes, e.g. 'a photo of a {}'.")
+    if blind := [t for t in templates if "{}" not in t]:
+        raise ConfigError(f"eval.zero_shot_templates: {blind[0]!r} has no '{{}}' for the label (every class would "
+                          "get the same prompt); e.g. 'a photo of a {}'.")
+
+
 def _check_keep_best(cfg: Config) -> None:
     """run.keep_best ranks checkpoints by a metric reported with them: say so before start when it never would be."""
     r, t = cfg.run, cfg.train
@@ -615,10 +633,30 @@ def _check_keep_best(cfg: Config) -> None:
                           "'val_caption_loss').")
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a mapping that gives one key twice (plain YAML keeps the last silently: a
+    second ``train:`` section would drop the first one's settings)."""
+
+
+def _mapping(loader: _UniqueKeys, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen and key != "<<":
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{key!r} is given twice (first on line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
 def parse_sections(text: str, path: str | os.PathLike) -> dict:
-    """A config file's text as its mapping of sections (training or sweep); ConfigError names the file."""
+    """A config file's text as its mapping of sections (training or sweep); ConfigError names the file, and a key
+    given twice (with its line)."""
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.load(text, Loader=_UniqueKeys) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):

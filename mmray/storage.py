@@ -83,6 +83,15 @@ _REACHABLE: set[str] = set()  # endpoints that accepted a connection in this pro
 _PROXY_VARS = {"HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"}
 
 
+def _without_userinfo(url: str) -> str:
+    """A URL with any ``user:password@`` in it replaced by ``***@``, for messages."""
+    head, sep, tail = url.partition("://")
+    netloc, slash, path = (tail if sep else head).partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return (head + sep if sep else "") + netloc + slash + path
+
+
 def _check_reachable(endpoint_url: str, source: str) -> None:
     """EndpointUnreachable naming a configured S3 endpoint where nothing accepts a connection (a typo in the URL, a
     server that is down), after a few quick tries: pyarrow's client would retry it for ~90 s, as it retries any
@@ -92,10 +101,11 @@ def _check_reachable(endpoint_url: str, source: str) -> None:
     if endpoint_url in _REACHABLE or _PROXY_VARS & os.environ.keys():
         return
     parsed = _parse_endpoint(endpoint_url)
+    shown = _without_userinfo(endpoint_url)  # never log credentials, even ones written into the URL
     try:
         address = (parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80))
     except ValueError as e:  # a port that is not a number
-        raise EndpointUnreachable(f"S3 endpoint {endpoint_url!r} is not a valid URL ({e})") from None
+        raise EndpointUnreachable(f"S3 endpoint {shown!r} is not a valid URL ({e})") from None
     for attempt in range(_PROBE_ATTEMPTS):
         try:
             socket.create_connection(address, timeout=_PROBE_TIMEOUT_S).close()
@@ -105,7 +115,7 @@ def _check_reachable(endpoint_url: str, source: str) -> None:
             error = e
             if attempt + 1 < _PROBE_ATTEMPTS:
                 time.sleep(_PROBE_PAUSE_S * 2 ** attempt)
-    raise EndpointUnreachable(f"cannot connect to the S3 endpoint {endpoint_url} (from {source}) after "
+    raise EndpointUnreachable(f"cannot connect to the S3 endpoint {shown} (from {source}) after "
                               f"{_PROBE_ATTEMPTS} tries: {error.strerror or error}; check the URL and that the "
                               "server is up")
 
@@ -139,9 +149,12 @@ def resolve(path: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem
     (with ``~`` expanded) so that Ray workers running elsewhere in the tree see the same file.
     """
     if is_s3(path):
-        key = path[len(S3_SCHEME):].strip("/")
-        if not key:
-            raise StorageError(f"S3 URI has no bucket: {path!r}")
+        rest = path[len(S3_SCHEME):]
+        key = rest.rstrip("/")
+        if not key or rest.startswith("/"):
+            raise StorageError(f"S3 URI has no bucket: {path!r} (write s3://BUCKET/KEY)")
+        if "//" in key:  # Arrow's S3 filesystem refuses such keys (with a traceback); almost always a typo
+            raise StorageError(f"S3 URI has an empty path component ('//'): {path!r}; remove the extra '/'")
         endpoint, source = _endpoint(endpoint_url)
         if endpoint:  # checked once a process (see _check_reachable)
             _check_reachable(endpoint, source)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 
 from mmray.cli import positive_int
 from mmray.infer import DEVICES, FORMATS, TASKS
@@ -40,8 +41,25 @@ def _progress():
     return logging.getLogger("mmray").info
 
 
+_OVERRIDE = re.compile(r"^([a-z_]+)\.[a-z_]+=")
+
+
+def _no_overrides(args: argparse.Namespace) -> None:
+    """ConfigError for a SRC or OUT that is a config override (``data.caption_extension=txt``): other commands take
+    those after their arguments, these take them with --set; read as a path, the real OUT became one more SRC."""
+    from mmray.config import ConfigError, all_keys
+
+    sections = {key.split(".")[0] for key in all_keys()}
+    for value in (*args.src, args.out):
+        if (m := _OVERRIDE.match(value)) and m.group(1) in sections:
+            raise ConfigError(f"{value!r} is given as SRC or OUT, but it is a config override: pass it as "
+                              f"--set {value} (the data reading keys, see --help)")
+
+
 def cmd_embed(args: argparse.Namespace) -> dict:
     from mmray.infer.embed import embed
+
+    _no_overrides(args)
 
     return embed(args.export, args.src, args.out, batch_size=args.batch_size or 256, device=args.device,
                  actors=args.actors, cpus_per_actor=args.cpus_per_actor, max_bad_fraction=args.max_bad_fraction,
@@ -57,6 +75,8 @@ def cmd_search(args: argparse.Namespace) -> dict:
 
 def cmd_generate(args: argparse.Namespace) -> dict:
     from mmray.infer.generate import generate
+
+    _no_overrides(args)
 
     return generate(args.export, args.src, args.out, task=args.task, beam=args.beam,
                     max_new_tokens=args.max_new_tokens, fmt=args.format, batch_size=args.batch_size or 64,

@@ -1,4 +1,5 @@
 """Config loading, overrides and the errors a user sees."""
+import json
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,10 @@ def test_run_name_depends_on_what_is_trained_not_where():
     (["train.max_steps=.inf"], ["train.max_steps", "expected int"]),
     (["lr=1"], ["must be section.key"]),
     (["train.lr"], ["must look like section.key=value"]),
+    # evaluation after training would fail on no template; without '{}' every class gets one prompt
+    (["eval.zero_shot_templates="], ["eval.zero_shot_templates", "holds no template"]),
+    (["eval.zero_shot_templates=,"], ["eval.zero_shot_templates", "holds no template"]),
+    (["eval.zero_shot_templates=a {},a shape"], ["'a shape' has no '{}' for the label"]),
 ])
 def test_bad_input_names_the_key(overrides, needles):
     with pytest.raises(ConfigError) as e:
@@ -112,6 +117,12 @@ def test_text_keys_take_the_text_as_typed():
 def test_use_gpu_accepts_yaml_booleans():
     assert config.load(None, ["train.use_gpu=true"]).train.use_gpu == "true"
     assert config.load(None, ["train.use_gpu=false"]).train.use_gpu == "false"
+    # as YAML spells booleans, and 1 / 0 for a boolean key (YAML reads them as numbers)
+    assert config.load(None, ["train.use_gpu=True"]).train.use_gpu == "true"
+    assert config.load(None, ["train.activation_checkpointing=1"]).train.activation_checkpointing is True
+    assert config.load(None, ["train.activation_checkpointing=0"]).train.activation_checkpointing is False
+    with pytest.raises(ConfigError, match="train.activation_checkpointing: expected bool, got 2"):
+        config.load(None, ["train.activation_checkpointing=2"])
 
 
 def test_bad_files(tmp_path):
@@ -129,6 +140,12 @@ def test_bad_files(tmp_path):
         config.load(bad)
     with pytest.raises(ConfigError, match="is a directory; give a YAML file"):
         config.load(tmp_path)
+    bad.write_text("train:\n  lr: 0.1\ndata:\n  image_size: 32\ntrain:\n  max_steps: 60\n")  # YAML: the last wins
+    with pytest.raises(ConfigError, match=r"bad.yaml is not valid YAML: 'train' is given twice \(first on line 1\)"):
+        config.load(bad)
+    bad.write_text("train:\n  lr: 0.1\n  lr: 0.5\n")
+    with pytest.raises(ConfigError, match=r"'lr' is given twice \(first on line 2\)"):
+        config.load(bad)
     bad.write_bytes(b"\xff\xfetrain: {}\n")
     with pytest.raises(ConfigError, match="bad.yaml is not UTF-8 text"):
         config.load(bad)
@@ -183,3 +200,26 @@ def test_a_run_named_by_an_earlier_mmray_is_continued(tmp_path):
     assert continue_legacy_run(cfg, str(tmp_path)).run_name == cfg.run_name
     named = config.load(None, ["run.name=mine"])
     assert named.legacy_run_name() == "" and continue_legacy_run(named, str(tmp_path)).run_name == "mine"
+
+
+def test_commands_refuse_what_would_be_misread(tmp_path, capsys):
+    """In-process, as the console script runs them (exit 2, the message as the summary's error): a config override
+    given to embed / generate where SRC or OUT goes (other commands take them there; read as a path, the real OUT
+    became one more SRC), and a data set's DEST that is a file; `data inspect` takes data.allow_missing_shards, as
+    its missing-shard error suggests."""
+    from mmray import cli
+
+    def last() -> dict:
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    for command in ("embed", "generate"):
+        assert cli.main([command, str(tmp_path / "export"), str(tmp_path / "data"), str(tmp_path / "out"),
+                         "data.caption_extension=txt"]) == cli.EXIT_BAD_INPUT
+        assert last()["error"] == ("'data.caption_extension=txt' is given as SRC or OUT, but it is a config override: "
+                                   "pass it as --set data.caption_extension=txt (the data reading keys, see --help)")
+    assert not (tmp_path / "out").exists() and not Path("data.caption_extension=txt").exists()
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["data", "prepare", "synthetic:shapes", str(tmp_path / "file"), "--samples", "20"]) == 2
+    assert last()["error"] == f"DEST {tmp_path / 'file'} is a file; give a directory (or a new path) for the data set"
+    assert cli.main(["data", "inspect", str(tmp_path / "{00000..00001}.tar"), "data.allow_missing_shards=true"]) == 2
+    assert last()["error"].startswith("none of the 2 shard(s) named by")  # the override was taken: missing skipped

@@ -47,6 +47,10 @@ def test_resolve_s3_reuses_one_filesystem_per_endpoint(monkeypatch, listening):
         storage.resolve("s3://")
     with pytest.raises(StorageError, match="no object key"):
         storage.write_bytes("s3://only-a-bucket", b"x")
+    with pytest.raises(StorageError, match=r"S3 URI has no bucket: 's3:///x'"):  # not bucket "x"
+        storage.resolve("s3:///x")
+    with pytest.raises(StorageError, match=r"empty path component \('//'\): 's3://bucket-a//x'"):
+        storage.resolve("s3://bucket-a//x")  # Arrow's S3 filesystem raises ArrowInvalid with a traceback
 
 
 def test_an_s3_endpoint_where_nothing_listens_is_named_at_once(monkeypatch, listening, capsys):
@@ -70,6 +74,10 @@ def test_an_s3_endpoint_where_nothing_listens_is_named_at_once(monkeypatch, list
         storage.exists("s3://bucket/x", endpoint_url=dead)
     with pytest.raises(EndpointUnreachable, match="S3 endpoint 'http://127.0.0.1:nine' is not a valid URL"):
         storage.exists("s3://bucket/x", endpoint_url="http://127.0.0.1:nine")
+    # credentials written into the URL are never shown
+    with pytest.raises(EndpointUnreachable) as e:
+        storage.exists("s3://bucket/x", endpoint_url=dead.replace("://", "://KEYID:SECRET@"))
+    assert "SECRET" not in str(e.value) and "KEYID" not in str(e.value) and "http://***@127.0.0.1:" in str(e.value)
     # Not taken for a missing file by the callers that skip missing ones: a shard pattern, a sweep file.
     from mmray.data.sources import Part
     from mmray.sweep import spec as sweep_spec
