@@ -502,6 +502,9 @@ def _check_consistency(cfg: Config) -> None:
     if cfg.train.warmup_steps >= cfg.train.max_steps:
         raise ConfigError(f"train.warmup_steps ({cfg.train.warmup_steps}) must be below train.max_steps "
                           f"({cfg.train.max_steps}).")
+    for key, value in (("run.storage_path", cfg.run.storage_path), ("data.cache_dir", d.cache_dir)):
+        if not value.strip():  # it would mean the current directory, wherever the command happens to run
+            raise ConfigError(f"{key} is empty; give a local path or an s3:// prefix.")
     _check_sources(d)
     webdataset_members(d)
     if d.source.startswith("synthetic:") and d.synthetic_val_samples * 2 > d.synthetic_samples:

@@ -63,6 +63,8 @@ def test_run_name_depends_on_what_is_trained_not_where():
     (["eval.zero_shot_templates="], ["eval.zero_shot_templates", "holds no template"]),
     (["eval.zero_shot_templates=,"], ["eval.zero_shot_templates", "holds no template"]),
     (["eval.zero_shot_templates=a {},a shape"], ["'a shape' has no '{}' for the label"]),
+    (["run.storage_path="], ["run.storage_path is empty"]),  # it would be the current directory
+    (["data.cache_dir= "], ["data.cache_dir is empty"]),
 ])
 def test_bad_input_names_the_key(overrides, needles):
     with pytest.raises(ConfigError) as e:
