@@ -644,11 +644,16 @@ class _UniqueKeys(yaml.SafeLoader):
 def _mapping(loader: _UniqueKeys, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged by construct_mapping below
+            continue
         key = loader.construct_object(key_node, deep=True)
-        if key in seen and key != "<<":
-            raise yaml.constructor.ConstructorError(
-                None, None, f"{key!r} is given twice (first on line {seen[key] + 1})", key_node.start_mark)
-        seen[key] = key_node.start_mark.line
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        except TypeError:  # an unhashable key (a list): construct_mapping names it as YAML's error
+            pass
     return loader.construct_mapping(node, deep=deep)
 
 

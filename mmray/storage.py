@@ -84,12 +84,13 @@ _PROXY_VARS = {"HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PR
 
 
 def _without_userinfo(url: str) -> str:
-    """A URL with any ``user:password@`` in it replaced by ``***@``, for messages."""
+    """A URL with everything before its last ``@`` (a ``user:password@``, whatever characters the password holds)
+    replaced by ``***@``, for messages."""
     head, sep, tail = url.partition("://")
-    netloc, slash, path = (tail if sep else head).partition("/")
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    return (head + sep if sep else "") + netloc + slash + path
+    rest = tail if sep else head
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    return (head + sep if sep else "") + rest
 
 
 def _check_reachable(endpoint_url: str, source: str) -> None:
@@ -104,8 +105,8 @@ def _check_reachable(endpoint_url: str, source: str) -> None:
     shown = _without_userinfo(endpoint_url)  # never log credentials, even ones written into the URL
     try:
         address = (parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80))
-    except ValueError as e:  # a port that is not a number
-        raise EndpointUnreachable(f"S3 endpoint {shown!r} is not a valid URL ({e})") from None
+    except ValueError:  # a port that is not a number (its text may hold part of a password: not repeated)
+        raise EndpointUnreachable(f"S3 endpoint {shown!r} is not a valid URL (its port is not a number)") from None
     for attempt in range(_PROBE_ATTEMPTS):
         try:
             socket.create_connection(address, timeout=_PROBE_TIMEOUT_S).close()
@@ -288,24 +289,46 @@ def delete(path: str, *, endpoint_url: str | None = None) -> None:
 
 def _walk_local(root: str, suffix: str | None) -> list[str]:
     """Every file below a local directory, sorted by path. Symlinked directories are followed, but each directory
-    once: a link back up the tree (a loop) or a second name for a directory already listed (``favourites ->
-    cats``) lists nothing again, so no file is listed twice under two names (and no image lands in both splits).
-    Symlinks to files are listed, dangling ones too (reading them then fails, and is counted, not skipped). A
-    directory that cannot be listed is a StorageError, not a silent gap."""
+    is listed once: under its real name when it is below ``root`` (and not hidden), else under its first name in
+    path order, hidden names last; so a link back up the tree (a loop) or a second name for a directory (an alias,
+    ``favourites -> cats``) lists no file twice (no image lands in both splits), and an alias with a hidden name
+    (``.cats_alias``) hides nothing. Symlinks to files are listed, dangling ones too (reading them then fails, and is
+    counted, not skipped). A directory that cannot be listed is a StorageError, not a silent gap."""
     def unreadable(err: OSError) -> None:  # os.walk would skip a directory it cannot list, and its files with it
         raise StorageError(f"cannot list directory {err.filename}: {err.strerror}") from err
 
+    def ident(path: str) -> tuple[int, int]:
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+
+    def order(names: list[str]) -> None:
+        names.sort(key=lambda name: (name.startswith("."), name))
+
+    real = set()  # the directories below root under their own (visible) names
+    for directory, dirnames, _ in os.walk(root, onerror=unreadable):
+        if not any(part.startswith(".") for part in os.path.relpath(directory, root).split(os.sep) if part != "."):
+            real.add(ident(directory))
     seen: set[tuple[int, int]] = set()
     out = []
     for directory, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
-        st = os.stat(directory)
-        if (st.st_dev, st.st_ino) in seen:
+        here = ident(directory)
+        if here in seen:
             dirnames[:] = []
             continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames.sort()  # the first name of a directory in path order is the one listed
+        seen.add(here)
+        # a link to a directory listed under its own name is not followed
+        dirnames[:] = [d for d in dirnames if not (os.path.islink(os.path.join(directory, d))
+                                                  and _ident_or_none(os.path.join(directory, d), ident) in real)]
+        order(dirnames)
         out += [os.path.join(directory, name) for name in filenames if suffix is None or name.endswith(suffix)]
     return sorted(out)
+
+
+def _ident_or_none(path: str, ident):
+    try:
+        return ident(path)
+    except OSError:
+        return None
 
 
 def list_files(prefix: str, suffix: str | None = None, *, recursive: bool = False,

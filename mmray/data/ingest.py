@@ -18,8 +18,9 @@ Sources (local or ``s3://``):
 
 A sample that cannot be used is skipped and counted by reason, with a few examples: ``missing_caption``,
 ``missing_image``, ``corrupt_image`` (it does not decode with Pillow), ``image_too_large``, ``empty_caption``,
-``non_utf8_caption``, ``bad_metadata`` (its ``.json`` is not a JSON object), ``unreadable_image`` (a local file
-that cannot be read, e.g. without permission; an index row naming a directory is ``missing_image``),
+``non_utf8_caption``, ``bad_metadata`` (its ``.json`` is not a JSON object, or cannot be read), ``unreadable_image``
+/ ``unreadable_caption`` (a local file that cannot be read, e.g. without permission; an index row naming a directory
+is ``missing_image``),
 ``unsupported_image_type`` (an index row naming another kind of file, or an image in a folder in a format the shard
 readers do not take: ``.gif``, ``.bmp``, ``.tif``, ...; convert those to PNG or JPEG first), ``unsupported_url``
 (http(s) images are not downloaded).
@@ -197,11 +198,11 @@ def _csv_rows(src: str, text: str, image_column: str | None,
         raise ValueError(f"{src} is empty: expected a header row naming the image and caption columns") from None
     except csv.Error as e:
         raise ValueError(f"{src}:{reader.line_num}: malformed CSV header: {e}") from None
-    if twice := sorted(name for name, n in Counter(header).items() if n > 1):
-        raise ValueError(f"{src}:{reader.line_num}: the header names {', '.join(map(repr, twice))} more than once: "
-                         "which column is meant is ambiguous; rename the duplicates")
     image_col = _pick_column(src, header, image_column, IMAGE_COLUMNS, "image", "--image-column")
     caption_col = _pick_column(src, header, caption_column, CAPTION_COLUMNS, "caption", "--caption-column")
+    if twice := [name for name in dict.fromkeys((image_col, caption_col)) if header.count(name) > 1]:
+        raise ValueError(f"{src}:{reader.line_num}: the header names {', '.join(map(repr, twice))} more than once: "
+                         "which column is meant is ambiguous; rename the duplicates")
     line = reader.line_num + 1  # where the next record starts (a quoted field may span lines)
     while True:
         try:
@@ -358,6 +359,10 @@ def load(candidate: Candidate) -> Loaded | str:
             caption = storage.read_bytes(candidate.caption_path).decode("utf-8-sig")  # a BOM is not text
         except storage.StorageError:
             return "missing_caption"
+        except OSError:
+            if storage.is_s3(candidate.caption_path):
+                raise
+            return "unreadable_caption"  # a local file that cannot be read (permissions, a link loop)
         except UnicodeDecodeError:
             if not candidate.caption_optional:
                 return "non_utf8_caption"
@@ -371,6 +376,10 @@ def load(candidate: Candidate) -> Loaded | str:
             own = json.loads(storage.read_bytes(candidate.meta_path))
         except (storage.StorageError, ValueError):
             return "bad_metadata"
+        except OSError:
+            if storage.is_s3(candidate.meta_path):
+                raise
+            return "bad_metadata"  # a local file that cannot be read
         if not isinstance(own, dict):
             return "bad_metadata"
         meta.update(own)

@@ -116,7 +116,7 @@ def _shard_reporter(say: Callable[[str], None], split: str, samples: int,
 
 # A numbered shard in any form the reader knows (compressed tars too, and those it refuses), or its stats
 _SHARD_FILE = re.compile(r"^(\d+)(" + "|".join(map(re.escape, (*SHARD_SUFFIXES, *UNSTREAMABLE_TARS, STATS_SUFFIX)))
-                         + ")$")
+                         + ")$", re.IGNORECASE)  # 00005.TAR is a shard the readers would list too
 
 
 def remove_stale_shards(dest_dir: str, shards: int, suffix: str = ".tar") -> None:
@@ -127,7 +127,8 @@ def remove_stale_shards(dest_dir: str, shards: int, suffix: str = ".tar") -> Non
     keep = {shard_name(i) for i in range(shards)}
     for path in storage.list_files(dest_dir):
         match = _SHARD_FILE.match(path.rsplit("/", 1)[-1])
-        if match and (match.group(1) not in keep or match.group(2) not in (suffix, "_stats.json")):
+        # (a name this run wrote, in another case, is this run's file on a file system that ignores case: kept)
+        if match and (match.group(1) not in keep or match.group(2).lower() not in (suffix, "_stats.json")):
             storage.delete(path)
 
 

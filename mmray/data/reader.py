@@ -216,10 +216,6 @@ class CutMember(tarfile.ReadError):
         self.name = name
 
 
-class NoEnd(tarfile.ReadError):
-    """The archive ends after a whole member, without its end-of-archive blocks."""
-
-
 def _octal(field: bytes, what: str) -> int:
     """A numeric header field: NUL/space-terminated octal, or GNU base-256 (first byte 0x80 or 0xff)."""
     if field[0] in (0x80, 0xFF):
@@ -244,7 +240,7 @@ def _pax(data: bytes) -> dict[str, str]:
 def tar_members(blocks: _Blocks) -> Iterator[tuple[str, bytes | None]]:
     """(name, data) of each regular file of a tar stream, in order, and (name, None) of each hard or symbolic link
     (a link holds no data: which member it names is not followed); tarfile.ReadError on a corrupt or cut archive
-    (CutMember when it ends inside a member's data, NoEnd when after a whole member).
+    (CutMember when it ends inside a member's data).
 
     A minimal reader of the formats Python's tarfile and GNU tar write (ustar, GNU long names, pax headers) that
     costs a few microseconds a member where ``tarfile``'s stream mode costs tens: a WebDataset sample is 2-3 members
@@ -256,19 +252,21 @@ def tar_members(blocks: _Blocks) -> Iterator[tuple[str, bytes | None]]:
         header = blocks.take(_BLOCK)
         if header == _ZERO_BLOCK:
             if len(blocks.take(_BLOCK)) < _BLOCK:  # the second end-of-archive block
-                raise NoEnd(f"archive ends at byte {blocks.offset} without its end-of-archive blocks")
+                raise tarfile.ReadError(f"archive ends at byte {blocks.offset} without its end-of-archive blocks")
             return
-        if not header:
-            raise NoEnd(f"archive ends at byte {blocks.offset} without its end-of-archive blocks")
         if len(header) < _BLOCK:
-            raise tarfile.ReadError(f"archive ends at byte {blocks.offset} inside a header")
+            raise tarfile.ReadError(f"archive ends at byte {blocks.offset} "
+                                    + ("inside a header" if header else "without its end-of-archive blocks"))
         chksum, unsigned = _octal(header[148:156], "checksum"), sum(header[:148]) + 256 + sum(header[156:])
         if chksum != unsigned and chksum != unsigned - 256 * sum(b > 127 for b in header):  # some tars sum signed
             raise tarfile.ReadError(f"bad header checksum at byte {blocks.offset - _BLOCK}")
         size = int(pax["size"]) if "size" in pax else _octal(header[124:136], "size")
         kind = header[156:157]
         name = _member_name(header, pax, long_name) if kind in _FILE_TYPES + _LINK_TYPES else ""
-        data = blocks.take(size)
+        try:
+            data = blocks.take(size)
+        except tarfile.ReadError as e:  # compressed data cut or corrupt inside this member
+            raise CutMember(f"{e} (inside member {_text(name) or '(a header)'})", name) from None
         if len(data) < size:
             raise CutMember(f"archive ends at byte {blocks.offset} inside member {_text(name) or '(a header)'}",
                             name)
@@ -360,9 +358,9 @@ def _iter_tar_members(blocks: _Blocks, shard: str, rows: _Rows, image_exts: Sequ
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         # A truncated or corrupt tar: the samples read whole are kept; the one cut off and the rest are counted as
         # bad samples of this shard (see iter_tar), rather than lost silently. The sample being grouped was read
-        # whole when the archive ends after a whole member (its end blocks missing) or inside a member of another
-        # sample; a cut inside a header, or inside one of its own members, may have cut it short.
-        whole = isinstance(e, NoEnd) or (isinstance(e, CutMember) and _split_name(e.name)[0] != key)
+        # whole only when the archive breaks inside a member of another sample; a cut between two members, inside a
+        # header or inside one of its own members may have cut it short.
+        whole = isinstance(e, CutMember) and bool(e.name) and _split_name(e.name)[0] != key
         if key is not None and whole and (block := rows.add(*sample(key, members))):
             yield block
         key, members = None, {}
@@ -458,7 +456,8 @@ def iter_parquet(data: bytes, shard: str, rows_per_block: int, image_column: str
 
     ``image_column`` / ``caption_column`` may be ``auto``: the first of IMAGE_COLUMNS / CAPTION_COLUMNS present.
     ``meta_column`` (JSON text or bytes per row, like WebDataset's ``.json`` member) is optional: when the file has
-    no such column, ``meta`` is null. A file with img2dataset's ``status`` column also lists the URLs it failed to
+    no such column, ``meta`` is null. A file with img2dataset's ``status`` column (text, beside its
+    ``error_message`` column) also lists the URLs it failed to
     download or resize (``status`` ``failed_to_download`` or ``failed_to_resize``, no image): those rows are not
     samples (img2dataset counts them in its ``_stats.json`` as failures, not successes) and are skipped. Any other
     row is read, whatever its ``status`` says (a column of that name in another tool's file means something else)."""
@@ -468,7 +467,9 @@ def iter_parquet(data: bytes, shard: str, rows_per_block: int, image_column: str
     caption_column = _pick(shard, names, caption_column, CAPTION_COLUMNS, "caption", "data.caption_column")
     schema = pf.schema_arrow
     status_type = schema.field("status").type if "status" in names else None
-    status_column = "status" if status_type and _is_text(status_type) and not _is_binary(status_type) else None
+    # img2dataset's own: text, beside its error_message column (another tool's `status` is just metadata)
+    status_column = "status" if status_type and _is_text(status_type) and not _is_binary(status_type) \
+        and "error_message" in names else None
     image_type = schema.field(image_column).type
     struct = pa.types.is_struct(image_type) and image_type.get_field_index("bytes") >= 0
     if not (_is_binary(image_type) or struct):  # a string column holds paths or URLs (or base64), never an image

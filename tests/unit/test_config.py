@@ -148,6 +148,13 @@ def test_bad_files(tmp_path):
     bad.write_text("train:\n  lr: 0.1\n  lr: 0.5\n")
     with pytest.raises(ConfigError, match=r"'lr' is given twice \(first on line 2\)"):
         config.load(bad)
+    bad.write_text("train:\n  ? [lr]\n  : 1\n")  # an unhashable key: YAML's own error, still bad input
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(bad)
+    # YAML merge keys are no duplicates: `<<: *defaults` then a key of one's own
+    bad.write_text("base: &b {lr: 0.0003, warmup_steps: 5}\ntrain:\n  <<: *b\n  max_steps: 10\n")
+    merged = config.parse_sections(bad.read_text(), bad)["train"]
+    assert merged == {"lr": 0.0003, "warmup_steps": 5, "max_steps": 10}
     bad.write_bytes(b"\xff\xfetrain: {}\n")
     with pytest.raises(ConfigError, match="bad.yaml is not UTF-8 text"):
         config.load(bad)

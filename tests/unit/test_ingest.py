@@ -442,6 +442,10 @@ def test_index_rows_as_other_writers_leave_them(tmp_path):
 def test_csv_with_a_caption_past_pythons_field_limit(tmp_path):
     src = tmp_path / "src"
     write_index_images(src)
+    # spreadsheet exports: empty trailing header cells, a repeated column that is not read
+    rows = "".join(f"img/{i}.png,n {i},a,b,,\n" for i in range(4))
+    (src / "sheet.csv").write_text("image,caption,tag,tag,,\n" + rows)
+    assert prepare_ingest(str(src / "sheet.csv"), str(tmp_path / "sheet"), val_samples=0)["train_samples"] == 4
     long = "word " * 40_000  # 200 KB: Python's csv refuses fields over 128 KiB unless told otherwise
     (src / "index.csv").write_text(f'image,caption\nimg/0.png,"{long}"\nimg/1.png,short\n')
     summary = prepare_ingest(str(src / "index.csv"), str(tmp_path / "out"), val_samples=0)
@@ -465,8 +469,11 @@ def test_folder_symlinks_list_each_image_once(tmp_path):
     (outside / "o.png").write_bytes(image_bytes(9, "PNG"))
     (outside / "o.txt").write_text("linked in")
     (root / "more").symlink_to(outside)
+    (root / ".cats_alias").symlink_to(root / "cats")  # a hidden second name hides nothing
+    (root / "cats" / "5.png").write_bytes(image_bytes(5, "PNG"))
+    (root / "cats" / "5.txt").symlink_to(root / "cats" / "5.txt")  # a link loop: unreadable, counted
     summary = prepare_ingest(str(root), str(tmp_path / "out"), val_samples=1, seed=2)
-    assert summary["bad"] == {"missing_image": 1}
+    assert summary["bad"] == {"missing_image": 1, "unreadable_caption": 1}
     assert summary["bad_examples"]["missing_image"] == [str(root / "gone.png")]
     samples = read_samples(tmp_path / "out", "train") + read_samples(tmp_path / "out", "val")
     assert sorted(s["caption"] for s in samples) == ["cat 0", "cat 1", "cat 2", "cat 3", "linked in"]

@@ -192,27 +192,41 @@ def test_members_apart_from_their_sample_are_counted_as_such():
 
 
 def test_a_cut_keeps_every_sample_read_whole_before_it(caplog):
-    """Cut inside the next sample's member, or after a whole member with the end-of-archive blocks missing: the
-    sample before the damage was read whole and is kept (as tar and webdataset read it); cut inside a sample's own
-    member, that sample is lost."""
-    members = [("000.jpg", _jpeg()), ("000.txt", b"zero"), ("001.jpg", _jpeg((0, 0, 200))), ("001.txt", b"one")]
+    """Cut inside the next sample's member, the sample before the damage was read whole and is kept (as tar and
+    webdataset read it), compressed or not; cut between two members, inside a header or inside one of its own
+    members, it may have lost a member (its metadata, its caption) and is counted with the damage instead."""
+    import gzip
+
+    members = [("000.jpg", _jpeg()), ("000.txt", b"zero"), ("000.json", b"{}"), ("001.jpg", _jpeg((0, 0, 200))),
+               ("001.txt", b"one"), ("001.json", b'{"label": "x"}')]
     data = _tar(members)
-    cuts = {"in 001.jpg": data.index(members[2][1]) + 100,
-            "no end blocks": data.index(b"one") + tarfile.BLOCKSIZE,  # the last member's data block ends there
+    cuts = {"in 001.jpg": data.index(members[3][1]) + 100,
+            "before 001.json": data.index(b"one") + tarfile.BLOCKSIZE,  # a cut between two of its members
+            "no end blocks": data.index(b'{"label"') + tarfile.BLOCKSIZE,  # every member whole, no end blocks
             "in 000.txt header": data.index(b"000.txt") + 10,
             "in 001.txt": data.index(b"one") + 1}
     got = {what: [(r["key"], r["error"].split(":")[0]) for r in _rows(iter_tar(io.BytesIO(data[:at]), "t.tar", 8))]
            for what, at in cuts.items()}
-    assert got == {"in 001.jpg": [("000", ""), ("t.tar#truncated", "truncated_shard")],
-                   "no end blocks": [("000", ""), ("001", ""), ("t.tar#truncated", "truncated_shard")],
-                   "in 000.txt header": [("t.tar#truncated", "truncated_shard")],
-                   "in 001.txt": [("000", ""), ("t.tar#truncated", "truncated_shard")]}
-    # With the shard's count, exactly the samples lost: one, or none (end blocks missing: the damage is logged).
+    kept = [("000", ""), ("t.tar#truncated", "truncated_shard")]
+    assert got == {"in 001.jpg": kept, "before 001.json": kept, "no end blocks": kept,
+                   "in 000.txt header": [("t.tar#truncated", "truncated_shard")], "in 001.txt": kept}
+    # A gzip-compressed tar cut inside 001.jpg's compressed data keeps 000 too (noise: a JPEG gzip cannot shrink).
+    noise = io.BytesIO()
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (64, 64, 3), np.uint8)).save(noise, "JPEG")
+    packed = gzip.compress(_tar(members[:3] + [("001.jpg", noise.getvalue())] + members[4:]), mtime=0)
+    for at in range(len(packed) // 2, len(packed), 50):
+        rows = _rows(iter_tar(io.BytesIO(packed[:at]), "t.tar.gz", 8, codec="gzip"))
+        if rows[-1]["error"].startswith("truncated_shard") and "inside member 001.jpg" in rows[-1]["error"]:
+            assert [r["key"] for r in rows] == ["000", "t.tar.gz#truncated"]
+            break
+    else:
+        raise AssertionError("no cut inside 001.jpg's compressed data found")
+    # With the shard's count, exactly the samples lost.
     rows = _rows(iter_tar(io.BytesIO(data[:cuts["in 001.jpg"]]), "t.tar", 8, expected=lambda: 2))
-    assert [(r["key"], r["error"].split(":")[0]) for r in rows] == [("000", ""), ("t.tar#truncated", "truncated_shard")]
+    assert [(r["key"], r["error"].split(":")[0]) for r in rows] == kept
     with caplog.at_level(logging.WARNING, logger="mmray"):
-        rows = _rows(iter_tar(io.BytesIO(data[:cuts["no end blocks"]]), "t.tar", 8, expected=lambda: 2))
-    assert [r["key"] for r in rows] == ["000", "001"] and "without its end-of-archive blocks" in caplog.text
+        rows = _rows(iter_tar(io.BytesIO(data[:cuts["no end blocks"]]), "t.tar", 8, expected=lambda: 1))
+    assert [r["key"] for r in rows] == ["000"] and "without its end-of-archive blocks" in caplog.text
 
 
 def test_latin1_names_links_and_duplicate_members_are_samples_or_counted():
@@ -313,7 +327,9 @@ def test_an_unreadable_parquet_row_group_is_each_of_its_rows_counted():
     status = ["success" if i % 3 else "failed_to_download" for i in range(12)]
     fetched = table.set_column(1, "jpg", pa.array([None if st != "success" else j for st, j in
                                                    zip(status, table.column("jpg").to_pylist())], pa.binary()))
-    data = _parquet_with_a_bad_row_group(fetched.append_column("status", pa.array(status)), 4, 1)
+    fetched = fetched.append_column("status", pa.array(status)).append_column(
+        "error_message", pa.array([None if st == "success" else "HTTP Error 404" for st in status]))
+    data = _parquet_with_a_bad_row_group(fetched, 4, 1)
     rows = _rows(iter_parquet(data, "i.parquet", 5, expected=lambda: 8))  # 8 successes of 12 URLs
     assert [r["key"] for r in rows if not r["error"]] == ["k01", "k02", "k08", "k10", "k11"]
     lost = [r for r in rows if r["error"]]  # k04, k05 and k07 were in the unreadable group
@@ -345,13 +361,18 @@ def test_only_img2dataset_failed_rows_are_skipped_whatever_a_status_column_holds
     and a row without its image is counted as missing_image."""
     rows = _rows(iter_parquet(_parquet(pa.table({
         "jpg": [_jpeg(), None, None, _jpeg()], "txt": ["a", "b", "c", "d"],
-        "status": ["success", "failed_to_download", "failed_to_resize", "success"]})), "i2d.parquet", 10))
+        "status": ["success", "failed_to_download", "failed_to_resize", "success"],
+        "error_message": [None, "HTTP Error 404", "cannot identify image", None]})), "i2d.parquet", 10))
     assert [(r["key"], r["error"]) for r in rows] == [("0", ""), ("3", "")]
+    # Not img2dataset's file (its status comes with an error_message column): every row is a sample.
     for status in ([200, 404, 200], ["approved", "rejected", "failed_to_download"], [b"x", b"y", b"z"]):
         rows = _rows(iter_parquet(_parquet(pa.table({"jpg": [_jpeg(), _jpeg(), None], "txt": ["a", "b", "c"],
                                                       "status": status})), "other.parquet", 10))
-        expected = [("0", ""), ("1", "")] + ([] if status[2] == "failed_to_download" else [("2", "missing_image")])
-        assert [(r["key"], r["error"]) for r in rows] == expected, status
+        assert [(r["key"], r["error"]) for r in rows] == [("0", ""), ("1", ""), ("2", "missing_image")], status
+    # ... and an unreadable row group of such a file counts each of its rows
+    other = pa.table({"jpg": [_jpeg()] * 8, "txt": ["x"] * 8, "status": ["approved"] * 8})
+    rows = _rows(iter_parquet(_parquet_with_a_bad_row_group(other, 4, 1), "other.parquet", 10))
+    assert len(rows) == 8 and sum(r["error"].startswith("unreadable_row_group") for r in rows) == 4
 
 
 def test_tar_of_a_folder_skips_what_is_not_a_sample_member(tmp_path):

@@ -301,3 +301,14 @@ def test_a_prepared_data_set_without_a_val_split_asks_for_data_val_source(tmp_pa
         resolve_data(config.load(None, [f"data.source={tmp_path}/ds"]))
     data = resolve_data(config.load(None, [f"data.source={tmp_path}/ds", f"data.val_source={tmp_path}/ds/train"]))
     assert data.val == data.train and len(data.train) == 1
+
+
+def test_a_rewrite_removes_stale_shards_named_in_another_case(tmp_path):
+    """`data prepare` writing 1 shard where an earlier run (or a copy) left 00005.TAR: the readers list that name too
+    (suffixes count in any case), so the cleanup removes it; the shard just written stays."""
+    from mmray.data.prepare import remove_stale_shards
+
+    for name in ("00000.tar", "00000_stats.json", "00005.TAR", "00005_STATS.json", "00006.tar", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    remove_stale_shards(str(tmp_path), 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.tar", "00000_stats.json", "notes.txt"]

@@ -78,6 +78,10 @@ def test_an_s3_endpoint_where_nothing_listens_is_named_at_once(monkeypatch, list
     with pytest.raises(EndpointUnreachable) as e:
         storage.exists("s3://bucket/x", endpoint_url=dead.replace("://", "://KEYID:SECRET@"))
     assert "SECRET" not in str(e.value) and "KEYID" not in str(e.value) and "http://***@127.0.0.1:" in str(e.value)
+    for password in ("s3cr/et", "s3#cr", "p:9x"):
+        with pytest.raises(EndpointUnreachable) as e:
+            storage.exists("s3://bucket/x", endpoint_url=f"http://admin:{password}@127.0.0.1:nine")
+        assert "admin" not in str(e.value) and password not in str(e.value)
     # Not taken for a missing file by the callers that skip missing ones: a shard pattern, a sweep file.
     from mmray.data.sources import Part
     from mmray.sweep import spec as sweep_spec
