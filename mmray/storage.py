@@ -297,38 +297,40 @@ def _walk_local(root: str, suffix: str | None) -> list[str]:
     def unreadable(err: OSError) -> None:  # os.walk would skip a directory it cannot list, and its files with it
         raise StorageError(f"cannot list directory {err.filename}: {err.strerror}") from err
 
-    def ident(path: str) -> tuple[int, int]:
-        st = os.stat(path)
-        return st.st_dev, st.st_ino
-
     def order(names: list[str]) -> None:
         names.sort(key=lambda name: (name.startswith("."), name))
 
     real = set()  # the directories below root under their own (visible) names
     for directory, dirnames, _ in os.walk(root, onerror=unreadable):
         if not any(part.startswith(".") for part in os.path.relpath(directory, root).split(os.sep) if part != "."):
-            real.add(ident(directory))
+            real.add(_ident(directory))
     seen: set[tuple[int, int]] = set()
     out = []
     for directory, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
-        here = ident(directory)
+        here = _ident(directory)
         if here in seen:
             dirnames[:] = []
             continue
         seen.add(here)
         # a link to a directory listed under its own name is not followed
-        dirnames[:] = [d for d in dirnames if not (os.path.islink(os.path.join(directory, d))
-                                                  and _ident_or_none(os.path.join(directory, d), ident) in real)]
+        dirnames[:] = [d for d in dirnames if not _link_into(os.path.join(directory, d), real)]
         order(dirnames)
         out += [os.path.join(directory, name) for name in filenames if suffix is None or name.endswith(suffix)]
     return sorted(out)
 
 
-def _ident_or_none(path: str, ident):
+def _ident(path: str) -> tuple[int, int]:
+    """What names a directory whatever path leads to it: (device, inode)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _link_into(path: str, directories: set[tuple[int, int]]) -> bool:
+    """Whether ``path`` is a symlink to one of ``directories`` (a dangling one is not)."""
     try:
-        return ident(path)
+        return os.path.islink(path) and _ident(path) in directories
     except OSError:
-        return None
+        return False
 
 
 def list_files(prefix: str, suffix: str | None = None, *, recursive: bool = False,
