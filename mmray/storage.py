@@ -343,8 +343,8 @@ def list_files(prefix: str, suffix: str | None = None, *, recursive: bool = Fals
     """
     fs, inner = resolve(prefix, endpoint_url)
     if recursive and not is_s3(prefix):
-        with _named_errors(prefix, fs, inner, "directory"):
-            fs.get_file_info(pafs.FileSelector(inner))  # a missing directory: the same error as below
+        if fs.get_file_info(inner).type == pafs.FileType.NotFound:  # the same error as an S3 prefix's, below
+            raise StorageError(f"directory does not exist: {prefix}")
         return _walk_local(inner, suffix)
     with _named_errors(prefix, fs, inner, "directory"):
         infos = fs.get_file_info(pafs.FileSelector(inner, recursive=recursive))

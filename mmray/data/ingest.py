@@ -335,20 +335,39 @@ def sniff_extension(data: bytes) -> str:
         return ""
 
 
+class _Unreadable(Exception):
+    """A local file that exists but cannot be read (permissions, a link loop, a directory): ``reason`` is the bad
+    sample's reason."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _read(path: str, reason: str) -> bytes:
+    """The bytes at ``path``. A local file that cannot be read raises :class:`_Unreadable` with ``reason``; on S3 an
+    OSError is a storage failure (retried below S3's client), never a verdict on the sample, so it propagates; a
+    missing file raises storage.StorageError."""
+    try:
+        return storage.read_bytes(path)
+    except OSError:  # storage.StorageError (a missing file) is a ValueError: it passes
+        if storage.is_s3(path):
+            raise
+        raise _Unreadable(reason) from None
+
+
 def load(candidate: Candidate) -> Loaded | str:
     """Read and check one sample: a Loaded, or the reason it is bad. An image path without an extension (as
     downloaders often save files) is taken by its bytes' signature."""
     if candidate.bad:
         return candidate.bad
     try:
-        data = storage.read_bytes(candidate.image)
+        data = _read(candidate.image, "unreadable_image")
     except storage.StorageError:
         return "missing_image"
-    except OSError:
-        if storage.is_s3(candidate.image):
-            raise  # a storage failure (retried below S3's client), never a verdict on the sample
+    except _Unreadable as e:
         # a local path that is a directory (an index row naming a folder), or a file this user may not read
-        return "missing_image" if os.path.isdir(candidate.image) else "unreadable_image"
+        return "missing_image" if os.path.isdir(candidate.image) else e.reason
     if not candidate.ext:
         if not (ext := sniff_extension(data)):
             return "unsupported_image_type" if data else "empty_image"
@@ -356,13 +375,11 @@ def load(candidate: Candidate) -> Loaded | str:
     caption = candidate.caption
     if candidate.caption_path is not None:
         try:
-            caption = storage.read_bytes(candidate.caption_path).decode("utf-8-sig")  # a BOM is not text
+            caption = _read(candidate.caption_path, "unreadable_caption").decode("utf-8-sig")  # a BOM is not text
         except storage.StorageError:
             return "missing_caption"
-        except OSError:
-            if storage.is_s3(candidate.caption_path):
-                raise
-            return "unreadable_caption"  # a local file that cannot be read (permissions, a link loop)
+        except _Unreadable as e:
+            return e.reason
         except UnicodeDecodeError:
             if not candidate.caption_optional:
                 return "non_utf8_caption"
@@ -373,13 +390,11 @@ def load(candidate: Candidate) -> Loaded | str:
     meta = dict(candidate.extra)
     if candidate.meta_path is not None:
         try:
-            own = json.loads(storage.read_bytes(candidate.meta_path))
+            own = json.loads(_read(candidate.meta_path, "bad_metadata"))
         except (storage.StorageError, ValueError):
             return "bad_metadata"
-        except OSError:
-            if storage.is_s3(candidate.meta_path):
-                raise
-            return "bad_metadata"  # a local file that cannot be read
+        except _Unreadable as e:
+            return e.reason
         if not isinstance(own, dict):
             return "bad_metadata"
         meta.update(own)

@@ -18,10 +18,10 @@ files, folders of images with same-named .txt captions, or .csv / .jsonl indexes
 last two are written as shards under OUT/_staged once, as `mmray data prepare` would) through the exported model
 EXPORT with Ray Data, on a pool of actors that each load the model once (one per GPU when the cluster has GPUs, else
 CPU actors), and write one Parquet file per input shard to OUT with the columns key, shard, source (the original
-image file of a staged folder or index), caption, image_embedding and text_embedding (L2-normalised list<float32>). Only exports whose
-model.fusion keeps separate towers (late, attention) have embeddings. Bad samples are skipped and counted as in
-training. Shards are read with the export's data-reading keys unless --set overrides them. Rerunning resumes:
-shards already written to OUT are skipped. The JSON summary holds samples, bad (per reason), shards_written,
+image file of a staged folder or index), caption, image_embedding and text_embedding (L2-normalised list<float32>).
+Only exports whose model.fusion keeps separate towers (late, attention) have embeddings. Bad samples are skipped and
+counted as in training. Shards are read with the export's data-reading keys unless --set overrides them. Rerunning
+resumes: shards already written to OUT are skipped. The JSON summary holds samples, bad (per reason), shards_written,
 shards_skipped, samples_per_s and wall_s.
 """
 SEARCH_HELP = """\
@@ -33,8 +33,8 @@ grid of the hits' images, read back from their source shards.
 GENERATE_HELP = """\
 Generate text with the decoder of EXPORT for every usable sample of SRC (as for `mmray embed`), on a pool of
 actors: --task caption writes one row per sample (key, shard, source, caption, generated), --task vqa one row per
-question in each sample's JSON metadata (key, shard, source, question, answer, qa_type, generated). Greedy decoding (--beam 1) or
-beam search. One Parquet or JSONL file per input shard in OUT; rerunning resumes.
+question in each sample's JSON metadata (key, shard, source, question, answer, qa_type, generated). Greedy decoding
+(--beam 1) or beam search. One Parquet or JSONL file per input shard in OUT; rerunning resumes.
 """
 
 

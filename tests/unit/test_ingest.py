@@ -472,8 +472,13 @@ def test_folder_symlinks_list_each_image_once(tmp_path):
     (root / ".cats_alias").symlink_to(root / "cats")  # a hidden second name hides nothing
     (root / "cats" / "5.png").write_bytes(image_bytes(5, "PNG"))
     (root / "cats" / "5.txt").symlink_to(root / "cats" / "5.txt")  # a link loop: unreadable, counted
+    (root / "cats" / "6.png").symlink_to(root / "cats" / "6.png")
+    (root / "cats" / "6.txt").write_text("an unreadable image")
+    (root / "cats" / "7.png").write_bytes(image_bytes(7, "PNG"))
+    (root / "cats" / "7.txt").write_text("unreadable metadata")
+    (root / "cats" / "7.json").symlink_to(root / "cats" / "7.json")
     summary = prepare_ingest(str(root), str(tmp_path / "out"), val_samples=1, seed=2)
-    assert summary["bad"] == {"missing_image": 1, "unreadable_caption": 1}
+    assert summary["bad"] == {"missing_image": 1, "unreadable_caption": 1, "unreadable_image": 1, "bad_metadata": 1}
     assert summary["bad_examples"]["missing_image"] == [str(root / "gone.png")]
     samples = read_samples(tmp_path / "out", "train") + read_samples(tmp_path / "out", "val")
     assert sorted(s["caption"] for s in samples) == ["cat 0", "cat 1", "cat 2", "cat 3", "linked in"]

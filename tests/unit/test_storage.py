@@ -134,8 +134,12 @@ def test_missing_paths_raise_storage_error_naming_them(tmp_path):
     missing = str(tmp_path / "nothing" / "here.json")
     with pytest.raises(StorageError, match="here.json"):
         storage.read_bytes(missing)
-    with pytest.raises(StorageError, match="nothing"):
-        storage.list_files(str(tmp_path / "nothing"))
+    for recursive in (False, True):
+        with pytest.raises(StorageError, match="directory does not exist: .*nothing"):
+            storage.list_files(str(tmp_path / "nothing"), recursive=recursive)
+    storage.write_bytes(str(tmp_path / "file.tar"), b"x")
+    with pytest.raises(StorageError, match="cannot list directory .*file.tar"):  # a file named as a folder
+        storage.list_files(str(tmp_path / "file.tar"), recursive=True)
     assert issubclass(StorageError, ValueError)
 
 
