@@ -18,7 +18,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 
@@ -660,16 +660,40 @@ def _mapping(loader: _UniqueKeys, node: yaml.MappingNode, deep: bool = False) ->
 _UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
 
 
-def parse_sections(text: str, path: str | os.PathLike) -> dict:
+def parse_sections(text: str, path: str | os.PathLike, text_keys: Mapping[str, Iterable[str]] = {}) -> dict:
     """A config file's text as its mapping of sections (training or sweep); ConfigError names the file, and a key
-    given twice (with its line)."""
+    given twice (with its line). A key that holds text keeps its value as written (see :func:`_keep_text`): the
+    training sections' text keys, and ``text_keys`` ({section: keys}) of other sections."""
     try:
         raw = yaml.load(text, Loader=_UniqueKeys) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}.")
+    _keep_text(yaml.compose(text, Loader=_UniqueKeys), raw, text_keys)
     return raw
+
+
+# What YAML 1.1 reads out of a plain scalar that is not text: `010` is the octal number 8, `12:30` the number 750,
+# `1_000` 1000, `2024-01-01` a date.
+_NOT_TEXT = {"tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp"}
+
+
+def _keep_text(root: yaml.Node, raw: dict, text_keys: Mapping[str, Iterable[str]]) -> None:
+    """Give a key that holds text (run.name, data.source, ...) its value as written in the file: YAML would make
+    `run.name: 010` the run "8" (another run's checkpoints) and `run.name: 2024-01-01` a date. Booleans are left to
+    the key's check (`use_gpu: yes` means true)."""
+    if not isinstance(root, yaml.MappingNode):
+        return
+    for section_node, section in root.value:
+        name = section_node.value if isinstance(section_node, yaml.ScalarNode) else None
+        keys = set(text_keys.get(name, ())) | {k for k in _FIELDS.get(name, ()) if field_type(name, k) is str}
+        if not keys or not isinstance(section, yaml.MappingNode) or not isinstance(raw.get(name), dict):
+            continue
+        for key_node, value in section.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key in keys and isinstance(value, yaml.ScalarNode) and value.style is None and value.tag in _NOT_TEXT:
+                raw[name][key] = value.value
 
 
 def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:

@@ -160,6 +160,20 @@ def test_bad_files(tmp_path):
         config.load(bad)
 
 
+def test_a_text_key_keeps_its_value_as_written_in_the_file(tmp_path):
+    """YAML 1.1 reads `010` as the octal number 8, `12:30` as 750 and `2024-01-01` as a date: a run named so would
+    have become run "8" (resuming another run's checkpoints) or been refused. Keys that hold numbers still read them
+    as numbers, and `use_gpu: yes` is still true."""
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  name: 010\n  storage_path: 2024-01-01\ndata:\n  source: 12:30\n  caption_extension: 1_0\n"
+                    "train:\n  lr: 1.5e-3\n  max_steps: 1_000\n  use_gpu: yes\n  seed: 010\n")
+    cfg = config.load(path)
+    assert (cfg.run.name, cfg.run.storage_path, cfg.data.source) == ("010", "2024-01-01", "12:30")
+    assert cfg.data.caption_extension == "1_0"
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.use_gpu, cfg.train.seed) == (0.0015, 1000, "true", 8)
+    assert config.load(None, ["run.name=010"]).run.name == "010"  # as on the command line
+
+
 def test_describe_documents_every_key():
     text = config.describe()
     for key in config.all_keys():
