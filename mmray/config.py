@@ -675,25 +675,49 @@ def parse_sections(text: str, path: str | os.PathLike, text_keys: Mapping[str, I
 
 
 # What YAML 1.1 reads out of a plain scalar that is not text: `010` is the octal number 8, `12:30` the number 750,
-# `1_000` 1000, `2024-01-01` a date.
-_NOT_TEXT = {"tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp"}
+# `1_000` 1000, `2024-01-01` a date, `yes` / `on` true.
+_NUMBER_TAGS = {"tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp"}
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+
+
+def _text_keys(text_keys: Mapping[str, Iterable[str]]) -> dict[str, dict[str, bool]]:
+    """{section: {dotted key: whether a boolean is text too}}: the training sections' text keys (a boolean is text
+    for a key without choices: `run.name: yes` is "yes", `train.use_gpu: yes` is true), and ``text_keys``."""
+    keys: dict[str, dict[str, bool]] = {}
+    for section, fields in _FIELDS.items():
+        keys[section] = {k: f.metadata.get("choices") is None for k, f in fields.items()
+                         if field_type(section, k) is str}
+    for section, names in text_keys.items():
+        keys.setdefault(section, {}).update({name: True for name in names})
+    return keys
+
+
+def _pairs(loader: yaml.SafeLoader, node: yaml.Node) -> dict[str, yaml.Node]:
+    """A mapping node's keys (written as text) and value nodes after YAML's merge keys (``<<: *defaults``), the
+    last of each key, as the loaded mapping has them; {} for any other node."""
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    loader.flatten_mapping(node)
+    return {k.value: v for k, v in node.value if isinstance(k, yaml.ScalarNode)}
 
 
 def _keep_text(root: yaml.Node, raw: dict, text_keys: Mapping[str, Iterable[str]]) -> None:
-    """Give a key that holds text (run.name, data.source, ...) its value as written in the file: YAML would make
-    `run.name: 010` the run "8" (another run's checkpoints) and `run.name: 2024-01-01` a date. Booleans are left to
-    the key's check (`use_gpu: yes` means true)."""
-    if not isinstance(root, yaml.MappingNode):
-        return
-    for section_node, section in root.value:
-        name = section_node.value if isinstance(section_node, yaml.ScalarNode) else None
-        keys = set(text_keys.get(name, ())) | {k for k in _FIELDS.get(name, ()) if field_type(name, k) is str}
-        if not keys or not isinstance(section, yaml.MappingNode) or not isinstance(raw.get(name), dict):
-            continue
-        for key_node, value in section.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            if key in keys and isinstance(value, yaml.ScalarNode) and value.style is None and value.tag in _NOT_TEXT:
-                raw[name][key] = value.value
+    """Give a key that holds text (run.name, data.source, ...) its value as written in the file, as on the command
+    line: YAML would make `run.name: 010` the run "8" (another run's checkpoints), `run.name: 2024-01-01` a date
+    and `run.name: yes` "true". Quoted values are text already."""
+    loader = _UniqueKeys("")
+    sections = _pairs(loader, root)
+    for section, keys in _text_keys(text_keys).items():
+        for dotted, bool_is_text in keys.items():
+            *path, key = dotted.split(".")
+            node, values = sections.get(section), raw.get(section)
+            for part in path:  # a nested key (sweep.budget.instance_type)
+                node, values = _pairs(loader, node).get(part), values.get(part) if isinstance(values, dict) else None
+            value = _pairs(loader, node).get(key)
+            tags = _NUMBER_TAGS | ({_BOOL_TAG} if bool_is_text else set())
+            if isinstance(values, dict) and key in values and isinstance(value, yaml.ScalarNode) \
+                    and value.style is None and value.tag in tags:
+                values[key] = value.value
 
 
 def load(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:

@@ -596,5 +596,5 @@ def load(path: str | os.PathLike, overrides: list[str] | None = None) -> SweepSp
         raise ConfigError(f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not text
         raise config_lib.file_error(path, e) from None
-    text_keys = {"sweep": [k for k in _TEXT_KEYS if "." not in k]}  # `name: 010` is "010", as on the command line
-    return from_mapping(config_lib.parse_sections(text, path, text_keys), overrides)
+    # `name: 010` is "010", as on the command line
+    return from_mapping(config_lib.parse_sections(text, path, {"sweep": _TEXT_KEYS}), overrides)

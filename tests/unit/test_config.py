@@ -172,6 +172,15 @@ def test_a_text_key_keeps_its_value_as_written_in_the_file(tmp_path):
     assert cfg.data.caption_extension == "1_0"
     assert (cfg.train.lr, cfg.train.max_steps, cfg.train.use_gpu, cfg.train.seed) == (0.0015, 1000, "true", 8)
     assert config.load(None, ["run.name=010"]).run.name == "010"  # as on the command line
+    # through YAML's merge keys too (the section's own key wins, as YAML has it); a boolean is text for a text key
+    # without choices (`run.name: yes`), and stays a boolean for one with (`use_gpu: yes`)
+    path.write_text("<<: {run: {name: 010}}\ntrain:\n  <<: {use_gpu: on}\ndata:\n  <<: {source: 1:30}\n"
+                    "  caption_extension: on\n")
+    cfg = config.load(path)
+    assert (cfg.run.name, cfg.train.use_gpu, cfg.data.source) == ("010", "true", "1:30")
+    assert cfg.data.caption_extension == "on"
+    path.write_text("run:\n  <<: {name: 010, storage_path: 2024-01-01}\n  name: yes\n")
+    assert (config.load(path).run.name, config.load(path).run.storage_path) == ("yes", "2024-01-01")
 
 
 def test_describe_documents_every_key():

@@ -156,10 +156,13 @@ def test_overrides_and_files(tmp_path):
     assert spec.load(f, ["sweep.max_concurrent=2"]).max_concurrent == 2
     # a text key keeps its value as written (YAML would read 010 as the number 8, 2024-01-01 as a date)
     f.write_text(yaml.safe_dump(_sweep()) + "\n".join(["", "run:", "  name: 010", ""]))
-    text = f.read_text().replace("sweep:\n", "sweep:\n  name: 010\n  storage_path: 2024-01-01\n", 1)
+    text = f.read_text().replace("sweep:\n", "sweep:\n  <<: {name: 010}\n  storage_path: 2024-01-01\n", 1)
     f.write_text(text)
     loaded = spec.load(f)
     assert (loaded.name, loaded.storage_path, loaded.config.run.name) == ("010", "2024-01-01", "010")
+    f.write_text(text.replace("sweep:\n", "sweep:\n  budget: {instance_type: 010, usd: 5}\n", 1))
+    with pytest.raises(ConfigError, match="sweep.budget.instance_type: '010' is not in the price table"):
+        spec.load(f)  # a nested text key: the text, not the number 8
 
 
 @pytest.mark.parametrize("path", SWEEP_CONFIGS, ids=[p.name for p in SWEEP_CONFIGS])
