@@ -166,6 +166,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
     periodic_evals = 0  # evaluations every eval.every steps, in this attempt
     eval_s, started = 0.0, time.perf_counter()
 
+    seen_at_start = state["samples_seen"]
+
+    def report_progress(samples_per_s: float | None = None) -> None:
+        """Hand the cost meter the progress (rank 0), for `mmray cost`'s forecast of the time and dollars to finish:
+        at a log line its window's throughput (not waited for); at the end this attempt's mean, waited for, so that
+        the run's cost.json has it when the driver stops the meter."""
+        if rank != 0 or loop_config.get("cost_meter") is None or state["samples_seen"] == seen_at_start:
+            return
+        final = samples_per_s is None
+        if final:
+            samples_per_s = (state["samples_seen"] - seen_at_start) / max(time.perf_counter() - started - eval_s, 1e-9)
+        ref = loop_config["cost_meter"].report_progress.remote(state["samples_seen"], samples_per_s,
+                                                               t.max_steps * global_batch)
+        if final:
+            ray.get(ref, timeout=60)
+
     budget = _Budget(loop_config["cost_meter"], cfg, rank) if cfg.budget.usd > 0 else None
     stopped_for_budget = budget is not None and budget.should_stop(steps_next=0)
     if budget:
@@ -208,6 +224,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     metrics["bad_samples"] = sum(quality["bad"].values())
                 _log(rank, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                     for k, v in metrics.items()))
+                report_progress(metrics["samples_per_s"])
                 window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
             if done:
                 break  # the final checkpoint is reported below, with the evaluation
@@ -259,6 +276,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if stopped_for_budget:
         # Checkpoint (under a fresh name when this step was just saved) and stop without evaluating.
         _log(rank, f"stopped for the budget at step {state['step']}: {budget.decision['reason']}")
+        report_progress()
         count_repeats()
         checkpoints.save(state, {"step": state["step"], "samples_seen": state["samples_seen"],
                                  "samples_repeated": state["samples_repeated"],
@@ -267,6 +285,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return
 
     train_s = time.perf_counter() - started - eval_s  # training steps (and checkpoints) of this attempt
+    report_progress()
     _log(rank, "evaluating on the held-out split")
     count_repeats()
     # The last logged training loss (of the final step) goes with the final checkpoint, which run.keep_best ranks.

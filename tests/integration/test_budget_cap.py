@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from mmray import config
+from mmray.cost import meter
 from mmray.train.trainer import train
 
 from tiny_config import GLOBAL, tiny_cfg
@@ -36,6 +37,13 @@ def test_training_stops_for_budget_and_never_exceeds_it(ray_session, tiny_datase
     assert state["step"] == summary["steps"]  # the stop was checkpointed: nothing trained is lost
     cost = json.loads((tmp_path / "runs" / "budget" / "cost.json").read_text())
     assert cost["spent_usd"] == pytest.approx(summary["spent_usd"], abs=1e-6) and cost["stopped"]
+    # The loop reported its progress (at each log line, and when it stopped): `mmray cost` forecasts the time and
+    # dollars to finish.
+    progress = cost["progress"]
+    assert progress["total_samples"] == 100000 * GLOBAL and progress["samples_per_s"] > 0
+    assert progress["samples_seen"] == summary["samples_seen"]
+    forecast = meter.report(str(tmp_path / "runs" / "budget"))["forecast"]
+    assert forecast["seconds"] > 0 and forecast["over_budget"] is True  # 100,000 steps at $36/h: far over $0.60
 
     # Same cap again: what is left cannot pay for a start, so it refuses before Ray Train starts.
     refuse_cfg = tiny_cfg(tiny_dataset, tmp_path / "runs", "run.name=budget", "train.max_steps=100000",
