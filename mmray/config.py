@@ -240,8 +240,9 @@ class RunConfig:
                                "loss, mean over the log window; needs train.checkpoint_every to be a multiple of "
                                "train.log_every) or a held-out metric 'val_<name>' as the periodic evaluation "
                                "reports it, e.g. 'val_i2t_r@1' or 'val_caption_loss' (needs eval.every > 0 and "
-                               "train.checkpoint_every a multiple of it). A val_ name the evaluation does not report "
-                               "stops the run at its first checkpoint, naming the ones it does.")
+                               "train.checkpoint_every a multiple of it). A val_ name the evaluation never reports is "
+                               "refused before start; one this run's evaluation does not compute stops the run at "
+                               "its first checkpoint, naming the ones it does.")
     keep_best_mode: str = _f("min", "Whether the lowest ('min', for losses) or the highest ('max', for recalls and "
                              "accuracies) run.keep_best_metric is best.", choices=("min", "max"))
 
@@ -625,6 +626,10 @@ def _check_keep_best(cfg: Config) -> None:
                               f"so checkpoints every train.checkpoint_every={t.checkpoint_every} steps would carry "
                               "no loss to rank them by: make train.checkpoint_every a multiple of train.log_every.")
     elif r.keep_best_metric.startswith("val_") and len(r.keep_best_metric) > 4:
+        from mmray.eval import names
+
+        if not names.known(r.keep_best_metric[4:]):
+            raise ConfigError(names.unknown_message("run.keep_best_metric", r.keep_best_metric))
         if not cfg.eval.every or t.checkpoint_every % cfg.eval.every:
             raise ConfigError(f"run.keep_best_metric={r.keep_best_metric!r} is a held-out metric, reported only by "
                               f"the periodic evaluation (eval.every={cfg.eval.every}), so checkpoints every "

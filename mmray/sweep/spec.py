@@ -37,6 +37,7 @@ import yaml
 
 from mmray import config as config_lib
 from mmray.config import Config, ConfigError
+from mmray.eval import names
 
 # Search-space kinds -> how many arguments (None: a non-empty list of values).
 KINDS: dict[str, int | None] = {"grid": None, "choice": None, "uniform": 2, "loguniform": 2, "quniform": 3,
@@ -330,6 +331,8 @@ def parse(sweep: Any, base: Mapping[str, Any]) -> SweepSpec:
     if not (metric.startswith("val_") or metric == "loss"):
         raise ConfigError(f"sweep.metric: {metric!r} is not a metric the trials report during training; use a "
                           "held-out metric (val_*, reported every eval.every steps) or the training loss ('loss').")
+    if metric != "loss" and not names.known(metric[4:]):
+        raise ConfigError(names.unknown_message("sweep.metric", metric))
     mode = sweep.get("mode", "min" if "loss" in metric else "max")
     if mode not in MODES:
         raise ConfigError(f"sweep.mode: {mode!r} is not allowed; allowed values: {', '.join(MODES)}.")

@@ -12,6 +12,7 @@ from mmray import config
 from mmray.data import shapes
 from mmray.data.pipeline import DataQuality, Preprocess
 from mmray.data.tokenizer import TextTokenizer, train_tokenizer
+from mmray.eval import names
 from mmray.eval.evaluate import evaluate, special_ids, vqa_metrics
 from mmray.models.model import MultimodalModel
 
@@ -69,6 +70,12 @@ def test_late_with_decoder_reports_retrieval_zero_shot_captions_and_vqa(data):
     assert m["vqa_questions"] == N
     assert 0 <= m["vqa_acc"] <= 1 and m["zero_shot_classes"] >= 2
     assert m["zero_shot_chance"] == pytest.approx(1 / m["zero_shot_classes"])
+    # every name it reports is one the config checks know (sweep.metric, run.keep_best_metric), and the other way
+    assert all(names.known(k) for k in m), [k for k in m if not names.known(k)]
+    fusing = evaluate(_model(_cfg("model.fusion=early", "eval.generate=false"), tokenizer), [batch], tokenizer,
+                      _cfg("model.fusion=early", "eval.generate=false"))
+    reported = set(m) | set(fusing) | set(vqa_metrics(["red"], ["red"], ["size"]))
+    assert set(names.METRICS) <= reported, set(names.METRICS) - reported
 
 
 @pytest.mark.parametrize("fusion", ["early", "hierarchical", "attention"])

@@ -97,6 +97,8 @@ def test_score_names_the_metrics_an_evaluation_reports():
     (["run.keep_best_metric=accuracy"], "run.keep_best_metric: 'accuracy' is not a metric reported"),
     (["train.log_every=3", "train.checkpoint_every=4"], "make train.checkpoint_every a multiple of train.log_every"),
     (["run.keep_best_metric=val_i2t_r@1"], "set eval.every to a divisor of train.checkpoint_every"),
+    (["run.keep_best_metric=val_i2t_r1"], "'val_i2t_r1' is not a held-out metric the evaluation reports. Did you "
+                                          "mean 'val_i2t_r@1'?"),
     (["run.keep_best_metric=val_i2t_r@1", "eval.every=30", "train.checkpoint_every=100"], "eval.every=30"),
     (["run.keep_best_mode=lowest"], "allowed values: 'min', 'max'"),
 ])
