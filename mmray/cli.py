@@ -93,7 +93,8 @@ def _only_for(args: argparse.Namespace, sources: str, **flags: str) -> None:
     """Refuse options given for a source they do not apply to (flag name -> attribute)."""
     given = [flag for flag, attr in flags.items() if getattr(args, attr) is not None]
     if given:
-        raise config_lib.ConfigError(f"{', '.join(given)} only apply to {sources}, not to {args.src}")
+        raise config_lib.ConfigError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to "
+                                     f"{sources}, not to {args.src}")
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> dict:

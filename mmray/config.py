@@ -380,6 +380,10 @@ def _coerce(key: str, value: Any, fld: dataclasses.Field) -> Any:
                 raise TypeError
             value = float(value)
         elif typ is str:
+            choices = meta.get("choices") or ()
+            if "true" in choices and "false" in choices:  # a choice spelled `true` / `false` takes every boolean
+                value = {"yes": True, "on": True, "1": True, "no": False, "off": False, "0": False}.get(
+                    str(value).lower(), value) if type(value) in (str, int) else value
             if isinstance(value, bool):  # YAML reads `true` as a bool; our str choices spell it as a word
                 value = "true" if value else "false"
             if not isinstance(value, (str, int, float)):
@@ -456,6 +460,10 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a config must be a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}.")
     for section, values in raw.items():
+        if section == "sweep":
+            raise ConfigError("a sweep config (its sweep: section) is read by `mmray sweep --config FILE`, which "
+                              "checks it before the search starts; training reads only the sections "
+                              f"{', '.join(SECTIONS)}.")
         if section not in SECTIONS:
             raise ConfigError(f"unknown section {section!r}; allowed sections: {', '.join(SECTIONS)}."
                               + _nearest(str(section), list(SECTIONS)))
@@ -502,7 +510,8 @@ def _check_consistency(cfg: Config) -> None:
                               f"({getattr(m, heads)}).")
     if cfg.train.warmup_steps >= cfg.train.max_steps:
         raise ConfigError(f"train.warmup_steps ({cfg.train.warmup_steps}) must be below train.max_steps "
-                          f"({cfg.train.max_steps}).")
+                          f"({cfg.train.max_steps}): lower train.warmup_steps too, e.g. "
+                          f"train.warmup_steps={cfg.train.max_steps // 10}.")
     for key, value in (("run.storage_path", cfg.run.storage_path), ("data.cache_dir", d.cache_dir)):
         if not value.strip():  # it would mean the current directory, wherever the command happens to run
             raise ConfigError(f"{key} is empty; give a local path or an s3:// prefix.")

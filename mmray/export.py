@@ -49,6 +49,8 @@ def resolve_checkpoint(path: str) -> str:
             raise ExportError(f"checkpoint {path} is incomplete or altered: {e}") from None
         return path
     if not list_checkpoints(inner, fs):
+        if not storage.exists(path):
+            raise ExportError(f"{path} does not exist")
         raise ExportError(f"{path} is neither a checkpoint nor a run directory with checkpoint_* directories")
     rejected: list[str] = []
     name = latest_complete(inner, fs, rejected=rejected)

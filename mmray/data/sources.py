@@ -277,8 +277,8 @@ def _check_exist(paths: list[str], what: str, allow_missing: bool) -> list[str]:
     if missing and not allow_missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise storage.StorageError(f"shard does not exist: {missing[0]}{more}, named by {what}; set "
-                                   "data.allow_missing_shards=true (`mmray data inspect --allow-missing-shards`) to "
-                                   "skip missing shards")
+                                   "data.allow_missing_shards=true (`--allow-missing-shards` for `mmray data inspect`) "
+                                   "to skip missing shards")
     if missing:
         log.warning("skipping %d missing shard(s) of %s (data.allow_missing_shards): %s", len(missing), what,
                     ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))

@@ -45,6 +45,11 @@ def test_export_into_a_file_is_refused_before_any_work(tmp_path):
         export(str(tmp_path / "no-such-run"), str(target))
     with pytest.raises(ExportError, match=f"cannot export to {target}/v1: {target}, above OUT, is a file"):
         export(str(tmp_path / "no-such-run"), str(target / "v1"))
+    with pytest.raises(ExportError, match=f"{tmp_path}/no-such-run does not exist"):
+        export(str(tmp_path / "no-such-run"), str(tmp_path / "out"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match="empty is neither a checkpoint nor a run directory"):
+        export(str(tmp_path / "empty"), str(tmp_path / "out"))
 
 
 def test_an_export_of_the_same_weights_is_the_same_bytes():

@@ -53,7 +53,7 @@ def test_run_name_depends_on_what_is_trained_not_where():
     (["train.use_gpu=maybe"], ["train.use_gpu", "'auto', 'true', 'false'"]),
     (["data.image_size=60"], ["data.image_size (60)", "multiple of model.patch_size (8)"]),
     (["model.image_heads=5"], ["model.image_width (128)", "divisible by model.image_heads (5)"]),
-    (["train.warmup_steps=1000", "train.max_steps=10"], ["train.warmup_steps"]),
+    (["train.warmup_steps=1000", "train.max_steps=10"], ["train.warmup_steps", "lower train.warmup_steps too"]),
     (["train.lr=nan"], ["train.lr", "expected a finite number, got nan"]),  # nan passes every min/max check
     (["train.grad_clip=inf"], ["train.grad_clip", "expected a finite number, got inf"]),
     (["train.max_steps=.inf"], ["train.max_steps", "expected int"]),
@@ -121,6 +121,8 @@ def test_use_gpu_accepts_yaml_booleans():
     assert config.load(None, ["train.use_gpu=false"]).train.use_gpu == "false"
     # as YAML spells booleans, and 1 / 0 for a boolean key (YAML reads them as numbers)
     assert config.load(None, ["train.use_gpu=True"]).train.use_gpu == "true"
+    for spelling, value in (("yes", "true"), ("On", "true"), ("1", "true"), ("no", "false"), ("0", "false")):
+        assert config.load(None, [f"train.use_gpu={spelling}"]).train.use_gpu == value  # as in a YAML file
     assert config.load(None, ["train.activation_checkpointing=1"]).train.activation_checkpointing is True
     assert config.load(None, ["train.activation_checkpointing=0"]).train.activation_checkpointing is False
     with pytest.raises(ConfigError, match="train.activation_checkpointing: expected bool, got 2"):
@@ -136,6 +138,9 @@ def test_bad_files(tmp_path):
         config.load(bad)
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
+        config.load(bad)
+    bad.write_text("train: {lr: 0.1}\nsweep: {metric: loss}\n")
+    with pytest.raises(ConfigError, match=r"a sweep config \(its sweep: section\) is read by `mmray sweep --config"):
         config.load(bad)
     bad.write_text("train: 3\n")
     with pytest.raises(ConfigError, match="section 'train' must be a mapping"):

@@ -339,8 +339,8 @@ def test_cli_prepares_a_folder_and_reports_bad_input(folder, tmp_path, capsys, c
 
     for argv, message in [
         (["data", "prepare", str(tmp_path / "missing"), str(tmp_path / "x")], "data source does not exist"),
-        (["data", "prepare", str(root), str(tmp_path / "x"), "--samples", "5"], "--samples only apply to"),
-        (["data", "prepare", "synthetic:shapes", str(tmp_path / "x"), "--format", "parquet"], "--format only"),
+        (["data", "prepare", str(root), str(tmp_path / "x"), "--samples", "5"], "--samples applies only to"),
+        (["data", "prepare", "synthetic:shapes", str(tmp_path / "x"), "--format", "parquet"], "--format applies only"),
     ]:
         code = cli.main(argv)
         out, _ = capsys.readouterr()
