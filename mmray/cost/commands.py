@@ -91,11 +91,12 @@ def cmd_cost(args: argparse.Namespace) -> dict:
     log = logging.getLogger("mmray")
     budget = f" of ${summary['budget_usd']:.2f}" if summary["budget_usd"] else " (no budget cap)"
     if summary["stopped"]:
-        log.info("spent $%.4f%s; the run is stopped (it burned $%.3f/h over %d nodes when it stopped)",
-                 summary["spent_usd"], budget, summary["last_burn_usd_per_hour"], summary["nodes_at_stop"])
+        log.info("spent $%.4f%s; the run is stopped (it burned $%.3f/h over %s when it stopped)",
+                 summary["spent_usd"], budget, summary["last_burn_usd_per_hour"], _nodes(summary["nodes_at_stop"]))
     else:
-        log.info("spent $%.4f%s as of %.0f s ago; burn $%.3f/h over %d live nodes (%d seen)", summary["spent_usd"],
-                 budget, summary["age_s"], summary["burn_usd_per_hour"], summary["nodes_alive"], summary["nodes_seen"])
+        log.info("spent $%.4f%s as of %.0f s ago; burn $%.3f/h over %s (%d seen)", summary["spent_usd"], budget,
+                 summary["age_s"], summary["burn_usd_per_hour"], _nodes(summary["nodes_alive"], "live "),
+                 summary["nodes_seen"])
     if summary["unpriced"]:
         log.warning("instance types missing from the price table (priced at its highest on-demand price): %s",
                     ", ".join(summary["unpriced"]))
@@ -148,3 +149,7 @@ def register(sub: argparse._SubParsersAction, with_config: Callable[[argparse.Ar
     cost.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (run.storage_path/<run name>), or s3://")
     cost.add_argument("--plot", metavar="PNG", default=None, help="write spend over time against the budget here")
     cost.set_defaults(fn=cmd_cost)
+
+
+def _nodes(n: int, kind: str = "") -> str:
+    return f"{n} {kind}node{'' if n == 1 else 's'}"

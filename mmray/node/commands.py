@@ -74,6 +74,12 @@ def cmd_watch_spot(args: argparse.Namespace) -> dict:
         if not args.once:
             spot.start_preflight(drain)
         summary = watcher.run(once=args.once)
+    except (spot.MetadataUnavailable, spot.DrainFailed) as e:  # --once gave up: what failed, without a traceback
+        from mmray.cli import CommandFailed
+
+        what = "the drain failed" if isinstance(e, spot.DrainFailed) else "the metadata service is unavailable"
+        raise CommandFailed(f"{what} ({watcher.errors} tries): {e}", {"command": "node watch-spot",
+                                                                      **watcher.summary()}) from None
     finally:
         restore()
         if args.pidfile:

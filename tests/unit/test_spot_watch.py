@@ -256,6 +256,22 @@ def test_failed_drain_is_retried_and_a_once_run_fails_after_three_tries(imds):
         watcher(imds, Recorder(fail=5)).run(once=True)
 
 
+def test_once_without_a_metadata_service_exits_1_naming_it_without_a_traceback(capsys):
+    """`mmray node watch-spot --once` off the cloud (nothing listens at the endpoint): three tries, then exit 1 with
+    what failed in the summary line, not a traceback."""
+    from mmray import cli
+
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = cli.main(["node", "watch-spot", "--once", "--endpoint", f"http://127.0.0.1:{port}", "--interval", "0.01"])
+    out, err = capsys.readouterr()
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert code == 1 and summary["kind"] == "error" and summary["errors"] == 3, summary
+    assert summary["error"].startswith(f"the metadata service is unavailable (3 tries): PUT http://127.0.0.1:{port}")
+    assert "Traceback" not in err
+
+
 def test_rebalance_only_when_configured_and_a_later_notice_tightens_the_deadline(imds):
     imds.answers[spot.AWS_REBALANCE_PATH] = (200, json.dumps({"noticeTime": iso(T0)}))
     drain = Recorder()
