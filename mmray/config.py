@@ -440,7 +440,9 @@ def with_overrides(cfg: "Config", overrides: list[str], keys: tuple[str, ...] = 
         return cfg
     bad = overrides_outside(overrides, keys, sections)
     if bad:
-        raise ConfigError(f"only {allowed} can be overridden here, not: {', '.join(bad)}")
+        name = bad[0].split("=", 1)[0]
+        hint = _nearest(name, [*keys, *(k for k in all_keys() if k.split(".")[0] in sections)])
+        raise ConfigError(f"only {allowed} can be overridden here, not: {', '.join(bad)}.{hint}")
     return from_dict(_merge(cfg.to_dict(), parse_overrides(overrides)))
 
 

@@ -260,3 +260,13 @@ def test_commands_refuse_what_would_be_misread(tmp_path, capsys):
     assert last()["error"] == f"DEST {tmp_path / 'file'} is a file; give a directory (or a new path) for the data set"
     assert cli.main(["data", "inspect", str(tmp_path / "{00000..00001}.tar"), "data.allow_missing_shards=true"]) == 2
     assert last()["error"].startswith("none of the 2 shard(s) named by")  # the override was taken: missing skipped
+
+
+def test_a_command_taking_some_keys_names_the_nearest_for_a_typo():
+    cfg = config.load(None)
+    keys = ("data.caption_extension", "data.image_extensions")
+    with pytest.raises(ConfigError, match=r"not: data.caption_extention=x\. Did you mean 'data.caption_extension'\?"):
+        config.with_overrides(cfg, ["data.caption_extention=x"], keys, allowed="the data-reading keys")
+    with pytest.raises(ConfigError, match=r"not: train.lr=1\.$"):  # another section: no near key to offer
+        config.with_overrides(cfg, ["train.lr=1"], keys, allowed="the data-reading keys")
+    assert config.with_overrides(cfg, ["data.caption_extension=caption"], keys).data.caption_extension == "caption"
