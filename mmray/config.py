@@ -365,8 +365,8 @@ def _coerce(key: str, value: Any, fld: dataclasses.Field) -> Any:
     meta = fld.metadata
     try:
         if typ is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                value = value.lower() in ("true", "1", "yes")
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                value = value.lower() in ("true", "1", "yes", "on")
             elif type(value) is int and value in (0, 1):  # YAML reads `1` as a number
                 value = bool(value)
             elif not isinstance(value, bool):
@@ -441,7 +441,8 @@ def with_overrides(cfg: "Config", overrides: list[str], keys: tuple[str, ...] = 
     bad = overrides_outside(overrides, keys, sections)
     if bad:
         name = bad[0].split("=", 1)[0]
-        hint = _nearest(name, [*keys, *(k for k in all_keys() if k.split(".")[0] in sections)])
+        hint = "" if name in all_keys() else _nearest(name, [*keys, *(k for k in all_keys()
+                                                                       if k.split(".")[0] in sections)])
         raise ConfigError(f"only {allowed} can be overridden here, not: {', '.join(bad)}.{hint}")
     return from_dict(_merge(cfg.to_dict(), parse_overrides(overrides)))
 

@@ -281,12 +281,14 @@ class CostMeter:
         return forecast(self.spent_usd(), self.burn_usd_per_hour(), remaining_samples, samples_per_s,
                         self.budget_usd)
 
-    def report_progress(self, samples_seen: int, samples_per_s: float, total_samples: int) -> dict:
-        """Record the training progress (for `mmray cost`'s forecast); saved with the next write, and now."""
+    def report_progress(self, samples_seen: int, samples_per_s: float, total_samples: int, save: bool = True) -> dict:
+        """Record the training progress (for `mmray cost`'s forecast): saved with the next sample, and now when
+        ``save`` (the training loop reports at every log line, too often for a write to S3 each time)."""
         with self._lock:
             self._progress = {"t": float(self._clock()), "samples_seen": int(samples_seen),
                               "samples_per_s": float(samples_per_s), "total_samples": int(total_samples)}
-            self._persist()
+            if save:
+                self._persist()
         return self.forecast(total_samples - samples_seen, samples_per_s)
 
     def record_preemption(self, record: dict) -> dict:

@@ -26,7 +26,7 @@ def known(name: str) -> bool:
 def unknown_message(key: str, metric: str) -> str:
     """The error for a ``val_`` metric the evaluation never reports, with the nearest name."""
     names = [f"val_{m}" for m in METRICS]
-    near = difflib.get_close_matches(metric, names, n=1, cutoff=0.5)
+    near = difflib.get_close_matches(metric.lower(), names, n=1, cutoff=0.5)
     return (f"{key}: {metric!r} is not a held-out metric the evaluation reports"
             + (f". Did you mean {near[0]!r}?" if near else "")
             + f" Held-out metrics: {', '.join(names)}, and val_vqa_acc_<question type>.")

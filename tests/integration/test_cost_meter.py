@@ -116,6 +116,8 @@ def test_nodes_joining_and_leaving_are_charged_exactly(ray_session, tmp_path, pr
     assert fc["seconds"] == 3600 and fc["usd"] == pytest.approx(0.68)
     assert fc["total_usd"] == pytest.approx(expected + 0.34 + 0.68)  # $3.07
     assert fc["over_budget"] is True  # the $3 budget
+    ray.get(m.report_progress.remote(1000, 2.0, 10000, save=False))  # a log line's: kept, saved with the next write
+    assert (meter_lib.read_state(run_dir)["progress"] or {}).get("samples_seen") != 1000
     ray.get(m.report_progress.remote(2800, 2.0, 10000))
     _kill(ray, m, run_dir)
 

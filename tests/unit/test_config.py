@@ -124,6 +124,8 @@ def test_use_gpu_accepts_yaml_booleans():
     for spelling, value in (("yes", "true"), ("On", "true"), ("1", "true"), ("no", "false"), ("0", "false")):
         assert config.load(None, [f"train.use_gpu={spelling}"]).train.use_gpu == value  # as in a YAML file
     assert config.load(None, ["train.activation_checkpointing=1"]).train.activation_checkpointing is True
+    assert config.load(None, ["data.allow_missing_shards=On"]).data.allow_missing_shards is True
+    assert config.load(None, ["data.allow_missing_shards=off"]).data.allow_missing_shards is False
     assert config.load(None, ["train.activation_checkpointing=0"]).train.activation_checkpointing is False
     with pytest.raises(ConfigError, match="train.activation_checkpointing: expected bool, got 2"):
         config.load(None, ["train.activation_checkpointing=2"])
@@ -267,6 +269,7 @@ def test_a_command_taking_some_keys_names_the_nearest_for_a_typo():
     keys = ("data.caption_extension", "data.image_extensions")
     with pytest.raises(ConfigError, match=r"not: data.caption_extention=x\. Did you mean 'data.caption_extension'\?"):
         config.with_overrides(cfg, ["data.caption_extention=x"], keys, allowed="the data-reading keys")
-    with pytest.raises(ConfigError, match=r"not: train.lr=1\.$"):  # another section: no near key to offer
-        config.with_overrides(cfg, ["train.lr=1"], keys, allowed="the data-reading keys")
+    for other in ("train.lr=1", "data.image_size=32"):  # a real key, not taken here: no other key to suggest
+        with pytest.raises(ConfigError, match=rf"not: {other}\.$"):
+            config.with_overrides(cfg, [other], keys, allowed="the data-reading keys")
     assert config.with_overrides(cfg, ["data.caption_extension=caption"], keys).data.caption_extension == "caption"

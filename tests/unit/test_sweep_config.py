@@ -97,6 +97,7 @@ def test_points_add_keys_to_the_space_with_base_values():
     ({"metric": "vqa_acc"}, ["sweep.metric: 'vqa_acc'", "val_*"]),
     ({"metric": "val_vqa_accuracy"}, ["sweep.metric: 'val_vqa_accuracy' is not a held-out metric",
                                       "Did you mean 'val_vqa_acc'?", "val_vqa_acc_<question type>"]),
+    ({"metric": "val_I2T_r@1"}, ["Did you mean 'val_i2t_r@1'?"]),
     ({"mode": "maximum"}, ["sweep.mode", "allowed values: max, min"]),
     ({"search": "bayes"}, ["sweep.search: 'bayes'", "random, grid, optuna"]),
     ({"search": "grid", "space": {"train.lr": {"uniform": [1e-4, 1e-3]}}}, ["search: grid", "sweep.space.train.lr"]),
