@@ -359,14 +359,18 @@ def _nearest(name: str, options: list[str]) -> str:
     return f" Did you mean '{match[0]}'?" if match else ""
 
 
+# The spellings of a boolean that a key takes, in a file or on the command line (YAML's, and 1 / 0)
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
 def _coerce(key: str, value: Any, fld: dataclasses.Field) -> Any:
     """Turn a YAML / command-line value into the field's type, or raise a ConfigError naming the key."""
     typ = _TYPES[fld.type] if isinstance(fld.type, str) else fld.type
     meta = fld.metadata
     try:
         if typ is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-                value = value.lower() in ("true", "1", "yes", "on")
+            if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+                value = _BOOL_WORDS[value.lower()]
             elif type(value) is int and value in (0, 1):  # YAML reads `1` as a number
                 value = bool(value)
             elif not isinstance(value, bool):
@@ -381,9 +385,8 @@ def _coerce(key: str, value: Any, fld: dataclasses.Field) -> Any:
             value = float(value)
         elif typ is str:
             choices = meta.get("choices") or ()
-            if "true" in choices and "false" in choices:  # a choice spelled `true` / `false` takes every boolean
-                value = {"yes": True, "on": True, "1": True, "no": False, "off": False, "0": False}.get(
-                    str(value).lower(), value) if type(value) in (str, int) else value
+            if "true" in choices and "false" in choices and type(value) in (str, int):
+                value = _BOOL_WORDS.get(str(value).lower(), value)  # a choice spelled `true` takes every boolean
             if isinstance(value, bool):  # YAML reads `true` as a bool; our str choices spell it as a word
                 value = "true" if value else "false"
             if not isinstance(value, (str, int, float)):
@@ -615,10 +618,15 @@ def check_run_name(name: str) -> None:
                           "letters, digits, '-', '_' (and '/' between parts to group runs).")
 
 
+def zero_shot_templates(text: str) -> list[str]:
+    """The prompt templates of eval.zero_shot_templates: comma-separated, blanks dropped."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def _check_templates(text: str) -> None:
     """eval.zero_shot_templates must give at least one template, each with the ``{}`` a label goes into: the
     evaluation after training would fail on none, and a template without ``{}`` gives every class the same prompt."""
-    templates = [t.strip() for t in text.split(",") if t.strip()]
+    templates = zero_shot_templates(text)
     if not templates:
         raise ConfigError(f"eval.zero_shot_templates: {text!r} holds no template; give comma-separated prompts with "
                           "'{}' where the label goes, e.g. 'a photo of a {}'.")
@@ -681,13 +689,17 @@ def parse_sections(text: str, path: str | os.PathLike, text_keys: Mapping[str, I
     """A config file's text as its mapping of sections (training or sweep); ConfigError names the file, and a key
     given twice (with its line). A key that holds text keeps its value as written (see :func:`_keep_text`): the
     training sections' text keys, and ``text_keys`` ({section: keys}) of other sections."""
+    loader = _UniqueKeys(text)  # what yaml.load does, keeping the node tree for _keep_text
     try:
-        raw = yaml.load(text, Loader=_UniqueKeys) or {}
+        root = loader.get_single_node()
+        raw = (loader.construct_document(root) if root is not None else None) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}.")
-    _keep_text(yaml.compose(text, Loader=_UniqueKeys), raw, text_keys)
+    _keep_text(loader, root, raw, text_keys)
     return raw
 
 
@@ -718,11 +730,11 @@ def _pairs(loader: yaml.SafeLoader, node: yaml.Node) -> dict[str, yaml.Node]:
     return {k.value: v for k, v in node.value if isinstance(k, yaml.ScalarNode)}
 
 
-def _keep_text(root: yaml.Node, raw: dict, text_keys: Mapping[str, Iterable[str]]) -> None:
+def _keep_text(loader: _UniqueKeys, root: yaml.Node, raw: dict, text_keys: Mapping[str, Iterable[str]]) -> None:
     """Give a key that holds text (run.name, data.source, ...) its value as written in the file, as on the command
     line: YAML would make `run.name: 010` the run "8" (another run's checkpoints), `run.name: 2024-01-01` a date
-    and `run.name: yes` "true". Quoted values are text already."""
-    loader = _UniqueKeys("")
+    and `run.name: yes` "true". Quoted values are text already. ``root``: the file's node tree, as ``loader``
+    composed it."""
     sections = _pairs(loader, root)
     for section, keys in _text_keys(text_keys).items():
         for dotted, bool_is_text in keys.items():

@@ -25,6 +25,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from mmray.config import zero_shot_templates
 from mmray.eval import metrics as metric_fns
 from mmray.eval.retrieval import retrieval_metrics
 from mmray.losses import caption_loss
@@ -157,7 +158,7 @@ def _zero_shot(model, image_embeds: torch.Tensor, labels: list[str], tokenizer, 
     classes = sorted({x for x in labels if x})
     if len(classes) < 2 or not hasattr(model, "fusion") or not hasattr(model.fusion, "text_proj"):
         return {}
-    templates = [t.strip() for t in cfg.eval.zero_shot_templates.split(",") if t.strip()]
+    templates = zero_shot_templates(cfg.eval.zero_shot_templates)
     prompts = [t.replace("{}", c) for c in classes for t in templates]
     ids = torch.from_numpy(tokenizer.encode_batch(prompts, cfg.data.max_text_len)).to(device)
     with torch.no_grad(), gather():

@@ -48,11 +48,10 @@ _OVERRIDE = re.compile(r"^([a-z_]+)\.[a-z_]+=")
 def _no_overrides(args: argparse.Namespace) -> None:
     """ConfigError for a SRC or OUT that is a config override (``data.caption_extension=txt``): other commands take
     those after their arguments, these take them with --set; read as a path, the real OUT became one more SRC."""
-    from mmray.config import ConfigError, all_keys
+    from mmray.config import SECTIONS, ConfigError
 
-    sections = {key.split(".")[0] for key in all_keys()}
     for value in (*args.src, args.out):
-        if (m := _OVERRIDE.match(value)) and m.group(1) in sections:
+        if (m := _OVERRIDE.match(value)) and m.group(1) in SECTIONS:
             raise ConfigError(f"{value!r} is given as SRC or OUT, but it is a config override: pass it as "
                               f"--set {value} (the data reading keys, see --help)")
 
