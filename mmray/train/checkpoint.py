@@ -647,16 +647,25 @@ class Checkpointer:
                 self._tell_meter(rec)
 
     def _tell_meter(self, record: dict) -> None:
-        """Rank 0 hands a preemption record to the run's cost meter (cost.json keeps it). Waited for, briefly: after
-        an emergency checkpoint the node may be gone soon; a meter that does not answer only costs the record."""
+        """Rank 0 hands a preemption record to the run's cost meter (cost.json keeps it); waited for, briefly: after
+        an emergency checkpoint the node may be gone soon. The record is also in the checkpoint and the final
+        metrics."""
+        self.tell_meter("record_preemption", dict(record), what="the preemption")
+
+    def tell_meter(self, method: str, *args, what: str, wait: bool = True, **kwargs) -> None:
+        """Rank 0 calls ``method`` of the run's cost meter (when the run has one), and with ``wait`` waits for it,
+        briefly: a meter that does not answer (restarting, or its node gone) costs only ``what`` it was told, never
+        the run."""
         if self.rank != 0 or self.cost_meter is None:
             return
         import ray
 
-        try:
-            ray.get(self.cost_meter.record_preemption.remote(dict(record)), timeout=10)
-        except Exception as e:  # noqa: BLE001 - the record is also in the checkpoint and the final metrics
-            log_line(f"could not record the preemption with the cost meter: {e}")
+        ref = getattr(self.cost_meter, method).remote(*args, **kwargs)
+        if wait:
+            try:
+                ray.get(ref, timeout=10)
+            except Exception as e:  # noqa: BLE001
+                log_line(f"could not record {what} with the cost meter: {type(e).__name__}: {e}")
 
     def save(self, state: dict, metrics: dict, finished_rerun: bool = False) -> str:
         """Every rank writes its DeepSpeed shards and manifest; rank 0 adds the loop state and metadata; Ray Train

@@ -172,21 +172,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         """Hand the cost meter the progress (rank 0), for `mmray cost`'s forecast of the time and dollars to finish:
         at a log line its window's throughput (kept by the meter, saved with its next sample; not waited for); at the
         end this attempt's mean, saved and waited for, so that the run's cost.json has it when the driver stops the
-        meter. A meter that does not answer costs the forecast only, never the run."""
-        if rank != 0 or loop_config.get("cost_meter") is None or state["samples_seen"] == seen_at_start:
+        meter (see Checkpointer.tell_meter)."""
+        if state["samples_seen"] == seen_at_start:
             return
         final = samples_per_s is None
         if final:
             samples_per_s = (state["samples_seen"] - seen_at_start) / max(time.perf_counter() - started - eval_s, 1e-9)
         # what is left at this attempt's batch size (a resumed run may train at another one)
         total = state["samples_seen"] + (t.max_steps - state["step"]) * global_batch
-        ref = loop_config["cost_meter"].report_progress.remote(state["samples_seen"], samples_per_s, total,
-                                                               save=final)
-        if final:
-            try:
-                ray.get(ref, timeout=10)
-            except Exception as e:  # noqa: BLE001 (the meter restarting, or gone)
-                log_line(f"the cost meter did not take the progress ({type(e).__name__}: {e}); no forecast")
+        checkpoints.tell_meter("report_progress", state["samples_seen"], samples_per_s, total, save=final,
+                               wait=final, what="the progress (no forecast)")
 
     budget = _Budget(loop_config["cost_meter"], cfg, rank) if cfg.budget.usd > 0 else None
     stopped_for_budget = budget is not None and budget.should_stop(steps_next=0)
