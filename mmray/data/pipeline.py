@@ -308,16 +308,41 @@ class DataPosition:
     (see mmray.data.position).
 
     Rank 0 sets it before each epoch starts (:meth:`set`); the datasource reads it when Ray Data plans the epoch's
-    reads, which happens only once every rank has asked for the epoch (the streaming split's barrier)."""
+    reads, which happens only once every rank has asked for the epoch (the streaming split's barrier).
+
+    It also keeps how many rows each shard the epoch's read tasks have read to its end gave (:meth:`shard_read`):
+    a shard whose rows have all been trained on is not read again on resume. Rank 0 saves them with each
+    checkpoint (:meth:`rows_read`) and hands them back with the consumed ids; they survive a restart of the worker
+    group in this actor too (the same epoch keeps them)."""
 
     def __init__(self):
-        self.epoch, self.consumed = 0, SAMPLE_IDS.empty_table()
+        self.epoch, self.consumed, self.shard_rows = 0, SAMPLE_IDS.empty_table(), {}
+        self.skipped: dict[int, int] = {}  # epoch -> shards left unread at its planning (the last planning's)
 
-    def set(self, epoch: int, consumed) -> None:
+    def set(self, epoch: int, consumed, shard_rows: dict[str, int] | None = None) -> None:
+        if epoch != self.epoch:
+            self.shard_rows = {}
+        self.shard_rows.update(shard_rows or {})
         self.epoch, self.consumed = epoch, consumed
 
     def get(self):
-        return self.epoch, self.consumed
+        return self.epoch, self.consumed, dict(self.shard_rows)
+
+    def shard_read(self, epoch: int, shard: str, rows: int) -> None:
+        """A read task read ``shard`` to its end in ``epoch``: it gave ``rows`` rows (the consumed ones included)."""
+        if epoch == self.epoch:
+            self.shard_rows[shard] = rows
+
+    def rows_read(self) -> tuple[int, dict[str, int]]:
+        return self.epoch, dict(self.shard_rows)
+
+    def skipping(self, epoch: int, count: int) -> None:
+        """The planning of ``epoch`` leaves ``count`` shards unread, as trained on whole."""
+        self.skipped[epoch] = count
+
+    def shards_skipped(self) -> int:
+        """The shards the run's resumes did not read again (the last planning of each epoch)."""
+        return sum(self.skipped.values())
 
 
 class RunData(DataQuality, DataPosition):

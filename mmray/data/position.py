@@ -14,6 +14,11 @@ restart, and more so after a change in worker count. Instead every sample is nam
   shards by ``(train.seed, epoch)`` and drops the consumed ids at the source, before decoding
   (``pyarrow.compute.is_in``, one hash lookup per row). Samples that were in flight but never trained on are read
   again. The consumed set starts empty at every new epoch.
+- A shard trained on whole is not opened at all: each read task that reads a shard to its end tells the actor how
+  many rows it gave (consumed ones included); rank 0 saves those counts with each checkpoint
+  (``data/shard_rows.json``, in its manifest), and a shard with as many distinct consumed keys as rows is left out
+  of the resumed epoch's reads (:func:`trained_on_whole`; the summary's ``shards_skipped``). So a preemption late
+  in an epoch of a large data set does not read most of it again to drop its rows.
 
 Shuffling is deterministic for a ``(seed, epoch)``, and survives a resume unchanged:
 
@@ -42,14 +47,16 @@ Dataset *write* has finished and filters them on the next run; a training consum
 trained on is only known in the Train worker, after the split and the prefetch.
 
 Limits: the consumed ids of an epoch grow with it (each checkpoint rewrites them whole; zstd keeps a few bytes per
-sample), and each rank keeps a set of them in memory to count repeats. A fully consumed shard is still opened and
-read, its rows dropped before decoding. A bad sample is not trained on, so after a resume it is read and counted
-again in the data-quality totals.
+sample), and each rank keeps a set of them in memory to count repeats. A shard with a bad sample, or one not yet
+read to its end when the checkpoint was saved, is read again on resume, its consumed rows dropped before decoding.
+A bad sample is not trained on, so after a resume it is read and counted again in the data-quality totals.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
+import logging
 import re
 from pathlib import Path
 
@@ -63,8 +70,10 @@ from mmray.data.pipeline import SAMPLE_IDS, DataPosition  # noqa: F401  (the act
 from mmray.data.reader import ShardDatasource
 
 CONSUMED_DIR = "data"
+SHARD_ROWS = f"{CONSUMED_DIR}/shard_rows.json"  # rank 0: the rows of each shard read to its end (ConsumedSamples)
 _CONSUMED_FILE = re.compile(r"^consumed\.rank(\d+)\.parquet$")
 SCHEMA = SAMPLE_IDS
+log = logging.getLogger("mmray")
 
 
 def consumed_name(rank: int) -> str:
@@ -105,6 +114,13 @@ def by_shard(table: pa.Table) -> dict[str, pa.Array]:
             zip(grouped.column("shard").to_pylist(), grouped.column("key_list").to_pylist())}
 
 
+def trained_on_whole(excluded: dict[str, pa.Array], shard_rows: dict[str, int]) -> set[str]:
+    """The shards whose every row has been trained on: as many distinct consumed keys as rows the shard gave when a
+    read task read it to its end in this epoch. A shard with a bad sample is never among them (a bad sample is
+    read, then left out by the decoding, never trained on): it is read again, its consumed rows dropped."""
+    return {shard for shard, keys in excluded.items() if shard_rows.get(shard) == len(pc.unique(keys))}
+
+
 def drop_consumed(block: pa.Table, keys: pa.Array | None) -> pa.Table:
     """The rows of one shard's raw block whose key is not in ``keys`` (the shard's consumed keys)."""
     if keys is None or not len(keys) or not block.num_rows:
@@ -122,10 +138,15 @@ def read_consumed(directory: str | Path) -> pa.Table:
 
 
 class ConsumedSamples:
-    """One rank's record of the samples it has trained on in the current epoch, saved with every checkpoint."""
+    """One rank's record of the samples it has trained on in the current epoch, saved with every checkpoint.
 
-    def __init__(self, rank: int):
-        self.rank = rank
+    On rank 0, with the run's :class:`DataPosition` actor (``position``), a checkpoint also saves the rows each shard
+    gave when it was read to its end in this epoch (``data/shard_rows.json``), so that a resume does not read again
+    the shards trained on whole."""
+
+    def __init__(self, rank: int, position=None):
+        self.rank, self.position = rank, position
+        self.restored_rows: tuple[int, dict[str, int]] = (-1, {})  # (epoch, {shard: rows}) of the restored checkpoint
         self.before = empty()  # consumed in this epoch before this attempt (all ranks of the restored checkpoint)
         self._parts: list[pa.Table] = []  # what this rank has trained on in this attempt, in order
         self._seen: set[tuple[str, str]] = set()
@@ -134,6 +155,7 @@ class ConsumedSamples:
     def restore(self, directory: str | Path) -> None:
         """Take the consumed set of the checkpoint in the local ``directory`` (the union over its ranks)."""
         self.before = distinct(read_consumed(directory))
+        self.restored_rows = read_shard_rows(directory)
         self._parts, self.repeated = [], 0
         self._seen = set(zip(self.before.column("shard").to_pylist(), self.before.column("key").to_pylist()))
 
@@ -146,6 +168,11 @@ class ConsumedSamples:
             else:
                 self._seen.add(sample)
         self._parts.append(pa.table({"shard": shards, "key": keys}, schema=SCHEMA))
+
+    def shard_rows(self, epoch: int) -> dict[str, int]:
+        """The restored checkpoint's rows a shard, if it was saved in ``epoch`` (else none are known)."""
+        saved_in, rows = self.restored_rows
+        return rows if saved_in == epoch else {}
 
     def new_epoch(self) -> None:
         self.before, self._parts, self._seen = empty(), [], set()
@@ -161,12 +188,39 @@ class ConsumedSamples:
         path = Path(directory) / consumed_name(self.rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(self.table(), path, compression="zstd", use_dictionary=["shard"])
+        if self.position is not None:
+            import ray
+
+            try:
+                epoch, rows = ray.get(self.position.rows_read.remote(), timeout=10)
+            except Exception as e:  # noqa: BLE001  (a resume then reads every shard again, as it always could)
+                log.warning("the rows of the shards read so far are not saved with this checkpoint (%s: %s); a "
+                            "resume from it reads its epoch's trained-on shards again", type(e).__name__, e)
+                return
+            (Path(directory) / SHARD_ROWS).write_text(json.dumps({"epoch": epoch, "shard_rows": rows}))
 
 
-_EXCLUDED: dict[str, dict[str, pa.Array]] = {}  # per process: the consumed ids of the epoch being read, by object id
+def read_shard_rows(directory: str | Path) -> tuple[int, dict[str, int]]:
+    """A (local) checkpoint's ``(epoch, {shard: rows})`` (see :class:`ConsumedSamples`); ``(-1, {})`` without it."""
+    path = Path(directory) / SHARD_ROWS
+    if not path.is_file():
+        return -1, {}
+    try:
+        saved = json.loads(path.read_text())
+        epoch, rows = saved["epoch"], saved["shard_rows"]
+        if not (isinstance(epoch, int) and isinstance(rows, dict) and all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in rows.items())):
+            raise ValueError("not {'epoch': int, 'shard_rows': {shard: int}}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a data position's shard rows: {e}") from e
+    return epoch, rows
 
 
-def _excluded(ref) -> dict[str, pa.Array]:
+# per process: the consumed ids of the epoch being read ({shard: keys}, None for a shard not to open), by object id
+_EXCLUDED: dict[str, dict[str, pa.Array | None]] = {}
+
+
+def _excluded(ref) -> dict[str, pa.Array | None]:
     import ray
 
     key = ref.hex()
@@ -207,35 +261,48 @@ class PositionedShardDatasource(ShardDatasource):
         super().__init__(paths, **kwargs)
         self._seed, self._position, self._resample, self._resample_ref = seed, position, resample, None
         self._window = window  # rows shuffled together (data.shuffle_buffer); 0 keeps each shard's order
-        self._epoch_seed = epoch_seed(seed, 0)
+        self._epoch, self._epoch_seed = 0, epoch_seed(seed, 0)
         self._excluded_ref = None  # {shard: consumed keys} of the epoch being planned, in the object store
 
     def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
         import ray
 
-        epoch, consumed = ray.get(self._position.get.remote(), timeout=60)
+        epoch, consumed, shard_rows = ray.get(self._position.get.remote(), timeout=60)
         if self._resample is not None:
             self._resample_ref, self._resample = ray.put(self._resample), None
-        self._epoch_seed = epoch_seed(self._seed, epoch)
+        self._epoch, self._epoch_seed = epoch, epoch_seed(self._seed, epoch)
         self._shuffle = FileShuffleConfig(seed=self._epoch_seed, reseed_after_execution=False)
-        self._excluded_ref = ray.put(by_shard(consumed)) if consumed.num_rows else None
+        excluded = by_shard(consumed)
+        done = trained_on_whole(excluded, shard_rows)
+        for shard in done:
+            excluded[shard] = None  # not opened
+        self._excluded_ref = ray.put(excluded) if excluded else None
+        self._position.skipping.remote(epoch, len(done))
+        if done:
+            log.info("epoch %d resumes with %d shard(s) trained on whole; they are not read again", epoch, len(done))
         return super().get_read_tasks(parallelism, per_task_row_limit=per_task_row_limit, data_context=data_context)
 
     def _read_stream(self, f: pa.NativeFile, path: str):
-        keys = _excluded(self._excluded_ref).get(path) if self._excluded_ref is not None else None
+        excluded = _excluded(self._excluded_ref) if self._excluded_ref is not None else {}
+        if path in excluded and excluded[path] is None:
+            return  # every row of this shard has been trained on in this epoch
+        keys = excluded.get(path)
         resample = _fetched(self._resample_ref) if self._resample_ref is not None else self._resample
         window: list[pa.Table] = []
-        rows = 0
+        rows = total = 0
         for block in super()._read_stream(f, path):
             if resample is not None:
                 block = resample_block(block, resample)
             window.append(block)
             rows += block.num_rows
+            total += block.num_rows
             if rows >= self._window:
                 yield from self._emit(window, keys)
                 window, rows = [], 0
         if window:
             yield from self._emit(window, keys)
+        if total:  # read to its end: the shard's rows this epoch (consumed or not), for the next resume
+            self._position.shard_read.remote(self._epoch, path, total)
 
     def _emit(self, window: list[pa.Table], keys: pa.Array | None):
         """One shuffle window (whole reader blocks of the shard, cut before any row is left out): shuffled by key

@@ -144,7 +144,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tokenizer = TextTokenizer.from_str(loop_config["tokenizer_json"])
     device = engine.device
     extra = {"config.yaml": cfg.to_yaml(), "tokenizer.json": loop_config["tokenizer_json"]}
-    consumed = ConsumedSamples(rank)  # the data position: what this rank trained on in the current epoch
+    position = loop_config.get("data_position")
+    # the data position: what this rank trained on in the current epoch (rank 0: and the rows of the shards read)
+    consumed = ConsumedSamples(rank, position if rank == 0 else None)
     checkpoints = Checkpointer(engine, rank, world, extra, loop_config.get("cost_meter"), data_position=consumed,
                                best=BestPolicy.from_config(cfg.run))
     state = checkpoints.restore()
@@ -189,12 +191,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         budget.observe(state["step"])
 
     shard = ray.train.get_dataset_shard("train")
-    position = loop_config.get("data_position")
     window_loss, window_n, window_t0 = 0.0, 0, time.perf_counter()
     while state["step"] < t.max_steps and not stopped_for_budget:
         batches_this_epoch = 0
         if position is not None and rank == 0:  # before any rank can start the epoch (the split waits for all)
-            ray.get(position.set.remote(state["epoch"], consumed.before), timeout=60)
+            ray.get(position.set.remote(state["epoch"], consumed.before, consumed.shard_rows(state["epoch"])),
+                    timeout=60)
         # The rows arrive shuffled, in an order fixed by (seed, epoch) that a resume keeps (mmray.data.position);
         # a local shuffle buffer here would make the order after a resume differ from the uninterrupted run's.
         for batch in shard.iter_batches(batch_size=micro_batch, drop_last=True, batch_format="numpy"):

@@ -427,6 +427,7 @@ def train(cfg: Config, callbacks: Sequence = (), before_fit: Callable[[object], 
             cost = ray.get(meter.stop.remote())  # a clean end, saved; the next start of this run continues from it
             ray.kill(meter)
         data_quality = quality_snapshot(quality)
+        shards_skipped = ray.get(position.shards_skipped.remote(), timeout=60)
         # Checkpoints that an interrupted earlier start left outside Ray Train's knowledge, which it never deletes.
         prune_unmanaged(run_dir, [os.path.basename(c.path) for c, _ in result.best_checkpoints or ()],
                         cfg.run.keep_last)
@@ -440,6 +441,7 @@ def train(cfg: Config, callbacks: Sequence = (), before_fit: Callable[[object], 
         "steps": metrics.pop("step", 0),
         "samples_seen": metrics.pop("samples_seen", 0),
         "samples_repeated": metrics.pop("samples_repeated", 0),  # trained on twice in one epoch (exact resume: 0)
+        "shards_skipped": shards_skipped,  # not read again by a resume: every row already trained on in the epoch
         "wall_s": round(time.perf_counter() - t0, 2),
         "data": sources.display(data.root),
         "epoch_samples": data.train_samples,

@@ -13,7 +13,7 @@ from ray.train.v2._internal.execution.callback import WorkerGroupCallback
 
 from mmray.data.pipeline import read_raw
 from mmray.data.sources import list_shards
-from mmray.data.position import DataPosition, epoch_seed, read_consumed
+from mmray.data.position import SHARD_ROWS, DataPosition, epoch_seed, read_consumed, read_shard_rows
 from mmray.train.checkpoint import verify
 from mmray.train.trainer import RunFailedError, train
 
@@ -92,6 +92,15 @@ def test_killed_mid_epoch_and_resumed_on_other_worker_counts_trains_each_sample_
     assert summary["metrics"]["restored_from"] == "checkpoint_00000004"
     assert summary["steps"] == 11 and summary["samples_seen"] == 96 + 7 * 16
     assert summary["samples_repeated"] == 0
+    # The checkpoint resumed from holds the rows of the shards read to their end (rank 0's, in its manifest); the
+    # shards all of whose rows it had trained on were not read again.
+    restored = run / "checkpoint_00000004"
+    assert SHARD_ROWS in json.loads((restored / "manifest.rank0.json").read_text())["files"]
+    epoch, rows = read_shard_rows(restored)
+    trained = Counter(s for s, _ in _ids(read_consumed(restored)))
+    whole = {s for s, n in rows.items() if trained[s] == n}
+    assert epoch == 0 and set(rows.values()) == {64} and len(whole) >= 1
+    assert summary["shards_skipped"] == len(whole)
 
     # Epoch 0 ends at step 10 (192 samples: 2 steps x 16, 2 x 32, 4 x 16): its checkpoint records every sample of
     # the data set, once each, across its ranks' files, which the manifests cover like every other checkpoint file.
@@ -142,6 +151,44 @@ def test_mixed_copies_are_left_out_one_by_one(ray_session, small_dataset):
     consumed = sorted(full)[::3]  # originals and copies, some of one sample without the other
     ray.get(position.set.remote(0, pa.table({"shard": [s for s, _ in consumed], "key": [k for _, k in consumed]})))
     assert ids() == full - Counter(consumed)
+
+
+def test_a_shard_trained_on_whole_is_not_opened_again(ray_session, small_dataset, tmp_path):
+    """Each read task that reads a shard to its end tells the position actor how many rows it gave; on a resume, a
+    shard all of whose rows are in the consumed set is not opened (here: overwritten with garbage, which a read
+    would count as a damaged shard), one with a row left is read for that row, and the rows that come are exactly
+    the rest of the epoch."""
+    import shutil
+
+    root = tmp_path / "train"
+    shutil.copytree(f"{small_dataset}/train", root)
+    paths = list_shards(str(root))
+    position = ray.remote(DataPosition).remote()
+
+    def ids() -> list[tuple[str, str]]:
+        ds = read_raw(paths, 5, position=position, shuffle_window=64)
+        return [(r["shard"], r["key"]) for r in ds.select_columns(["shard", "key"]).take_all()]
+
+    full = ids()
+    epoch, rows = ray.get(position.rows_read.remote())
+    assert epoch == 0 and rows == dict(Counter(shard for shard, _ in full)) and set(rows.values()) == {64}
+    first, second, _ = sorted(rows)
+    consumed = [i for i in full if i[0] == first] + [i for i in full if i[0] == second][:-1]  # all of one, 63 of one
+    # A restart in another driver: a new actor, handed the checkpoint's consumed ids and rows.
+    position = ray.remote(DataPosition).remote()
+    ray.get(position.set.remote(0, pa.table({"shard": [s for s, _ in consumed], "key": [k for _, k in consumed]}),
+                                rows))
+    Path(first).write_bytes(b"not a tar" * 10_000)
+    rest = ids()
+    assert sorted(rest) == sorted(set(full) - set(consumed)) and len(rest) == 64 + 1
+    assert ray.get(position.shards_skipped.remote()) == 1
+    # The next epoch reads every shard, the overwritten one too (whose damage now shows).
+    ray.get(position.set.remote(1, pa.table({"shard": [first], "key": [consumed[0][1]]}), rows))
+    again = ids()
+    assert sorted(i for i in again if i[0] != first) == sorted(i for i in full if i[0] != first)
+    lost = [key for shard, key in again if shard == first]  # read: its 64 samples (_stats.json) lost to the damage
+    assert len(lost) == 64 and all("#truncated" in key for key in lost)
+    assert ray.get(position.shards_skipped.remote()) == 1  # epoch 1 left none out
 
 
 def test_row_order_is_fixed_by_seed_and_epoch_and_kept_on_resume(ray_session, small_dataset):

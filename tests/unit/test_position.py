@@ -1,12 +1,14 @@
 """The data position (no Ray): what each rank records and saves, the union restored over any number of ranks, the
 repeats counted, and the per-shard filter the datasource applies to raw blocks."""
+import json
 from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
-from mmray.data.position import (ConsumedSamples, by_shard, consumed_name, drop_consumed, epoch_seed, read_consumed,
-                                 window_order)
+from mmray.data.position import (SHARD_ROWS, ConsumedSamples, by_shard, consumed_name, drop_consumed, epoch_seed,
+                                 read_consumed, read_shard_rows, trained_on_whole, window_order)
 
 
 def _ids(table: pa.Table) -> Counter:
@@ -65,6 +67,33 @@ def test_raw_blocks_lose_exactly_their_shards_consumed_keys():
     assert drop_consumed(block, excluded["s0"]).column("key").to_pylist() == ["k0", "k2"]
     assert drop_consumed(block, excluded.get("s9")).num_rows == 4  # a shard with nothing consumed
     assert by_shard(consumed.slice(0, 0)) == {}
+
+
+def test_a_shard_is_trained_on_whole_only_with_as_many_distinct_consumed_keys_as_rows_it_gave():
+    consumed = pa.table({"shard": ["s0", "s0", "s1", "s1", "s1", "s2", "s2"],
+                         "key": ["k1", "k2", "k1", "k1", "k2", "k1", "k2"]})  # s1's k1 twice (two ranks' files)
+    excluded = by_shard(consumed)
+    # s0 gave 2 rows (both trained on); s1 gave 3 (one not yet); s2's rows are unknown (not read to its end).
+    assert trained_on_whole(excluded, {"s0": 2, "s1": 3, "s9": 0}) == {"s0"}
+    assert trained_on_whole(excluded, {"s0": 2, "s1": 2, "s2": 2}) == {"s0", "s1", "s2"}
+    assert trained_on_whole(excluded, {}) == set() and trained_on_whole({}, {"s0": 2}) == set()
+
+
+def test_a_resume_takes_the_saved_shard_rows_for_their_epoch_only(tmp_path):
+    """Rank 0's ``data/shard_rows.json`` (written from the position actor; see test_exact_resume.py) is taken for the
+    epoch it was saved in; a checkpoint without one reads every shard; a malformed one is an error that names it."""
+    rows = {"s3://b/d/00000.tar": 64, "s3://b/d/00001.tar": 10}
+    ConsumedSamples(0).write(tmp_path)  # without the actor: no rows saved
+    assert not (tmp_path / SHARD_ROWS).exists() and read_shard_rows(tmp_path) == (-1, {})
+    (tmp_path / SHARD_ROWS).write_text(json.dumps({"epoch": 3, "shard_rows": rows}))
+    resumed = ConsumedSamples(0)
+    resumed.restore(tmp_path)
+    assert resumed.shard_rows(3) == rows and resumed.shard_rows(4) == {}
+
+    for bad in ({"epoch": 3, "shard_rows": {"s": "64"}}, {"epoch": 3}, ["s", 64]):
+        (tmp_path / SHARD_ROWS).write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=r"shard_rows\.json is not a data position's shard rows"):
+            ConsumedSamples(0).restore(tmp_path)
 
 
 def test_epoch_seed_is_a_fixed_function_of_seed_and_epoch():
