@@ -284,34 +284,43 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def _digest(self, sections: tuple[str, ...], train_keys: tuple[str, ...]) -> str:
-        """A short hash of the config without the ``sections`` and the ``train_keys`` of its train section."""
+    def _digest(self, sections: tuple[str, ...], train_keys: tuple[str, ...], data_keys: tuple[str, ...] = ()) -> str:
+        """A short hash of the config without the ``sections``, the ``train_keys`` of its train section and the
+        ``data_keys`` of its data section."""
         d = {s: v for s, v in self.to_dict().items() if s not in sections}
         d["train"] = {k: v for k, v in d["train"].items() if k not in train_keys}
+        d["data"] = {k: v for k, v in d["data"].items() if k not in data_keys}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
     # Never in the fingerprint: where a run is stored and what it may cost (a new cap resumes the same run), and
     # train keys that change how, not what, is trained (activation checkpointing: the gradients are the same).
     _UNTRAINED = ("log_every", "checkpoint_every", "max_failures", "max_preemption_failures", "collective_timeout_s",
                   "activation_checkpointing")
+    # Nor data keys that do not change the samples: where a synthetic data set is cached, and how many bad samples a
+    # run tolerates (a run stopped for its bad fraction continues when the limit is raised).
+    _UNTRAINED_DATA = ("cache_dir", "max_bad_fraction")
 
     def fingerprint(self) -> str:
         """A short hash of everything that changes what is trained (not where it is stored or logged, nor on which
         resources or how it is evaluated). The resources: a run resumes on another worker count (after spot
         capacity shrank, say); train.use_gpu stays, since it decides the numerics of precision=auto."""
-        return self._digest(("run", "budget", "eval"), self._UNTRAINED + ("num_workers", "cpus_per_worker"))
+        return self._digest(("run", "budget", "eval"), self._UNTRAINED + ("num_workers", "cpus_per_worker"),
+                            self._UNTRAINED_DATA)
 
     @property
     def run_name(self) -> str:
         return self.run.name or f"{self.model.preset}-{self.model.fusion}-{self.fingerprint()}"
 
-    def legacy_run_name(self) -> str:
-        """The name that mmray derived for this config before the fingerprint left out train.num_workers,
-        train.cpus_per_worker and eval.* (commit 6fed92f), so that a run started then is found and continued, with its
-        checkpoints and its spend, instead of started again ("" when run.name is set)."""
+    def legacy_run_names(self) -> list[str]:
+        """The names that earlier mmray versions derived for this config, newest first, so that a run started then
+        is found and continued, with its checkpoints and its spend, instead of started again (none when run.name is
+        set): before the fingerprint left out data.cache_dir and data.max_bad_fraction (2026-12-02), and before it
+        left out train.num_workers, train.cpus_per_worker and eval.* (commit 6fed92f)."""
         if self.run.name:
-            return ""
-        return f"{self.model.preset}-{self.model.fusion}-{self._digest(('run', 'budget'), self._UNTRAINED)}"
+            return []
+        prefix = f"{self.model.preset}-{self.model.fusion}-"
+        return [prefix + self._digest(("run", "budget", "eval"), self._UNTRAINED + ("num_workers", "cpus_per_worker")),
+                prefix + self._digest(("run", "budget"), self._UNTRAINED)]
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig,

@@ -342,11 +342,13 @@ def _user_error(error: BaseException) -> BaseException | None:
 
 
 def continue_legacy_run(cfg: Config, storage_root: str) -> Config:
-    """``cfg`` with run.name set to the run an older mmray derived for it (see Config.legacy_run_name) when that run
-    exists and the name derived now does not: its checkpoints and spend (cost.json) carry on."""
-    legacy = cfg.legacy_run_name()
-    if not legacy or legacy == cfg.run_name or storage.exists(storage.join(storage_root, cfg.run_name)) \
-            or not storage.exists(storage.join(storage_root, legacy)):
+    """``cfg`` with run.name set to the run an older mmray derived for it (see Config.legacy_run_names) when that
+    run exists and the name derived now does not: its checkpoints and spend (cost.json) carry on."""
+    legacy = [name for name in cfg.legacy_run_names() if name != cfg.run_name]
+    if not legacy or storage.exists(storage.join(storage_root, cfg.run_name)):
+        return cfg
+    legacy = next((name for name in legacy if storage.exists(storage.join(storage_root, name))), None)
+    if legacy is None:
         return cfg
     log.warning("continuing run %s, named as an earlier mmray named runs of this config (the name derived now "
                 "would be %s); set run.name to choose", legacy, cfg.run_name)
