@@ -400,16 +400,17 @@ BAD_REASON_HINTS = {
 }
 
 
-def check_quality(snapshot: dict, max_bad_fraction: float) -> None:
+def check_quality(snapshot: dict, max_bad_fraction: float, advice: str = "") -> None:
     """Raise BadDataError when the bad fraction so far exceeds the limit; the message names reasons and examples,
-    and what to check for the reasons that usually come from how the shards were written or are read."""
+    what to check for the reasons that usually come from how the shards were written or are read, then ``advice``."""
     bad = sum(snapshot["bad"].values())
     total = bad + snapshot["good"]
     if total and bad / total > max_bad_fraction:
         hints = "; ".join(f"{r}: {BAD_REASON_HINTS[r]}" for r in snapshot["bad"] if r in BAD_REASON_HINTS)
         raise BadDataError(
             f"{bad} of {total} samples ({bad / total:.1%}) are bad, over data.max_bad_fraction={max_bad_fraction}: "
-            f"{snapshot['bad']}; examples: {snapshot['bad_examples']}" + (f". What to check: {hints}" if hints else ""))
+            f"{snapshot['bad']}; examples: {snapshot['bad_examples']}" + (f". What to check: {hints}" if hints else "")
+            + (f". {advice}" if advice else ""))
 
 
 CAPTION_REASONS = ("missing_caption", "empty_caption", "non_utf8_caption")

@@ -76,7 +76,8 @@ def test_training_skips_and_reports_bad_samples(ray_session, damaged, tmp_path):
 
 def test_training_stops_with_a_clear_error_over_the_limit(ray_session, damaged, tmp_path):
     root, _ = damaged
-    with pytest.raises(BadDataError, match=r"over data.max_bad_fraction=0.001.*corrupt_image"):
+    with pytest.raises(BadDataError, match=r"over data.max_bad_fraction=0.001.*corrupt_image.*raise "
+                                           r"data\.max_bad_fraction and run the same command again: the run continues"):
         train(_cfg(root, tmp_path, "data.max_bad_fraction=0.001"))
 
 
