@@ -55,8 +55,8 @@ def data_quality(quality, max_bad_fraction: float, rank: int) -> dict:
     snapshot = [quality_snapshot(quality) if rank == 0 else None]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(snapshot, src=0)
-    check_quality(snapshot[0], max_bad_fraction, "To train on the good samples regardless, raise "
-                  "data.max_bad_fraction and run the same command again: the run continues from its last checkpoint")
+    check_quality(snapshot[0], max_bad_fraction, "To train on the good samples regardless, raise data.max_bad_fraction "
+                  "and run the same command again: the run continues from its last checkpoint, if any")
     return snapshot[0]
 
 
