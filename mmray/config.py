@@ -296,9 +296,9 @@ class Config:
     # train keys that change how, not what, is trained (activation checkpointing: the gradients are the same).
     _UNTRAINED = ("log_every", "checkpoint_every", "max_failures", "max_preemption_failures", "collective_timeout_s",
                   "activation_checkpointing")
-    # Nor data keys that do not change the samples: where a synthetic data set is cached, and how many bad samples a
-    # run tolerates (a run stopped for its bad fraction continues when the limit is raised).
-    _UNTRAINED_DATA = ("cache_dir", "max_bad_fraction")
+    # Nor how many bad samples a run tolerates: a run stopped for its bad fraction continues when the limit is
+    # raised. (data.cache_dir stays: the samples' ids, (shard path, key), are under it, and a resume matches them.)
+    _UNTRAINED_DATA = ("max_bad_fraction",)
 
     def fingerprint(self) -> str:
         """A short hash of everything that changes what is trained (not where it is stored or logged, nor on which
@@ -314,13 +314,19 @@ class Config:
     def legacy_run_names(self) -> list[str]:
         """The names that earlier mmray versions derived for this config, newest first, so that a run started then
         is found and continued, with its checkpoints and its spend, instead of started again (none when run.name is
-        set): before the fingerprint left out data.cache_dir and data.max_bad_fraction (2026-12-02), and before it
-        left out train.num_workers, train.cpus_per_worker and eval.* (commit 6fed92f)."""
+        set): before the fingerprint left out data.max_bad_fraction (2026-12-02), and before it left out
+        train.num_workers, train.cpus_per_worker and eval.* (commit 6fed92f). Both with this config's
+        data.max_bad_fraction and with its default, which a run stopped for its bad fraction was likely started with
+        before the limit was raised."""
         if self.run.name:
             return []
         prefix = f"{self.model.preset}-{self.model.fusion}-"
-        return [prefix + self._digest(("run", "budget", "eval"), self._UNTRAINED + ("num_workers", "cpus_per_worker")),
-                prefix + self._digest(("run", "budget"), self._UNTRAINED)]
+        default = dataclasses.replace(self, data=dataclasses.replace(
+            self.data, max_bad_fraction=DataConfig.__dataclass_fields__["max_bad_fraction"].default))
+        names = [prefix + c._digest(sections, keys) for sections, keys in (
+            (("run", "budget", "eval"), self._UNTRAINED + ("num_workers", "cpus_per_worker")),
+            (("run", "budget"), self._UNTRAINED)) for c in (self, default)]
+        return list(dict.fromkeys(names))
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig,

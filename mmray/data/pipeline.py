@@ -310,16 +310,19 @@ class DataPosition:
     Rank 0 sets it before each epoch starts (:meth:`set`); the datasource reads it when Ray Data plans the epoch's
     reads, which happens only once every rank has asked for the epoch (the streaming split's barrier).
 
-    It also keeps how many rows each shard the epoch's read tasks have read to its end gave (:meth:`shard_read`):
-    a shard whose rows have all been trained on is not read again on resume. Rank 0 saves them with each
-    checkpoint (:meth:`rows_read`) and hands them back with the consumed ids; they survive a restart of the worker
-    group in this actor too (the same epoch keeps them)."""
+    It also keeps how many rows each shard the epoch's read tasks have read to its end gave, with the shard's
+    signature at the planning (its size and mixing weight: :meth:`planned`), so that a shard whose rows have all
+    been trained on is not read again on resume (mmray.data.position). Rank 0 saves them with each checkpoint
+    (:meth:`rows_read`) and hands them back with the consumed ids; they survive a restart of the worker group in
+    this actor too (the same epoch keeps them)."""
 
     def __init__(self):
-        self.epoch, self.consumed, self.shard_rows = 0, SAMPLE_IDS.empty_table(), {}
-        self.skipped: dict[int, int] = {}  # epoch -> shards left unread at its planning (the last planning's)
+        self.epoch, self.consumed = 0, SAMPLE_IDS.empty_table()
+        self.shard_rows: dict[str, list] = {}  # shard -> [rows, signature]
+        self.signatures: dict[str, str] = {}  # shard -> signature, at the epoch's planning
+        self.skipped: dict[int, int] = {}  # epoch -> shards its (last) planning left unread as trained on
 
-    def set(self, epoch: int, consumed, shard_rows: dict[str, int] | None = None) -> None:
+    def set(self, epoch: int, consumed, shard_rows: dict[str, list] | None = None) -> None:
         if epoch != self.epoch:
             self.shard_rows = {}
         self.shard_rows.update(shard_rows or {})
@@ -328,17 +331,17 @@ class DataPosition:
     def get(self):
         return self.epoch, self.consumed, dict(self.shard_rows)
 
+    def planned(self, epoch: int, signatures: dict[str, str], skipped: int) -> None:
+        """The planning of ``epoch``: each shard's signature, and how many shards it leaves unread."""
+        self.signatures, self.skipped[epoch] = signatures, skipped
+
     def shard_read(self, epoch: int, shard: str, rows: int) -> None:
         """A read task read ``shard`` to its end in ``epoch``: it gave ``rows`` rows (the consumed ones included)."""
-        if epoch == self.epoch:
-            self.shard_rows[shard] = rows
+        if epoch == self.epoch and shard in self.signatures:
+            self.shard_rows[shard] = [rows, self.signatures[shard]]
 
-    def rows_read(self) -> tuple[int, dict[str, int]]:
+    def rows_read(self) -> tuple[int, dict[str, list]]:
         return self.epoch, dict(self.shard_rows)
-
-    def skipping(self, epoch: int, count: int) -> None:
-        """The planning of ``epoch`` leaves ``count`` shards unread, as trained on whole."""
-        self.skipped[epoch] = count
 
     def shards_skipped(self) -> int:
         """The shards the run's resumes did not read again (the last planning of each epoch)."""

@@ -14,11 +14,14 @@ restart, and more so after a change in worker count. Instead every sample is nam
   shards by ``(train.seed, epoch)`` and drops the consumed ids at the source, before decoding
   (``pyarrow.compute.is_in``, one hash lookup per row). Samples that were in flight but never trained on are read
   again. The consumed set starts empty at every new epoch.
-- A shard trained on whole is not opened at all: each read task that reads a shard to its end tells the actor how
-  many rows it gave (consumed ones included); rank 0 saves those counts with each checkpoint
-  (``data/shard_rows.json``, in its manifest), and a shard with as many distinct consumed keys as rows is left out
-  of the resumed epoch's reads (:func:`trained_on_whole`; the summary's ``shards_skipped``). So a preemption late
-  in an epoch of a large data set does not read most of it again to drop its rows.
+- A shard trained on whole is not read at all (Ray Data still opens it: on S3 one HEAD request): each read task
+  that reads a shard to its end tells the actor how many rows it gave (consumed ones included), kept with the
+  shard's signature at the planning (:func:`shard_signature`: its size, and its mixing weight and seed); rank 0
+  saves them with each checkpoint (``data/shard_rows.json``, in its manifest). A shard of the data set with as many
+  distinct consumed keys as rows, and the same signature now, is left out of the resumed epoch's reads
+  (:func:`trained_on_whole`; the summary's ``shards_skipped``). So a preemption late in an epoch of a large data set
+  does not read most of it again to drop its rows; a shard rewritten, or mixed with another weight or seed, since
+  its rows were counted is read again.
 
 Shuffling is deterministic for a ``(seed, epoch)``, and survives a resume unchanged:
 
@@ -114,11 +117,20 @@ def by_shard(table: pa.Table) -> dict[str, pa.Array]:
             zip(grouped.column("shard").to_pylist(), grouped.column("key_list").to_pylist())}
 
 
-def trained_on_whole(excluded: dict[str, pa.Array], shard_rows: dict[str, int]) -> set[str]:
-    """The shards whose every row has been trained on: as many distinct consumed keys as rows the shard gave when a
-    read task read it to its end in this epoch. A shard with a bad sample is never among them (a bad sample is
-    read, then left out by the decoding, never trained on): it is read again, its consumed rows dropped."""
-    return {shard for shard, keys in excluded.items() if shard_rows.get(shard) == len(pc.unique(keys))}
+def shard_signature(size, weight=None, mix_seed=None) -> str:
+    """What a shard's row count depends on besides its name: its size in bytes, and its mixing weight and seed
+    (:class:`mmray.data.mixing.Resample` picks the copies by them)."""
+    return f"{size}|{weight!r}|{mix_seed!r}"
+
+
+def trained_on_whole(excluded: dict[str, pa.Array], shard_rows: dict[str, list],
+                     signatures: dict[str, str]) -> set[str]:
+    """The shards of the data set (``signatures``: each one's :func:`shard_signature` now) whose every row has been
+    trained on: as many distinct consumed keys as rows the shard gave when a read task read it to its end in this
+    epoch, with the same signature. A shard with a bad sample is never among them (a bad sample is read, then left
+    out by the decoding, never trained on): it is read again, its consumed rows dropped."""
+    return {shard for shard, keys in excluded.items()
+            if shard in signatures and shard_rows.get(shard) == [len(pc.unique(keys)), signatures[shard]]}
 
 
 def drop_consumed(block: pa.Table, keys: pa.Array | None) -> pa.Table:
@@ -146,7 +158,7 @@ class ConsumedSamples:
 
     def __init__(self, rank: int, position=None):
         self.rank, self.position = rank, position
-        self.restored_rows: tuple[int, dict[str, int]] = (-1, {})  # (epoch, {shard: rows}) of the restored checkpoint
+        self.restored_rows: tuple[int, dict[str, list]] = (-1, {})  # (epoch, rows) of the restored checkpoint
         self.before = empty()  # consumed in this epoch before this attempt (all ranks of the restored checkpoint)
         self._parts: list[pa.Table] = []  # what this rank has trained on in this attempt, in order
         self._seen: set[tuple[str, str]] = set()
@@ -169,8 +181,8 @@ class ConsumedSamples:
                 self._seen.add(sample)
         self._parts.append(pa.table({"shard": shards, "key": keys}, schema=SCHEMA))
 
-    def shard_rows(self, epoch: int) -> dict[str, int]:
-        """The restored checkpoint's rows a shard, if it was saved in ``epoch`` (else none are known)."""
+    def shard_rows(self, epoch: int) -> dict[str, list]:
+        """The restored checkpoint's ``{shard: [rows, signature]}``, if it was saved in ``epoch`` (else none)."""
         saved_in, rows = self.restored_rows
         return rows if saved_in == epoch else {}
 
@@ -197,11 +209,17 @@ class ConsumedSamples:
                 log.warning("the rows of the shards read so far are not saved with this checkpoint (%s: %s); a "
                             "resume from it reads its epoch's trained-on shards again", type(e).__name__, e)
                 return
+            restored_epoch, restored = self.restored_rows
+            if restored_epoch > epoch:  # saved before this attempt's first epoch started: what it restored
+                epoch, rows = self.restored_rows
+            elif restored_epoch == epoch:
+                rows = {**restored, **rows}
             (Path(directory) / SHARD_ROWS).write_text(json.dumps({"epoch": epoch, "shard_rows": rows}))
 
 
-def read_shard_rows(directory: str | Path) -> tuple[int, dict[str, int]]:
-    """A (local) checkpoint's ``(epoch, {shard: rows})`` (see :class:`ConsumedSamples`); ``(-1, {})`` without it."""
+def read_shard_rows(directory: str | Path) -> tuple[int, dict[str, list]]:
+    """A (local) checkpoint's ``(epoch, {shard: [rows, signature]})`` (see :class:`ConsumedSamples`); ``(-1, {})``
+    without it, or with one this version cannot read (logged: the resume reads every shard, as it always could)."""
     path = Path(directory) / SHARD_ROWS
     if not path.is_file():
         return -1, {}
@@ -209,14 +227,17 @@ def read_shard_rows(directory: str | Path) -> tuple[int, dict[str, int]]:
         saved = json.loads(path.read_text())
         epoch, rows = saved["epoch"], saved["shard_rows"]
         if not (isinstance(epoch, int) and isinstance(rows, dict) and all(
-                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in rows.items())):
-            raise ValueError("not {'epoch': int, 'shard_rows': {shard: int}}")
+                isinstance(k, str) and isinstance(v, list) and len(v) == 2 and type(v[0]) is int
+                and isinstance(v[1], str) for k, v in rows.items())):
+            raise ValueError("not {'epoch': int, 'shard_rows': {shard: [rows, signature]}}")
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a data position's shard rows: {e}") from e
+        log.warning("%s is not a data position's shard rows (%s); the resume reads every shard of its epoch, its "
+                    "consumed rows dropped", path, e)
+        return -1, {}
     return epoch, rows
 
 
-# per process: the consumed ids of the epoch being read ({shard: keys}, None for a shard not to open), by object id
+# per process: the consumed ids of the epoch being read ({shard: keys}, None for a shard not to read), by object id
 _EXCLUDED: dict[str, dict[str, pa.Array | None]] = {}
 
 
@@ -270,14 +291,17 @@ class PositionedShardDatasource(ShardDatasource):
         epoch, consumed, shard_rows = ray.get(self._position.get.remote(), timeout=60)
         if self._resample is not None:
             self._resample_ref, self._resample = ray.put(self._resample), None
+        resample = _fetched(self._resample_ref) if self._resample_ref is not None else None
+        signatures = {path: shard_signature(size, *((resample.weights.get(path), resample.seed) if resample else ()))
+                      for path, size in zip(self._paths(), self._file_sizes())}
         self._epoch, self._epoch_seed = epoch, epoch_seed(self._seed, epoch)
         self._shuffle = FileShuffleConfig(seed=self._epoch_seed, reseed_after_execution=False)
         excluded = by_shard(consumed)
-        done = trained_on_whole(excluded, shard_rows)
+        done = trained_on_whole(excluded, shard_rows, signatures)
         for shard in done:
-            excluded[shard] = None  # not opened
+            excluded[shard] = None  # not read
         self._excluded_ref = ray.put(excluded) if excluded else None
-        self._position.skipping.remote(epoch, len(done))
+        ray.get(self._position.planned.remote(epoch, signatures, len(done)), timeout=60)  # before any shard_read
         if done:
             log.info("epoch %d resumes with %d shard(s) trained on whole; they are not read again", epoch, len(done))
         return super().get_read_tasks(parallelism, per_task_row_limit=per_task_row_limit, data_context=data_context)

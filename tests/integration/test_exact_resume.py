@@ -98,8 +98,8 @@ def test_killed_mid_epoch_and_resumed_on_other_worker_counts_trains_each_sample_
     assert SHARD_ROWS in json.loads((restored / "manifest.rank0.json").read_text())["files"]
     epoch, rows = read_shard_rows(restored)
     trained = Counter(s for s, _ in _ids(read_consumed(restored)))
-    whole = {s for s, n in rows.items() if trained[s] == n}
-    assert epoch == 0 and set(rows.values()) == {64} and len(whole) >= 1
+    whole = {s for s, (n, _) in rows.items() if trained[s] == n}
+    assert epoch == 0 and {n for n, _ in rows.values()} == {64} and len(whole) >= 1
     assert summary["shards_skipped"] == len(whole)
 
     # Epoch 0 ends at step 10 (192 samples: 2 steps x 16, 2 x 32, 4 x 16): its checkpoint records every sample of
@@ -153,38 +153,50 @@ def test_mixed_copies_are_left_out_one_by_one(ray_session, small_dataset):
     assert ids() == full - Counter(consumed)
 
 
-def test_a_shard_trained_on_whole_is_not_opened_again(ray_session, small_dataset, tmp_path):
+def test_a_shard_trained_on_whole_is_not_read_again_unless_it_changed(ray_session, small_dataset, tmp_path):
     """Each read task that reads a shard to its end tells the position actor how many rows it gave; on a resume, a
-    shard all of whose rows are in the consumed set is not opened (here: overwritten with garbage, which a read
-    would count as a damaged shard), one with a row left is read for that row, and the rows that come are exactly
-    the rest of the epoch."""
+    shard all of whose rows are in the consumed set, and whose size and mixing weight are as they were, is not read
+    (here: overwritten with as many bytes of garbage, which a read would count as a damaged shard); one with a row
+    left is read for that row; the rows that come are exactly the rest of the epoch. Mixed with another weight
+    since, the same shard is read again: its new copies are not lost."""
     import shutil
 
     root = tmp_path / "train"
     shutil.copytree(f"{small_dataset}/train", root)
     paths = list_shards(str(root))
-    position = ray.remote(DataPosition).remote()
 
-    def ids() -> list[tuple[str, str]]:
-        ds = read_raw(paths, 5, position=position, shuffle_window=64)
+    def ids(position, weights=None) -> list[tuple[str, str]]:
+        ds = read_raw(paths, 5, weights, 11, position=position, shuffle_window=64)
         return [(r["shard"], r["key"]) for r in ds.select_columns(["shard", "key"]).take_all()]
 
-    full = ids()
+    def resumed(epoch, consumed, rows):  # a restart in another driver: a new actor, handed the checkpoint's position
+        position = ray.remote(DataPosition).remote()
+        table = pa.table({"shard": [s for s, _ in consumed], "key": [k for _, k in consumed]})
+        ray.get(position.set.remote(epoch, table, rows))
+        return position
+
+    position = ray.remote(DataPosition).remote()
+    full = ids(position)
     epoch, rows = ray.get(position.rows_read.remote())
-    assert epoch == 0 and rows == dict(Counter(shard for shard, _ in full)) and set(rows.values()) == {64}
+    assert epoch == 0 and {s: n for s, (n, _) in rows.items()} == dict(Counter(s for s, _ in full))
+    assert {n for n, _ in rows.values()} == {64}
     first, second, _ = sorted(rows)
     consumed = [i for i in full if i[0] == first] + [i for i in full if i[0] == second][:-1]  # all of one, 63 of one
-    # A restart in another driver: a new actor, handed the checkpoint's consumed ids and rows.
-    position = ray.remote(DataPosition).remote()
-    ray.get(position.set.remote(0, pa.table({"shard": [s for s, _ in consumed], "key": [k for _, k in consumed]}),
-                                rows))
-    Path(first).write_bytes(b"not a tar" * 10_000)
-    rest = ids()
+
+    # The first shard's samples twice now (a weight of 2): its copies were never trained on, so it is read.
+    position = resumed(0, consumed, rows)
+    doubled = ids(position, {p: 2.0 if p == first else 1.0 for p in paths})
+    assert ray.get(position.shards_skipped.remote()) == 0
+    assert sorted(i for i in doubled if i[0] == first) == sorted((first, f"{k}~1") for _, k in consumed[:64])
+
+    position = resumed(0, consumed, rows)
+    Path(first).write_bytes(b"x" * Path(first).stat().st_size)  # the same size: the same signature
+    rest = ids(position)
     assert sorted(rest) == sorted(set(full) - set(consumed)) and len(rest) == 64 + 1
     assert ray.get(position.shards_skipped.remote()) == 1
-    # The next epoch reads every shard, the overwritten one too (whose damage now shows).
+    # The next epoch reads every shard, the overwritten one too, whose damage now shows.
     ray.get(position.set.remote(1, pa.table({"shard": [first], "key": [consumed[0][1]]}), rows))
-    again = ids()
+    again = ids(position)
     assert sorted(i for i in again if i[0] != first) == sorted(i for i in full if i[0] != first)
     lost = [key for shard, key in again if shard == first]  # read: its 64 samples (_stats.json) lost to the damage
     assert len(lost) == 64 and all("#truncated" in key for key in lost)

@@ -227,9 +227,9 @@ def test_a_run_name_may_group_runs_in_folders():
 
 def test_a_run_named_by_an_earlier_mmray_is_continued(tmp_path):
     """The names earlier mmray versions derived for the default config, newest first: tiny-late-abe3b7d3 (before
-    the name left out data.cache_dir and data.max_bad_fraction) and tiny-late-236e1579 (before it left out the
-    worker count and eval.*). The same command finds such a run (its checkpoints and spend) instead of starting anew;
-    the newest name that exists wins, and a run under the name derived now wins over them all."""
+    the name left out data.max_bad_fraction) and tiny-late-236e1579 (before it left out the worker count and
+    eval.*). The same command finds such a run (its checkpoints and spend) instead of starting anew; the newest name
+    that exists wins, and a run under the name derived now wins over them all."""
     from mmray.train.trainer import continue_legacy_run
 
     cfg = config.load(None, [])
@@ -240,19 +240,24 @@ def test_a_run_named_by_an_earlier_mmray_is_continued(tmp_path):
     assert continue_legacy_run(cfg, str(tmp_path)).run_name == "tiny-late-236e1579"
     (tmp_path / "tiny-late-abe3b7d3").mkdir()
     assert continue_legacy_run(cfg, str(tmp_path)).run_name == "tiny-late-abe3b7d3"
+    # A run started before with the default limit, stopped for its bad fraction: raising the limit finds it.
+    raised = config.load(None, ["data.max_bad_fraction=0.2"])
+    assert raised.run_name == cfg.run_name and "tiny-late-abe3b7d3" in raised.legacy_run_names()
+    assert continue_legacy_run(raised, str(tmp_path)).run_name == "tiny-late-abe3b7d3"
     (tmp_path / cfg.run_name).mkdir()  # a run under the new name wins
     assert continue_legacy_run(cfg, str(tmp_path)).run_name == cfg.run_name
     named = config.load(None, ["run.name=mine"])
     assert named.legacy_run_names() == [] and continue_legacy_run(named, str(tmp_path)).run_name == "mine"
 
 
-def test_where_synthetic_data_is_cached_and_the_bad_sample_limit_do_not_rename_the_run():
-    """A run stopped for its bad fraction continues when data.max_bad_fraction is raised; moving the synthetic data
-    cache continues it too. What changes the samples (the data set, its seed) names another run."""
+def test_the_bad_sample_limit_does_not_rename_the_run():
+    """A run stopped for its bad fraction continues when data.max_bad_fraction is raised. What changes the samples
+    or their ids (the data set, its seed, where synthetic data is cached: the ids hold the shard paths) names
+    another run."""
     base = config.load(None, []).run_name
-    assert config.load(None, ["data.cache_dir=/elsewhere", "data.max_bad_fraction=0.2"]).run_name == base
+    assert config.load(None, ["data.max_bad_fraction=0.2"]).run_name == base
     assert config.load(None, ["data.synthetic_seed=1"]).run_name != base
-    assert config.load(None, ["data.shuffle_buffer=7"]).run_name != base
+    assert config.load(None, ["data.cache_dir=/elsewhere"]).run_name != base
 
 
 def test_commands_refuse_what_would_be_misread(tmp_path, capsys):

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from mmray.data.position import (SHARD_ROWS, ConsumedSamples, by_shard, consumed_name, drop_consumed, epoch_seed,
-                                 read_consumed, read_shard_rows, trained_on_whole, window_order)
+                                 read_consumed, read_shard_rows, shard_signature, trained_on_whole, window_order)
 
 
 def _ids(table: pa.Table) -> Counter:
@@ -69,20 +69,28 @@ def test_raw_blocks_lose_exactly_their_shards_consumed_keys():
     assert by_shard(consumed.slice(0, 0)) == {}
 
 
-def test_a_shard_is_trained_on_whole_only_with_as_many_distinct_consumed_keys_as_rows_it_gave():
-    consumed = pa.table({"shard": ["s0", "s0", "s1", "s1", "s1", "s2", "s2"],
-                         "key": ["k1", "k2", "k1", "k1", "k2", "k1", "k2"]})  # s1's k1 twice (two ranks' files)
+def test_a_shard_is_trained_on_whole_only_with_as_many_distinct_consumed_keys_as_rows_it_gave_unchanged():
+    consumed = pa.table({"shard": ["s0", "s0", "s1", "s1", "s1", "s2", "s2", "gone"],
+                         "key": ["k1", "k2", "k1", "k1", "k2", "k1", "k2", "k1"]})  # s1's k1 twice (two ranks' files)
     excluded = by_shard(consumed)
-    # s0 gave 2 rows (both trained on); s1 gave 3 (one not yet); s2's rows are unknown (not read to its end).
-    assert trained_on_whole(excluded, {"s0": 2, "s1": 3, "s9": 0}) == {"s0"}
-    assert trained_on_whole(excluded, {"s0": 2, "s1": 2, "s2": 2}) == {"s0", "s1", "s2"}
-    assert trained_on_whole(excluded, {}) == set() and trained_on_whole({}, {"s0": 2}) == set()
+    now = {s: shard_signature(100) for s in ("s0", "s1", "s2")}  # the data set's shards, as they are now
+    # s0 gave 2 rows (both trained on); s1 gave 3 (one not yet); s2's rows are unknown (not read to its end);
+    # "gone" is no longer in the data set.
+    rows = {"s0": [2, now["s0"]], "s1": [3, now["s1"]], "gone": [1, shard_signature(7)]}
+    assert trained_on_whole(excluded, rows, now) == {"s0"}
+    assert trained_on_whole(excluded, {s: [2, now[s]] for s in now}, now) == {"s0", "s1", "s2"}
+    assert trained_on_whole(excluded, {}, now) == set() and trained_on_whole({}, rows, now) == set()
+    # Rewritten since (another size), or mixed with another weight or seed: read again.
+    assert trained_on_whole(excluded, rows, {**now, "s0": shard_signature(101)}) == set()
+    assert trained_on_whole(excluded, rows, {**now, "s0": shard_signature(100, 2.0, 0)}) == set()
+    assert shard_signature(100, 2.0, 0) != shard_signature(100, 2.0, 1) != shard_signature(100, 3.0, 1)
 
 
-def test_a_resume_takes_the_saved_shard_rows_for_their_epoch_only(tmp_path):
+def test_a_resume_takes_the_saved_shard_rows_for_their_epoch_only(tmp_path, caplog):
     """Rank 0's ``data/shard_rows.json`` (written from the position actor; see test_exact_resume.py) is taken for the
-    epoch it was saved in; a checkpoint without one reads every shard; a malformed one is an error that names it."""
-    rows = {"s3://b/d/00000.tar": 64, "s3://b/d/00001.tar": 10}
+    epoch it was saved in; a checkpoint without one, or with one this version cannot read (logged), reads every
+    shard."""
+    rows = {"s3://b/d/00000.tar": [64, shard_signature(5000)], "s3://b/d/00001.tar": [10, shard_signature(900)]}
     ConsumedSamples(0).write(tmp_path)  # without the actor: no rows saved
     assert not (tmp_path / SHARD_ROWS).exists() and read_shard_rows(tmp_path) == (-1, {})
     (tmp_path / SHARD_ROWS).write_text(json.dumps({"epoch": 3, "shard_rows": rows}))
@@ -90,10 +98,12 @@ def test_a_resume_takes_the_saved_shard_rows_for_their_epoch_only(tmp_path):
     resumed.restore(tmp_path)
     assert resumed.shard_rows(3) == rows and resumed.shard_rows(4) == {}
 
-    for bad in ({"epoch": 3, "shard_rows": {"s": "64"}}, {"epoch": 3}, ["s", 64]):
-        (tmp_path / SHARD_ROWS).write_text(json.dumps(bad))
-        with pytest.raises(ValueError, match=r"shard_rows\.json is not a data position's shard rows"):
-            ConsumedSamples(0).restore(tmp_path)
+    for bad in ({"epoch": 3, "shard_rows": {"s": 64}}, {"epoch": 3, "shard_rows": {"s": ["64", "x"]}},
+                {"epoch": 3}, ["s", 64], "{"):
+        (tmp_path / SHARD_ROWS).write_text(bad if isinstance(bad, str) else json.dumps(bad))
+        caplog.clear()
+        resumed.restore(tmp_path)
+        assert resumed.shard_rows(3) == {} and "shard_rows.json is not a data position's shard rows" in caplog.text
 
 
 def test_epoch_seed_is_a_fixed_function_of_seed_and_epoch():
