@@ -310,15 +310,16 @@ class DataPosition:
     Rank 0 sets it before each epoch starts (:meth:`set`); the datasource reads it when Ray Data plans the epoch's
     reads, which happens only once every rank has asked for the epoch (the streaming split's barrier).
 
-    It also keeps how many rows each shard the epoch's read tasks have read to its end gave, with the shard's
-    signature at the planning (its size and mixing weight: :meth:`planned`), so that a shard whose rows have all
+    It also keeps how many rows each shard the epoch's read tasks have read to its end gave and a digest of their
+    keys, with the shard's signature at the planning (its size, modification time and mixing weight:
+    :meth:`planned`), so that a shard whose rows have all
     been trained on is not read again on resume (mmray.data.position). Rank 0 saves them with each checkpoint
     (:meth:`rows_read`) and hands them back with the consumed ids; they survive a restart of the worker group in
     this actor too (the same epoch keeps them)."""
 
     def __init__(self):
         self.epoch, self.consumed = 0, SAMPLE_IDS.empty_table()
-        self.shard_rows: dict[str, list] = {}  # shard -> [rows, signature]
+        self.shard_rows: dict[str, list] = {}  # shard -> [rows, signature, key digest]
         self.signatures: dict[str, str] = {}  # shard -> signature, at the epoch's planning
         self.skipped: dict[int, int] = {}  # epoch -> shards its (last) planning left unread as trained on
 
@@ -335,10 +336,11 @@ class DataPosition:
         """The planning of ``epoch``: each shard's signature, and how many shards it leaves unread."""
         self.signatures, self.skipped[epoch] = signatures, skipped
 
-    def shard_read(self, epoch: int, shard: str, rows: int) -> None:
-        """A read task read ``shard`` to its end in ``epoch``: it gave ``rows`` rows (the consumed ones included)."""
-        if epoch == self.epoch and shard in self.signatures:
-            self.shard_rows[shard] = [rows, self.signatures[shard]]
+    def shard_read(self, epoch: int, shard: str, rows: int, digest: str) -> None:
+        """A read task read ``shard`` to its end in ``epoch``: it gave ``rows`` rows (the consumed ones included),
+        whose keys have the ``digest`` (mmray.data.position.key_digest)."""
+        if epoch == self.epoch and self.signatures.get(shard) is not None:
+            self.shard_rows[shard] = [rows, self.signatures[shard], digest]
 
     def rows_read(self) -> tuple[int, dict[str, list]]:
         return self.epoch, dict(self.shard_rows)

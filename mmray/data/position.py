@@ -15,13 +15,15 @@ restart, and more so after a change in worker count. Instead every sample is nam
   (``pyarrow.compute.is_in``, one hash lookup per row). Samples that were in flight but never trained on are read
   again. The consumed set starts empty at every new epoch.
 - A shard trained on whole is not read at all (Ray Data still opens it: on S3 one HEAD request): each read task
-  that reads a shard to its end tells the actor how many rows it gave (consumed ones included), kept with the
-  shard's signature at the planning (:func:`shard_signature`: its size, and its mixing weight and seed); rank 0
-  saves them with each checkpoint (``data/shard_rows.json``, in its manifest). A shard of the data set with as many
-  distinct consumed keys as rows, and the same signature now, is left out of the resumed epoch's reads
-  (:func:`trained_on_whole`; the summary's ``shards_skipped``). So a preemption late in an epoch of a large data set
-  does not read most of it again to drop its rows; a shard rewritten, or mixed with another weight or seed, since
-  its rows were counted is read again.
+  that reads a shard to its end tells the actor how many rows it gave (consumed ones included) and a digest of
+  their keys (:func:`key_digest`), kept with the shard's signature at the planning (:func:`shard_signature`: its
+  size and modification time, and its mixing weight and seed); rank 0 saves them with each checkpoint
+  (``data/shard_rows.json``, in its manifest). A shard of the data set whose distinct consumed keys are exactly
+  the keys it gave (as many, and the same digest), with the same signature now, is left out of the resumed epoch's
+  reads (:func:`trained_on_whole`; the summary's ``shards_skipped``). So a preemption late in an epoch of a large
+  data set does not read most of it again to drop its rows; a shard rewritten, or mixed with another weight or
+  seed, since its rows were counted is read again, and so is one whose consumed keys are another set (keys
+  consumed under an earlier weight).
 
 Shuffling is deterministic for a ``(seed, epoch)``, and survives a resume unchanged:
 
@@ -117,20 +119,58 @@ def by_shard(table: pa.Table) -> dict[str, pa.Array]:
             zip(grouped.column("shard").to_pylist(), grouped.column("key_list").to_pylist())}
 
 
-def shard_signature(size, weight=None, mix_seed=None) -> str:
-    """What a shard's row count depends on besides its name: its size in bytes, and its mixing weight and seed
-    (:class:`mmray.data.mixing.Resample` picks the copies by them)."""
-    return f"{size}|{weight!r}|{mix_seed!r}"
+def shard_signature(size, mtime, weight=None, mix_seed=None) -> str | None:
+    """What a shard's rows depend on besides its name: its size in bytes and modification time (as listed), and its
+    mixing weight and seed (:class:`mmray.data.mixing.Resample` picks the copies by them). None when the listing
+    gave no size or time: such a shard is never skipped."""
+    if size is None or mtime is None:
+        return None
+    return f"{size}|{mtime}|{weight!r}|{mix_seed!r}"
+
+
+def _hash_sum(keys) -> int:
+    return sum(int.from_bytes(hashlib.blake2b(str(k).encode(), digest_size=8).digest(), "little") for k in keys)
+
+
+def key_digest(keys, total: int = 0) -> str:
+    """An order-independent digest of a sequence of keys: the sum of their 64-bit BLAKE2b hashes (plus ``total``,
+    a sum of earlier keys' hashes), mod 2**64."""
+    return f"{(total + _hash_sum(keys)) % 2**64:016x}"
 
 
 def trained_on_whole(excluded: dict[str, pa.Array], shard_rows: dict[str, list],
-                     signatures: dict[str, str]) -> set[str]:
+                     signatures: dict[str, str | None]) -> set[str]:
     """The shards of the data set (``signatures``: each one's :func:`shard_signature` now) whose every row has been
-    trained on: as many distinct consumed keys as rows the shard gave when a read task read it to its end in this
-    epoch, with the same signature. A shard with a bad sample is never among them (a bad sample is read, then left
-    out by the decoding, never trained on): it is read again, its consumed rows dropped."""
-    return {shard for shard, keys in excluded.items()
-            if shard in signatures and shard_rows.get(shard) == [len(pc.unique(keys)), signatures[shard]]}
+    trained on: the distinct consumed keys are the keys the shard gave (as many, the same :func:`key_digest`) when a
+    read task read it to its end in this epoch, with the same signature as now. A shard with a bad sample is never
+    among them (a bad sample is read, then left out by the decoding, never trained on), nor one with a key twice:
+    it is read again, its consumed rows dropped."""
+    done = set()
+    for shard, keys in excluded.items():
+        saved, signature = shard_rows.get(shard), signatures.get(shard)
+        if signature is None or saved is None or saved[1] != signature:
+            continue
+        unique = pc.unique(keys)
+        if saved[0] == len(unique) and saved[2] == key_digest(unique.to_pylist()):
+            done.add(shard)
+    return done
+
+
+def listed_mtimes(fs, paths: list[str]) -> dict[str, int]:
+    """Each path's modification time (ns) from one listing of each folder that holds them (one LIST request per
+    1000 objects on S3, not a HEAD per shard); paths the listing does not give are left out (never skipped)."""
+    import pyarrow.fs as pafs
+
+    mtimes: dict[str, int] = {}
+    wanted = set(paths)
+    for parent in sorted({p.rsplit("/", 1)[0] for p in paths if "/" in p}):
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
+        except OSError as e:  # the resume then reads every shard of the folder again, as it always could
+            log.warning("cannot list %s for the shards' modification times (%s); its shards are read again", parent, e)
+            continue
+        mtimes.update({i.path: i.mtime_ns for i in infos if i.path in wanted and i.mtime_ns is not None})
+    return mtimes
 
 
 def drop_consumed(block: pa.Table, keys: pa.Array | None) -> pa.Table:
@@ -158,6 +198,7 @@ class ConsumedSamples:
 
     def __init__(self, rank: int, position=None):
         self.rank, self.position = rank, position
+        self.epoch = 0  # the epoch being trained (the loop sets it on restore; new_epoch counts on)
         self.restored_rows: tuple[int, dict[str, list]] = (-1, {})  # (epoch, rows) of the restored checkpoint
         self.before = empty()  # consumed in this epoch before this attempt (all ranks of the restored checkpoint)
         self._parts: list[pa.Table] = []  # what this rank has trained on in this attempt, in order
@@ -182,12 +223,13 @@ class ConsumedSamples:
         self._parts.append(pa.table({"shard": shards, "key": keys}, schema=SCHEMA))
 
     def shard_rows(self, epoch: int) -> dict[str, list]:
-        """The restored checkpoint's ``{shard: [rows, signature]}``, if it was saved in ``epoch`` (else none)."""
+        """The restored checkpoint's ``{shard: [rows, signature, digest]}``, if saved in ``epoch`` (else none)."""
         saved_in, rows = self.restored_rows
         return rows if saved_in == epoch else {}
 
     def new_epoch(self) -> None:
         self.before, self._parts, self._seen = empty(), [], set()
+        self.epoch += 1
 
     def table(self) -> pa.Table:
         """This rank's part of the epoch's consumed ids: what it trained on (repeats included), and on rank 0 also
@@ -209,17 +251,18 @@ class ConsumedSamples:
                 log.warning("the rows of the shards read so far are not saved with this checkpoint (%s: %s); a "
                             "resume from it reads its epoch's trained-on shards again", type(e).__name__, e)
                 return
-            restored_epoch, restored = self.restored_rows
-            if restored_epoch > epoch:  # saved before this attempt's first epoch started: what it restored
-                epoch, rows = self.restored_rows
-            elif restored_epoch == epoch:
-                rows = {**restored, **rows}
-            (Path(directory) / SHARD_ROWS).write_text(json.dumps({"epoch": epoch, "shard_rows": rows}))
+            # This epoch's counts: the restored checkpoint's, and the actor's once it serves this epoch (a checkpoint
+            # can be saved before this attempt's first epoch starts, or after a restart restored an earlier epoch).
+            saved = dict(self.shard_rows(self.epoch))
+            if epoch == self.epoch:
+                saved.update(rows)
+            (Path(directory) / SHARD_ROWS).write_text(json.dumps({"epoch": self.epoch, "shard_rows": saved}))
 
 
 def read_shard_rows(directory: str | Path) -> tuple[int, dict[str, list]]:
-    """A (local) checkpoint's ``(epoch, {shard: [rows, signature]})`` (see :class:`ConsumedSamples`); ``(-1, {})``
-    without it, or with one this version cannot read (logged: the resume reads every shard, as it always could)."""
+    """A (local) checkpoint's ``(epoch, {shard: [rows, signature, digest]})`` (see :class:`ConsumedSamples`);
+    ``(-1, {})`` without it, or with one this version cannot read (logged: the resume reads every shard, as it always
+    could)."""
     path = Path(directory) / SHARD_ROWS
     if not path.is_file():
         return -1, {}
@@ -227,9 +270,9 @@ def read_shard_rows(directory: str | Path) -> tuple[int, dict[str, list]]:
         saved = json.loads(path.read_text())
         epoch, rows = saved["epoch"], saved["shard_rows"]
         if not (isinstance(epoch, int) and isinstance(rows, dict) and all(
-                isinstance(k, str) and isinstance(v, list) and len(v) == 2 and type(v[0]) is int
-                and isinstance(v[1], str) for k, v in rows.items())):
-            raise ValueError("not {'epoch': int, 'shard_rows': {shard: [rows, signature]}}")
+                isinstance(k, str) and isinstance(v, list) and len(v) == 3 and type(v[0]) is int
+                and isinstance(v[1], str) and isinstance(v[2], str) for k, v in rows.items())):
+            raise ValueError("not {'epoch': int, 'shard_rows': {shard: [rows, signature, key digest]}}")
     except (ValueError, KeyError, TypeError) as e:
         log.warning("%s is not a data position's shard rows (%s); the resume reads every shard of its epoch, its "
                     "consumed rows dropped", path, e)
@@ -292,8 +335,11 @@ class PositionedShardDatasource(ShardDatasource):
         if self._resample is not None:
             self._resample_ref, self._resample = ray.put(self._resample), None
         resample = _fetched(self._resample_ref) if self._resample_ref is not None else None
-        signatures = {path: shard_signature(size, *((resample.weights.get(path), resample.seed) if resample else ()))
-                      for path, size in zip(self._paths(), self._file_sizes())}
+        paths = self._paths()
+        mtimes = listed_mtimes(self._filesystem, paths)
+        signatures = {path: shard_signature(size, mtimes.get(path),
+                                            *((resample.weights.get(path), resample.seed) if resample else ()))
+                      for path, size in zip(paths, self._file_sizes())}
         self._epoch, self._epoch_seed = epoch, epoch_seed(self._seed, epoch)
         self._shuffle = FileShuffleConfig(seed=self._epoch_seed, reseed_after_execution=False)
         excluded = by_shard(consumed)
@@ -313,20 +359,21 @@ class PositionedShardDatasource(ShardDatasource):
         keys = excluded.get(path)
         resample = _fetched(self._resample_ref) if self._resample_ref is not None else self._resample
         window: list[pa.Table] = []
-        rows = total = 0
+        rows = total = digest = 0
         for block in super()._read_stream(f, path):
             if resample is not None:
                 block = resample_block(block, resample)
             window.append(block)
             rows += block.num_rows
             total += block.num_rows
+            digest += _hash_sum(block.column("key").to_pylist())
             if rows >= self._window:
                 yield from self._emit(window, keys)
                 window, rows = [], 0
         if window:
             yield from self._emit(window, keys)
         if total:  # read to its end: the shard's rows this epoch (consumed or not), for the next resume
-            self._position.shard_read.remote(self._epoch, path, total)
+            self._position.shard_read.remote(self._epoch, path, total, key_digest((), digest))
 
     def _emit(self, window: list[pa.Table], keys: pa.Array | None):
         """One shuffle window (whole reader blocks of the shard, cut before any row is left out): shuffled by key

@@ -98,8 +98,8 @@ def test_killed_mid_epoch_and_resumed_on_other_worker_counts_trains_each_sample_
     assert SHARD_ROWS in json.loads((restored / "manifest.rank0.json").read_text())["files"]
     epoch, rows = read_shard_rows(restored)
     trained = Counter(s for s, _ in _ids(read_consumed(restored)))
-    whole = {s for s, (n, _) in rows.items() if trained[s] == n}
-    assert epoch == 0 and {n for n, _ in rows.values()} == {64} and len(whole) >= 1
+    whole = {s for s, (n, _, _) in rows.items() if trained[s] == n}
+    assert epoch == 0 and {n for n, _, _ in rows.values()} == {64} and len(whole) >= 1
     assert summary["shards_skipped"] == len(whole)
 
     # Epoch 0 ends at step 10 (192 samples: 2 steps x 16, 2 x 32, 4 x 16): its checkpoint records every sample of
@@ -154,11 +154,11 @@ def test_mixed_copies_are_left_out_one_by_one(ray_session, small_dataset):
 
 
 def test_a_shard_trained_on_whole_is_not_read_again_unless_it_changed(ray_session, small_dataset, tmp_path):
-    """Each read task that reads a shard to its end tells the position actor how many rows it gave; on a resume, a
-    shard all of whose rows are in the consumed set, and whose size and mixing weight are as they were, is not read
-    (here: overwritten with as many bytes of garbage, which a read would count as a damaged shard); one with a row
-    left is read for that row; the rows that come are exactly the rest of the epoch. Mixed with another weight
-    since, the same shard is read again: its new copies are not lost."""
+    """Each read task that reads a shard to its end tells the position actor how many rows it gave and their keys'
+    digest; on a resume, a shard all of whose rows are in the consumed set, and whose size, modification time and
+    mixing weight are as they were, is not read (here: garbage of the same size and time, which a read would count
+    as a damaged shard); one with a row left is read for that row; the rows that come are exactly the rest of the
+    epoch. Mixed with another weight, or rewritten, since its rows were counted, the same shard is read again."""
     import shutil
 
     root = tmp_path / "train"
@@ -178,8 +178,8 @@ def test_a_shard_trained_on_whole_is_not_read_again_unless_it_changed(ray_sessio
     position = ray.remote(DataPosition).remote()
     full = ids(position)
     epoch, rows = ray.get(position.rows_read.remote())
-    assert epoch == 0 and {s: n for s, (n, _) in rows.items()} == dict(Counter(s for s, _ in full))
-    assert {n for n, _ in rows.values()} == {64}
+    assert epoch == 0 and {s: n for s, (n, _, _) in rows.items()} == dict(Counter(s for s, _ in full))
+    assert {n for n, _, _ in rows.values()} == {64}
     first, second, _ = sorted(rows)
     consumed = [i for i in full if i[0] == first] + [i for i in full if i[0] == second][:-1]  # all of one, 63 of one
 
@@ -189,8 +189,16 @@ def test_a_shard_trained_on_whole_is_not_read_again_unless_it_changed(ray_sessio
     assert ray.get(position.shards_skipped.remote()) == 0
     assert sorted(i for i in doubled if i[0] == first) == sorted((first, f"{k}~1") for _, k in consumed[:64])
 
+    # Rewritten since its rows were counted (the same size, another modification time): read again.
+    stat = os.stat(first)
+    Path(first).write_bytes(b"x" * stat.st_size)
     position = resumed(0, consumed, rows)
-    Path(first).write_bytes(b"x" * Path(first).stat().st_size)  # the same size: the same signature
+    assert len([i for i in ids(position) if i[0] == first]) == 64  # its damage read: 64 lost samples
+    assert ray.get(position.shards_skipped.remote()) == 0
+    # Unchanged since (here: the garbage given back the time it was counted at, which no read would get past): not
+    # read.
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    position = resumed(0, consumed, rows)
     rest = ids(position)
     assert sorted(rest) == sorted(set(full) - set(consumed)) and len(rest) == 64 + 1
     assert ray.get(position.shards_skipped.remote()) == 1

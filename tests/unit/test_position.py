@@ -8,7 +8,8 @@ import pyarrow as pa
 import pytest
 
 from mmray.data.position import (SHARD_ROWS, ConsumedSamples, by_shard, consumed_name, drop_consumed, epoch_seed,
-                                 read_consumed, read_shard_rows, shard_signature, trained_on_whole, window_order)
+                                 key_digest, read_consumed, read_shard_rows, shard_signature, trained_on_whole,
+                                 window_order)
 
 
 def _ids(table: pa.Table) -> Counter:
@@ -69,28 +70,39 @@ def test_raw_blocks_lose_exactly_their_shards_consumed_keys():
     assert by_shard(consumed.slice(0, 0)) == {}
 
 
-def test_a_shard_is_trained_on_whole_only_with_as_many_distinct_consumed_keys_as_rows_it_gave_unchanged():
+def test_a_shard_is_trained_on_whole_only_when_its_consumed_keys_are_the_keys_it_gave_unchanged():
     consumed = pa.table({"shard": ["s0", "s0", "s1", "s1", "s1", "s2", "s2", "gone"],
                          "key": ["k1", "k2", "k1", "k1", "k2", "k1", "k2", "k1"]})  # s1's k1 twice (two ranks' files)
     excluded = by_shard(consumed)
-    now = {s: shard_signature(100) for s in ("s0", "s1", "s2")}  # the data set's shards, as they are now
-    # s0 gave 2 rows (both trained on); s1 gave 3 (one not yet); s2's rows are unknown (not read to its end);
+    now = {s: shard_signature(100, 7) for s in ("s0", "s1", "s2")}  # the data set's shards, as they are now
+    both = key_digest(["k2", "k1"])
+    # s0 gave k1, k2 (both trained on); s1 gave 3 rows (one not yet); s2's rows are unknown (not read to its end);
     # "gone" is no longer in the data set.
-    rows = {"s0": [2, now["s0"]], "s1": [3, now["s1"]], "gone": [1, shard_signature(7)]}
+    rows = {"s0": [2, now["s0"], both], "s1": [3, now["s1"], key_digest(["k1", "k2", "k3"])],
+            "gone": [1, shard_signature(7, 1), key_digest(["k1"])]}
     assert trained_on_whole(excluded, rows, now) == {"s0"}
-    assert trained_on_whole(excluded, {s: [2, now[s]] for s in now}, now) == {"s0", "s1", "s2"}
+    assert trained_on_whole(excluded, {s: [2, now[s], both] for s in now}, now) == {"s0", "s1", "s2"}
     assert trained_on_whole(excluded, {}, now) == set() and trained_on_whole({}, rows, now) == set()
-    # Rewritten since (another size), or mixed with another weight or seed: read again.
-    assert trained_on_whole(excluded, rows, {**now, "s0": shard_signature(101)}) == set()
-    assert trained_on_whole(excluded, rows, {**now, "s0": shard_signature(100, 2.0, 0)}) == set()
-    assert shard_signature(100, 2.0, 0) != shard_signature(100, 2.0, 1) != shard_signature(100, 3.0, 1)
+    # Rewritten since (another size or time), or mixed with another weight or seed: read again.
+    for changed in (shard_signature(101, 7), shard_signature(100, 8), shard_signature(100, 7, 2.0, 0)):
+        assert trained_on_whole(excluded, rows, {**now, "s0": changed}) == set()
+    assert shard_signature(100, 7, 2.0, 0) != shard_signature(100, 7, 2.0, 1) != shard_signature(100, 7, 3.0, 1)
+    # A listing without a size or time: never skipped.
+    assert shard_signature(None, 7) is None and shard_signature(100, None) is None
+    assert trained_on_whole(excluded, rows, {**now, "s0": None}) == set()
+    # As many consumed keys as rows, but other keys (consumed under an earlier weight: copies that are not rows
+    # now): read again.
+    assert trained_on_whole(excluded, {"s0": [2, now["s0"], key_digest(["k1", "k3"])]}, now) == set()
+    assert key_digest(["a", "b", "c"]) == key_digest(["c", "a", "b"]) != key_digest(["a", "b", "b"])
+    assert key_digest(["c"], int(key_digest(["a", "b"]), 16)) == key_digest(["a", "b", "c"])
 
 
 def test_a_resume_takes_the_saved_shard_rows_for_their_epoch_only(tmp_path, caplog):
     """Rank 0's ``data/shard_rows.json`` (written from the position actor; see test_exact_resume.py) is taken for the
     epoch it was saved in; a checkpoint without one, or with one this version cannot read (logged), reads every
     shard."""
-    rows = {"s3://b/d/00000.tar": [64, shard_signature(5000)], "s3://b/d/00001.tar": [10, shard_signature(900)]}
+    rows = {"s3://b/d/00000.tar": [64, shard_signature(5000, 1), key_digest(["a"])],
+            "s3://b/d/00001.tar": [10, shard_signature(900, 1), key_digest(["b"])]}
     ConsumedSamples(0).write(tmp_path)  # without the actor: no rows saved
     assert not (tmp_path / SHARD_ROWS).exists() and read_shard_rows(tmp_path) == (-1, {})
     (tmp_path / SHARD_ROWS).write_text(json.dumps({"epoch": 3, "shard_rows": rows}))
@@ -98,8 +110,8 @@ def test_a_resume_takes_the_saved_shard_rows_for_their_epoch_only(tmp_path, capl
     resumed.restore(tmp_path)
     assert resumed.shard_rows(3) == rows and resumed.shard_rows(4) == {}
 
-    for bad in ({"epoch": 3, "shard_rows": {"s": 64}}, {"epoch": 3, "shard_rows": {"s": ["64", "x"]}},
-                {"epoch": 3}, ["s", 64], "{"):
+    for bad in ({"epoch": 3, "shard_rows": {"s": 64}}, {"epoch": 3, "shard_rows": {"s": [64, "x"]}},
+                {"epoch": 3, "shard_rows": {"s": ["64", "x", "y"]}}, {"epoch": 3}, ["s", 64], "{"):
         (tmp_path / SHARD_ROWS).write_text(bad if isinstance(bad, str) else json.dumps(bad))
         caplog.clear()
         resumed.restore(tmp_path)
