@@ -326,7 +326,7 @@ class DataPosition:
     def set(self, epoch: int, consumed, shard_rows: dict[str, list] | None = None) -> None:
         if epoch != self.epoch:
             self.shard_rows = {}
-        self.shard_rows.update(shard_rows or {})
+        self.shard_rows = {**(shard_rows or {}), **self.shard_rows}  # this driver's own counts are the newer ones
         self.epoch, self.consumed = epoch, consumed
 
     def get(self):
