@@ -321,6 +321,7 @@ class DataPosition:
         self.epoch, self.consumed = 0, SAMPLE_IDS.empty_table()
         self.shard_rows: dict[str, list] = {}  # shard -> [rows, signature, key digest]
         self.signatures: dict[str, str] = {}  # shard -> signature, at the epoch's planning
+        self.plan = 0  # the number of the latest planning: a read task of an earlier one is not counted
         self.skipped: dict[int, int] = {}  # epoch -> shards its (last) planning left unread as trained on
 
     def set(self, epoch: int, consumed, shard_rows: dict[str, list] | None = None) -> None:
@@ -332,14 +333,19 @@ class DataPosition:
     def get(self):
         return self.epoch, self.consumed, dict(self.shard_rows)
 
-    def planned(self, epoch: int, signatures: dict[str, str], skipped: int) -> None:
-        """The planning of ``epoch``: each shard's signature, and how many shards it leaves unread."""
+    def planned(self, epoch: int, signatures: dict[str, str], skipped: int) -> int:
+        """A planning of ``epoch``: each shard's signature, and how many shards it leaves unread. Returns its number,
+        which its read tasks report with (:meth:`shard_read`)."""
         self.signatures, self.skipped[epoch] = signatures, skipped
+        self.plan += 1
+        return self.plan
 
-    def shard_read(self, epoch: int, shard: str, rows: int, digest: str) -> None:
-        """A read task read ``shard`` to its end in ``epoch``: it gave ``rows`` rows (the consumed ones included),
-        whose keys have the ``digest`` (mmray.data.position.key_digest)."""
-        if epoch == self.epoch and self.signatures.get(shard) is not None:
+    def shard_read(self, plan: int, epoch: int, shard: str, rows: int, digest: str) -> None:
+        """A read task of planning ``plan`` read ``shard`` to its end in ``epoch``: it gave ``rows`` rows (the
+        consumed ones included), whose keys have the ``digest`` (mmray.data.position.key_digest). A task of an
+        earlier planning (one left running by a restarted worker group) is not counted: the shard may have changed
+        since, and its count would be kept under the new signature."""
+        if plan == self.plan and epoch == self.epoch and self.signatures.get(shard) is not None:
             self.shard_rows[shard] = [rows, self.signatures[shard], digest]
 
     def rows_read(self) -> tuple[int, dict[str, list]]:

@@ -17,7 +17,7 @@ restart, and more so after a change in worker count. Instead every sample is nam
 - A shard trained on whole is not read at all (Ray Data still opens it: on S3 one HEAD request): each read task
   that reads a shard to its end tells the actor how many rows it gave (consumed ones included) and a digest of
   their keys (:func:`key_digest`), kept with the shard's signature at the planning (:func:`shard_signature`: its
-  size and modification time, and its mixing weight and seed); rank 0 saves them with each checkpoint
+  size and modification time, its mixing weight and seed, and how it is read); rank 0 saves them with each checkpoint
   (``data/shard_rows.json``, in its manifest). A shard of the data set whose distinct consumed keys are exactly
   the keys it gave (as many, and the same digest), with the same signature now, is left out of the resumed epoch's
   reads (:func:`trained_on_whole`; the summary's ``shards_skipped``). So a preemption late in an epoch of a large
@@ -119,13 +119,19 @@ def by_shard(table: pa.Table) -> dict[str, pa.Array]:
             zip(grouped.column("shard").to_pylist(), grouped.column("key_list").to_pylist())}
 
 
-def shard_signature(size, mtime, weight=None, mix_seed=None) -> str | None:
-    """What a shard's rows depend on besides its name: its size in bytes and modification time (as listed), and its
-    mixing weight and seed (:class:`mmray.data.mixing.Resample` picks the copies by them). None when the listing
-    gave no size or time: such a shard is never skipped."""
+# Raise when the reader's rows for the same bytes change (other keys, other samples kept): counts taken by an
+# earlier version then no longer match any shard's signature, and its shards are read again.
+READER_VERSION = 1
+
+
+def shard_signature(size, mtime, weight=None, mix_seed=None, reader: str = "") -> str | None:
+    """What a shard's rows depend on besides its name: its size in bytes and modification time (as listed; on S3 to
+    the second), its mixing weight and seed (:class:`mmray.data.mixing.Resample` picks the copies by them), and how
+    it is read (``reader``: the member extensions or columns, and :data:`READER_VERSION`). None when the listing gave
+    no size or time: such a shard is never skipped."""
     if size is None or mtime is None:
         return None
-    return f"{size}|{mtime}|{weight!r}|{mix_seed!r}"
+    return f"{size}|{mtime}|{weight!r}|{mix_seed!r}|{reader}"
 
 
 def _hash_sum(keys) -> int:
@@ -327,6 +333,10 @@ class PositionedShardDatasource(ShardDatasource):
         self._window = window  # rows shuffled together (data.shuffle_buffer); 0 keeps each shard's order
         self._epoch, self._epoch_seed = 0, epoch_seed(seed, 0)
         self._excluded_ref = None  # {shard: consumed keys} of the epoch being planned, in the object store
+        self._plan = 0  # the position actor's number for the latest planning (see DataPosition.shard_read)
+        options = (self.image_exts, self.caption_ext, self.meta_ext, self.image_column, self.caption_column,
+                   self.key_column, READER_VERSION)
+        self._reader = hashlib.blake2b(repr(options).encode(), digest_size=6).hexdigest()
 
     def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
         import ray
@@ -337,8 +347,8 @@ class PositionedShardDatasource(ShardDatasource):
         resample = _fetched(self._resample_ref) if self._resample_ref is not None else None
         paths = self._paths()
         mtimes = listed_mtimes(self._filesystem, paths)
-        signatures = {path: shard_signature(size, mtimes.get(path),
-                                            *((resample.weights.get(path), resample.seed) if resample else ()))
+        signatures = {path: shard_signature(size, mtimes.get(path), *((resample.weights.get(path), resample.seed)
+                                                                      if resample else (None, None)), self._reader)
                       for path, size in zip(paths, self._file_sizes())}
         self._epoch, self._epoch_seed = epoch, epoch_seed(self._seed, epoch)
         self._shuffle = FileShuffleConfig(seed=self._epoch_seed, reseed_after_execution=False)
@@ -347,7 +357,7 @@ class PositionedShardDatasource(ShardDatasource):
         for shard in done:
             excluded[shard] = None  # not read
         self._excluded_ref = ray.put(excluded) if excluded else None
-        ray.get(self._position.planned.remote(epoch, signatures, len(done)), timeout=60)  # before any shard_read
+        self._plan = ray.get(self._position.planned.remote(epoch, signatures, len(done)), timeout=60)
         if done:
             log.info("epoch %d resumes with %d shard(s) trained on whole; they are not read again", epoch, len(done))
         return super().get_read_tasks(parallelism, per_task_row_limit=per_task_row_limit, data_context=data_context)
@@ -373,7 +383,7 @@ class PositionedShardDatasource(ShardDatasource):
         if window:
             yield from self._emit(window, keys)
         if total:  # read to its end: the shard's rows this epoch (consumed or not), for the next resume
-            self._position.shard_read.remote(self._epoch, path, total, key_digest((), digest))
+            self._position.shard_read.remote(self._plan, self._epoch, path, total, key_digest((), digest))
 
     def _emit(self, window: list[pa.Table], keys: pa.Array | None):
         """One shuffle window (whole reader blocks of the shard, cut before any row is left out): shuffled by key

@@ -136,3 +136,23 @@ def test_window_order_is_a_seeded_permutation_that_commutes_with_leaving_rows_ou
     # Not a rotation or a stride of the input: neighbours in the file are spread over the window.
     positions = np.argsort(order)
     assert np.abs(np.diff(positions)).mean() > 100
+
+
+def test_the_position_keeps_a_count_only_from_a_read_task_of_its_latest_planning():
+    """A read task left running by a restarted worker group (an earlier planning) may have read the shard before it
+    was rewritten: its count is not kept under the new planning's signature. The signature changes with how the
+    shard is read too (other member extensions or columns give other rows)."""
+    from mmray.data.pipeline import DataPosition
+
+    position = DataPosition()  # the actor's class, called directly
+    first = position.planned(0, {"s0": shard_signature(100, 7), "s1": None}, 0)
+    position.shard_read(first, 0, "s0", 64, key_digest(["k"]))
+    position.shard_read(first, 0, "s1", 64, key_digest(["k"]))  # no signature (size or time unknown): not kept
+    assert position.rows_read() == (0, {"s0": [64, shard_signature(100, 7), key_digest(["k"])]})
+    second = position.planned(0, {"s0": shard_signature(100, 8)}, 0)
+    position.shard_read(first, 0, "s0", 10, key_digest(["x"]))  # late, from the first planning: ignored
+    position.shard_read(second, 1, "s0", 10, key_digest(["x"]))  # another epoch: ignored
+    assert position.rows_read()[1]["s0"][0] == 64
+    position.shard_read(second, 0, "s0", 12, key_digest(["y"]))
+    assert position.rows_read()[1]["s0"] == [12, shard_signature(100, 8), key_digest(["y"])]
+    assert shard_signature(100, 7, reader="jpg") != shard_signature(100, 7, reader="png")
