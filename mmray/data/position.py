@@ -162,20 +162,29 @@ def trained_on_whole(excluded: dict[str, pa.Array], shard_rows: dict[str, list],
     return done
 
 
-def listed_mtimes(fs, paths: list[str]) -> dict[str, int]:
+def listed_mtimes(fs, paths: list[str], threads: int = 16) -> dict[str, int]:
     """Each path's modification time (ns) from one listing of each folder that holds them (one LIST request per
-    1000 objects on S3, not a HEAD per shard); paths the listing does not give are left out (never skipped)."""
+    1000 objects on S3, not a HEAD per shard; up to ``threads`` folders at once); paths the listing does not give
+    are left out (never skipped)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import pyarrow.fs as pafs
 
-    mtimes: dict[str, int] = {}
     wanted = set(paths)
-    for parent in sorted({p.rsplit("/", 1)[0] for p in paths if "/" in p}):
+
+    def listed(parent: str) -> dict[str, int]:
         try:
             infos = fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True))
         except OSError as e:  # the resume then reads every shard of the folder again, as it always could
             log.warning("cannot list %s for the shards' modification times (%s); its shards are read again", parent, e)
-            continue
-        mtimes.update({i.path: i.mtime_ns for i in infos if i.path in wanted and i.mtime_ns is not None})
+            return {}
+        return {i.path: i.mtime_ns for i in infos if i.path in wanted and i.mtime_ns is not None}
+
+    parents = sorted({p.rsplit("/", 1)[0] for p in paths if "/" in p})
+    mtimes: dict[str, int] = {}
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(parents)))) as pool:
+        for found in pool.map(listed, parents):
+            mtimes.update(found)
     return mtimes
 
 

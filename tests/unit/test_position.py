@@ -156,3 +156,23 @@ def test_the_position_keeps_a_count_only_from_a_read_task_of_its_latest_planning
     position.shard_read(second, 0, "s0", 12, key_digest(["y"]))
     assert position.rows_read()[1]["s0"] == [12, shard_signature(100, 8), key_digest(["y"])]
     assert shard_signature(100, 7, reader="jpg") != shard_signature(100, 7, reader="png")
+
+
+def test_modification_times_come_from_one_listing_of_each_folder(tmp_path):
+    import os
+
+    import pyarrow.fs as pafs
+
+    from mmray.data.position import listed_mtimes
+
+    paths = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        for name in ("00000.tar", "00001.tar", "00000_stats.json"):
+            (tmp_path / folder / name).write_bytes(b"x")
+            os.utime(tmp_path / folder / name, ns=(1, 10**18 + len(paths)))
+        paths += [str(tmp_path / folder / "00000.tar"), str(tmp_path / folder / "00001.tar")]
+    gone = str(tmp_path / "c" / "00000.tar")  # its folder is missing: no time, so never skipped
+    mtimes = listed_mtimes(pafs.LocalFileSystem(), paths + [gone], threads=2)
+    assert set(mtimes) == set(paths)  # only the shards asked for
+    assert mtimes == {p: os.stat(p).st_mtime_ns for p in paths}
