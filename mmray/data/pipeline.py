@@ -312,10 +312,9 @@ class DataPosition:
 
     It also keeps how many rows each shard the epoch's read tasks have read to its end gave and a digest of their
     keys, with the shard's signature at the planning (its size, modification time and mixing weight:
-    :meth:`planned`), so that a shard whose rows have all
-    been trained on is not read again on resume (mmray.data.position). Rank 0 saves them with each checkpoint
-    (:meth:`rows_read`) and hands them back with the consumed ids; they survive a restart of the worker group in
-    this actor too (the same epoch keeps them)."""
+    :meth:`planned`), so that a shard whose rows have all been trained on is not read again on resume
+    (mmray.data.position). Rank 0 saves them with each checkpoint (:meth:`rows_read`) and hands them back with the
+    consumed ids; they survive a restart of the worker group in this actor too (the same epoch keeps them)."""
 
     def __init__(self):
         self.epoch, self.consumed = 0, SAMPLE_IDS.empty_table()

@@ -213,7 +213,6 @@ class ConsumedSamples:
 
     def __init__(self, rank: int, position=None):
         self.rank, self.position = rank, position
-        self.epoch = 0  # the epoch being trained (the loop sets it on restore; new_epoch counts on)
         self.restored_rows: tuple[int, dict[str, list]] = (-1, {})  # (epoch, rows) of the restored checkpoint
         self.before = empty()  # consumed in this epoch before this attempt (all ranks of the restored checkpoint)
         self._parts: list[pa.Table] = []  # what this rank has trained on in this attempt, in order
@@ -244,7 +243,6 @@ class ConsumedSamples:
 
     def new_epoch(self) -> None:
         self.before, self._parts, self._seen = empty(), [], set()
-        self.epoch += 1
 
     def table(self) -> pa.Table:
         """This rank's part of the epoch's consumed ids: what it trained on (repeats included), and on rank 0 also
@@ -252,8 +250,9 @@ class ConsumedSamples:
         parts = ([self.before] if self.rank == 0 else []) + self._parts
         return pa.concat_tables(parts) if parts else empty()
 
-    def write(self, directory: str | Path) -> None:
-        """Write this rank's file into its (local) part of a checkpoint, before the manifest is made."""
+    def write(self, directory: str | Path, epoch: int = 0) -> None:
+        """Write this rank's file into its (local) part of a checkpoint, before the manifest is made (rank 0 with
+        the actor: also the shard rows of ``epoch``, the epoch the checkpoint is saved in)."""
         path = Path(directory) / consumed_name(self.rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(self.table(), path, compression="zstd", use_dictionary=["shard"])
@@ -261,17 +260,17 @@ class ConsumedSamples:
             import ray
 
             try:
-                epoch, rows = ray.get(self.position.rows_read.remote(), timeout=10)
+                actor_epoch, rows = ray.get(self.position.rows_read.remote(), timeout=10)
             except Exception as e:  # noqa: BLE001  (a resume then reads every shard again, as it always could)
                 log.warning("the rows of the shards read so far are not saved with this checkpoint (%s: %s); a "
                             "resume from it reads its epoch's trained-on shards again", type(e).__name__, e)
                 return
             # This epoch's counts: the restored checkpoint's, and the actor's once it serves this epoch (a checkpoint
             # can be saved before this attempt's first epoch starts, or after a restart restored an earlier epoch).
-            saved = dict(self.shard_rows(self.epoch))
-            if epoch == self.epoch:
+            saved = dict(self.shard_rows(epoch))
+            if actor_epoch == epoch:
                 saved.update(rows)
-            (Path(directory) / SHARD_ROWS).write_text(json.dumps({"epoch": self.epoch, "shard_rows": saved}))
+            (Path(directory) / SHARD_ROWS).write_text(json.dumps({"epoch": epoch, "shard_rows": saved}))
 
 
 def read_shard_rows(directory: str | Path) -> tuple[int, dict[str, list]]:

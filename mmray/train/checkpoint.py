@@ -686,7 +686,7 @@ class Checkpointer:
                 for filename, text in self.extra_files.items():
                     (Path(d) / filename).write_text(text)
             if self.data_position is not None:
-                self.data_position.write(d)
+                self.data_position.write(d, state["epoch"])
             save_rng(d, self.rank)
             write_manifest(d, self.rank, self.world_size, state["step"])
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name,

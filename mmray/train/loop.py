@@ -151,7 +151,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoints = Checkpointer(engine, rank, world, extra, loop_config.get("cost_meter"), data_position=consumed,
                                best=BestPolicy.from_config(cfg.run))
     state = checkpoints.restore()
-    consumed.epoch = state["epoch"]
     resumed_from, repeated_before = state["step"], state["samples_repeated"]
     if state["step"]:
         _log(rank, f"resumed at step {state['step']} from {checkpoints.restored_from} "
